@@ -1,0 +1,27 @@
+"""`phikit demo` (what `make demo` runs) and the doctor / list commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import phikit
+
+
+def test_doctor_and_list():
+    proc = phikit("doctor", check=0)
+    assert "onnx" in proc.stdout and "generic-cpu" in proc.stdout and "runs here" in proc.stdout
+    proc = phikit("list", check=0)
+    for name in ("tiny-phi3-int4", "phi-3.5-mini-instruct-int4", "generic-cpu", "intel-cpu"):
+        assert name in proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_builds_validates_and_answers(tmp_path):
+    proc = phikit("demo", "--out", tmp_path / "dist", check=0, timeout=1800)
+    assert "phikit demo: tiny-phi3" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if "generic-cpu" in line and "pass" in line]
+    assert len(rows) == 3, proc.stdout  # int4, int8, fp32
+    assert "FAIL" not in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir()) == sorted(
+        f"tiny-phi3-{p}-{t}" for p in ("int4", "int8", "fp32") for t in ("generic-cpu",
+                                                                          "intel-cpu"))

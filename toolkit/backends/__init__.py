@@ -1,0 +1,66 @@
+"""Build-side backends: one module each, one small Protocol, one registry.
+
+A backend answers: can it run here (`unavailable`), does it support this model x target x
+precision (`support`), does a directory hold its artifact (`recognizes`), convert with the real
+tool (`convert`), and which runner module + options the bundle uses (`runtime_module`,
+`runtime_options`). Adding a backend = one module here + one in toolkit/runner + one line below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..checkpoint import ModelInfo
+from ..errors import PhikitError
+from ..schema import Recipe, Target
+
+
+class Backend(Protocol):
+    name: str
+    runtime_module: str  # module in toolkit/runner that runs its artifacts
+    tool: str  # the real converter it drives, for plans and doctor
+
+    def unavailable(self) -> str | None:
+        """None when the converter and runtime import here, else why not."""
+
+    def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
+        """None when supported, else the reason (checked before any conversion)."""
+
+    def recognizes(self, path: Path) -> bool:
+        """Does this directory hold an artifact of this backend (made by phikit or by hand)?"""
+
+    def convert(self, source: Path, out: Path, recipe: Recipe, target: Target,
+                log: Callable[[str], None]) -> None:
+        """Write the artifact into `out` (an empty directory) with the backend's own tool."""
+
+    def runtime_options(self, target: Target) -> dict:
+        """Options for the runner module (threads, execution provider, ...)."""
+
+    def toolchain(self) -> dict[str, str]:
+        """Versions of the tools that produced the artifact, for the manifest."""
+
+
+def _registry() -> dict[str, Backend]:
+    from . import onnx
+
+    return {b.name: b for b in (onnx.BACKEND,)}
+
+
+BACKENDS: dict[str, Backend] = _registry()
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise PhikitError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})",
+                          field="backend") from None
+
+
+def detect_backend(path: Path) -> Backend:
+    for backend in BACKENDS.values():
+        if backend.recognizes(path):
+            return backend
+    raise PhikitError("not a phikit bundle and no backend recognizes this directory "
+                      "(expected e.g. genai_config.json for ONNX Runtime GenAI)", file=path)

@@ -1,0 +1,115 @@
+"""ONNX Runtime GenAI: convert with its model builder (onnxruntime_genai.models.builder)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import ModelInfo
+from ..errors import PhikitError
+from ..schema import Recipe, Target
+
+# Architectures whose published config the 0.18 builder converts, as it names them.
+ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
+# Execution providers the builder targets, as phikit target files name them.
+PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
+BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
+
+
+class OnnxBackend:
+    name = "onnx"
+    runtime_module = "ortgenai"
+    tool = "onnxruntime_genai.models.builder"
+
+    def unavailable(self) -> str | None:
+        for module in ("onnxruntime_genai", "onnxruntime", "onnx_ir", "onnxscript", "transformers"):
+            try:
+                __import__(module)
+            except ImportError as e:
+                return f"{module} does not import: {e}"
+        return None
+
+    def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
+        quant = recipe.quantization
+        if target.execution_provider not in PROVIDERS:
+            return f"the builder has no execution provider {target.execution_provider!r}"
+        if quant.precision == "fp16" and target.execution_provider == "cpu":
+            return "fp16 ONNX models need a GPU execution provider; use fp32 or int8 on CPU"
+        if quant.precision in ("int4", "int8") and quant.block_size == -1:
+            return "the builder quantizes block-wise only (block_size 16..256)"
+        if info is None:
+            return None
+        if info.architecture not in ARCHITECTURES:
+            return f"the ONNX Runtime GenAI builder does not convert {info.architecture}"
+        if info.head_size % 16:
+            return (f"head size {info.head_size} is not a multiple of 16 "
+                    "(ORT GroupQueryAttention kernels need it)")
+        return None
+
+    def recognizes(self, path: Path) -> bool:
+        return (path / "genai_config.json").is_file()
+
+    def builder_command(self, source: Path, out: Path, recipe: Recipe, target: Target,
+                        cache_dir: Path) -> list[str]:
+        quant = recipe.quantization
+        extra: dict[str, object] = {}
+        if quant.precision in ("int4", "int8"):
+            extra["block_size"] = quant.block_size
+            extra["is_symmetric"] = str(quant.symmetric).lower()
+            if quant.accuracy_level is not None:
+                extra["accuracy_level"] = quant.accuracy_level
+        extra.update(quant.options.get(self.name, {}).get("extra_options", {}))
+        cmd = [sys.executable, "-m", self.tool, "-i", str(source), "-o", str(out),
+               "-p", BUILDER_PRECISION[quant.precision],
+               "-e", PROVIDERS[target.execution_provider], "-c", str(cache_dir)]
+        if extra:
+            cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
+        return cmd
+
+    def convert(self, source: Path, out: Path, recipe: Recipe, target: Target,
+                log: Callable[[str], None]) -> None:
+        cache_dir = out.parent / f"{out.name}.hf-cache"
+        cmd = self.builder_command(source, out, recipe, target, cache_dir)
+        log("$ " + " ".join(cmd))
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log(proc.stdout)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+            tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
+            raise PhikitError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n"
+                              f"{tail}")
+        self._tune(out, target)
+
+    def _tune(self, out: Path, target: Target) -> None:
+        """Write the target's thread count into genai_config.json: the runtime's default ran on
+        one thread on 2-core Linux, half the speed. 'auto' is resolved by the runner on the
+        device (its core count), so the config then carries none."""
+        if target.runtime.threads == "auto":
+            return
+        path = out / "genai_config.json"
+        cfg = json.loads(path.read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {})[
+            "intra_op_num_threads"] = int(target.runtime.threads)
+        path.write_text(json.dumps(cfg, indent=4) + "\n")
+
+    def runtime_options(self, target: Target) -> dict:
+        return {"threads": target.runtime.threads, "execution_provider": target.execution_provider,
+                **target.runtime.options}
+
+    def toolchain(self) -> dict[str, str]:
+        out = {}
+        for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "onnxscript",
+                     "transformers", "torch"):
+            try:
+                out[dist] = md.version(dist)
+            except md.PackageNotFoundError:
+                pass
+        return out
+
+
+BACKEND = OnnxBackend()

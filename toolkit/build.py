@@ -1,0 +1,204 @@
+"""recipe + target -> plan -> convert -> validate -> package.
+
+Conversions are content-addressed (checkpoint digest, backend, quantization, provider, toolchain)
+and cached, so a rebuild or a second bundle of the same artifact converts nothing. The bundle is
+staged, validated from the staged files themselves (what is validated is what ships), and only
+then moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .backends import BACKENDS, Backend, get_backend
+from .checkpoint import (ModelInfo, cache_root, checkpoint_digest, read_model_info,
+                         resolve_source)
+from .errors import PhikitError
+from .lock import resolve_lock
+from .package import (bundle_size, finish_manifest, now, publish, staging_dir, write_archive,
+                      write_json, write_runner)
+from .runner.core import open_session
+from .schema import Recipe, Target, load_recipe, load_target
+from .validate import Candidate, run_parity
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS_DIR = REPO / "targets"
+RECIPES_DIR = REPO / "recipes"
+
+
+def find_target(ref: str) -> Path:
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = TARGETS_DIR / f"{ref}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in TARGETS_DIR.glob("*.yaml")))
+        raise PhikitError(f"unknown target {ref!r} (known: {known})", field="--target")
+    return candidate
+
+
+def find_recipe(ref: str) -> Path:
+    path = Path(ref)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return RECIPES_DIR / f"{ref}.yaml"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    recipe_path: Path
+    target: Target
+    target_path: Path
+    backend: Backend
+    out: Path
+    info: ModelInfo | None
+    steps: list[str] = field(default_factory=list)
+
+
+def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
+              source: str | None = None, out: Path | None = None) -> Plan:
+    recipe_path = find_recipe(recipe_ref)
+    recipe = load_recipe(recipe_path, source_override=source)
+    target_path = find_target(target_ref)
+    target = load_target(target_path, set(BACKENDS))
+    name = backend or target.backend
+    be = get_backend(name)
+    if name not in target.allowed_backends():
+        raise PhikitError(f"target {target.name} does not allow backend {name!r} "
+                          f"(allowed: {', '.join(target.allowed_backends())})", field="--backend")
+    quant = recipe.quantization
+    if quant.precision not in target.precisions:
+        raise PhikitError(f"precision {quant.precision} is not allowed on target {target.name} "
+                          f"(allowed: {', '.join(target.precisions)})", file=recipe_path,
+                          field="quantization.precision")
+    info = read_model_info(Path(recipe.source)) if Path(recipe.source).is_dir() else None
+    reason = be.support(info, target, recipe)
+    if reason:
+        raise PhikitError(f"{be.name} cannot build this for {target.name}: {reason}",
+                          file=recipe_path)
+    out = out or Path("dist") / f"{recipe.name}-{target.name}"
+    model_desc = (f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}, "
+                  f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
+    steps = [
+        f"source    {recipe.source} ({model_desc})",
+        f"convert   {be.tool}: {quant.precision}, block {quant.block_size}, "
+        f"{'symmetric' if quant.symmetric else 'asymmetric'}, provider "
+        f"{target.execution_provider}",
+        f"validate  {recipe.eval.file.name} (max {recipe.eval.max_tokens} tokens, "
+        f"{recipe.eval.max_new_tokens} greedy) vs transformers fp32; thresholds "
+        + ", ".join(f"{k}={v}" for k, v in recipe.thresholds.model_dump().items()
+                    if v is not None),
+        f"package   {out} (runner: {be.runtime_module}, lock for {target.platform.os}/"
+        f"{target.platform.arch} python {target.platform.python})",
+    ]
+    return Plan(recipe, recipe_path, target, target_path, be, out, info, steps)
+
+
+def convert_cached(plan: Plan, source_dir: Path, digest: str, log: Callable[[str], None]
+                   ) -> tuple[Path, bool]:
+    """(artifact dir, was_cached). Converted into a temp dir and renamed when complete."""
+    key_data = {"checkpoint": digest, "backend": plan.backend.name,
+                "quantization": plan.recipe.quantization.model_dump(mode="json"),
+                "provider": plan.target.execution_provider,
+                "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain()}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
+    final = cache_root() / "artifacts" / key[:32]
+    if final.is_dir():
+        return final, True
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        plan.backend.convert(source_dir, tmp / "model", plan.recipe, plan.target, log)
+        write_json(tmp / "conversion.json", key_data)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, False
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    report: dict[str, Any]
+    manifest: dict[str, Any]
+    passed: bool
+    seconds: dict[str, float]
+
+
+def execute(plan: Plan, *, archive: bool = False, log: Callable[[str], None] = lambda s: None,
+            stage_cb: Callable[[str], None] = lambda s: None,
+            progress=None) -> BuildResult:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stage_cb("resolve source")
+    source_dir = resolve_source(plan.recipe.source, plan.recipe.revision)
+    info = plan.info or read_model_info(source_dir)
+    reason = plan.backend.support(info, plan.target, plan.recipe)
+    if reason:
+        raise PhikitError(f"{plan.backend.name} cannot build this for {plan.target.name}: "
+                          f"{reason}", file=plan.recipe_path)
+    digest = checkpoint_digest(source_dir)
+    stage_cb("convert")
+    artifact, cached = convert_cached(plan, source_dir, digest, log)
+    timings["convert"] = time.perf_counter() - t0
+
+    stage = staging_dir(plan.out)
+    try:
+        shutil.copytree(artifact / "model", stage / "model")
+        write_runner(stage, plan.backend.runtime_module)
+        eval_dir = stage / "eval"
+        eval_dir.mkdir()
+        shutil.copy2(plan.recipe.eval.file, eval_dir / plan.recipe.eval.file.name)
+        shutil.copy2(plan.recipe_path, stage / "recipe.yaml")
+        shutil.copy2(plan.target_path, stage / "target.yaml")
+        options = plan.backend.runtime_options(plan.target)
+
+        stage_cb("validate")
+        t1 = time.perf_counter()
+        session = open_session(plan.backend.runtime_module, stage / "model", options)
+        report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle"), progress)
+        del session
+        timings["validate"] = time.perf_counter() - t1
+
+        stage_cb("package")
+        t2 = time.perf_counter()
+        write_json(stage / "parity.json", report)
+        (stage / "requirements.lock").write_text(
+            resolve_lock(plan.target.runtime.packages, plan.target.platform))
+        manifest = finish_manifest(stage, {
+            "name": plan.recipe.name,
+            "created": now(),
+            "recipe": plan.recipe.model_dump(mode="json"),
+            "target": plan.target.model_dump(mode="json"),
+            "backend": plan.backend.name,
+            "model_dir": "model",
+            "eval_file": f"eval/{plan.recipe.eval.file.name}",
+            "runtime": {"module": plan.backend.runtime_module, "options": options,
+                        "packages": plan.target.runtime.packages},
+            "source": {"id": plan.recipe.source if not Path(plan.recipe.source).is_dir()
+                       else str(source_dir), "sha256": digest,
+                       "architecture": info.architecture},
+            "toolchain": plan.backend.toolchain(),
+            "conversion": {"cached": cached, "tool": plan.backend.tool},
+            "parity": {"verdict": report["verdict"], "metrics": {
+                k: v for k, v in report["metrics"].items() if not isinstance(v, list)},
+                "checks": report["checks"]},
+        })
+        passed = report["verdict"] == "pass"
+        final = publish(stage, plan.out, passed)
+        timings["package"] = time.perf_counter() - t2
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if archive and passed:
+        write_archive(final, final.with_name(final.name + ".tar.gz"))
+    return BuildResult(final, report, manifest, passed, timings)

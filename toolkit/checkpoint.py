@@ -1,0 +1,113 @@
+"""Source checkpoints: resolve a local dir or HF hub id, fingerprint it, read its config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PhikitError
+from .runner.core import sha256_file
+
+# Files that define a checkpoint's behaviour; anything else (README, images) does not count.
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.jinja", "*.py", "*.txt")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PHIKIT_CACHE", Path.home() / ".cache" / "phikit"))
+
+
+def resolve_source(source: str, revision: str | None = None) -> Path:
+    """A local checkpoint dir, or a hub id fetched (or found in the HF cache) offline-first."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PhikitError("not a checkpoint directory (config.json missing)", file=path)
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=revision,
+                                      allow_patterns=list(CHECKPOINT_FILES)))
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "not here"
+        raise PhikitError(f"cannot fetch {source!r} from the Hugging Face hub "
+                          f"({type(e).__name__}); download it and pass --source DIR") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    files = {p for pattern in CHECKPOINT_FILES for p in path.glob(pattern) if p.is_file()}
+    return sorted(files)
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over (name, sha256) of the checkpoint's files, memoised by size+mtime."""
+    memo_path = cache_root() / "digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for f in checkpoint_files(path):
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = sha256_file(f)
+            changed = True
+        h.update(f"{f.name}\0{memo[key]}\n".encode())
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    max_positions: int
+    original_max_positions: int
+    raw: dict[str, Any]
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def longrope(self) -> bool:
+        return self.max_positions != self.original_max_positions
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    cfg_path = path / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PhikitError(f"cannot read: {e}", file=cfg_path) from None
+    try:
+        heads = int(cfg["num_attention_heads"])
+        return ModelInfo(
+            architecture=(cfg.get("architectures") or ["?"])[0],
+            model_type=cfg["model_type"],
+            hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            vocab_size=int(cfg["vocab_size"]),
+            max_positions=int(cfg.get("max_position_embeddings", 4096)),
+            original_max_positions=int(cfg.get("original_max_position_embeddings")
+                                       or cfg.get("max_position_embeddings", 4096)),
+            raw=cfg,
+        )
+    except KeyError as e:
+        raise PhikitError("missing field", file=cfg_path, field=e.args[0]) from None

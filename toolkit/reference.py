@@ -1,0 +1,154 @@
+"""The reference: transformers in fp32 on CPU, run once per (checkpoint, eval set, settings).
+
+What is kept per teacher-forced text: the token ids, the reference's top-K log-probs at every
+position (K=256 plus the tail mass covers the KL divergence to within ~1e-4 while staying a few MB
+instead of vocab-sized logits), and the log-prob of the actual next token (perplexity).
+Per prompt: the prompt ids and the greedy continuation (EOS stripped, and whether it stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import cache_root, checkpoint_digest
+from .evalset import EvalRow, EvalSet
+
+TOP_K = 256
+SETTINGS_VERSION = 1  # bump when what is stored changes
+
+
+@dataclass
+class TextRef:
+    id: str
+    ids: np.ndarray  # [T] int32
+    topk_ids: np.ndarray  # [T, K] int32
+    topk_logp: np.ndarray  # [T, K] float32
+    next_logp: np.ndarray  # [T-1] float32
+
+
+@dataclass
+class PromptRef:
+    id: str
+    prompt_ids: np.ndarray  # [P] int32
+    greedy_ids: np.ndarray  # [G] int32, EOS excluded
+    stopped: bool  # ended on an EOS token rather than max_new_tokens
+
+
+@dataclass
+class Reference:
+    texts: list[TextRef]
+    prompts: list[PromptRef]
+    meta: dict
+
+
+def reference_key(digest: str, evalset: EvalSet, max_tokens: int, max_new_tokens: int) -> str:
+    import transformers
+
+    settings = {"checkpoint": digest, "evalset": evalset.sha256, "rows": [r.id for r in evalset.rows],
+                "max_tokens": max_tokens, "max_new_tokens": max_new_tokens, "dtype": "float32",
+                "top_k": TOP_K, "transformers": transformers.__version__,
+                "version": SETTINGS_VERSION}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def prompt_ids(tokenizer, row: EvalRow) -> list[int]:
+    """Reference tokenization, as a transformers user gets it."""
+    if row.kind == "messages":
+        out = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
+    return tokenizer(row.value)["input_ids"]
+
+
+def _save(path: Path, ref: Reference) -> None:
+    arrays = {}
+    for i, t in enumerate(ref.texts):
+        arrays.update({f"t{i}_ids": t.ids, f"t{i}_topk_ids": t.topk_ids,
+                       f"t{i}_topk_logp": t.topk_logp, f"t{i}_next_logp": t.next_logp})
+    for i, p in enumerate(ref.prompts):
+        arrays.update({f"p{i}_prompt": p.prompt_ids, f"p{i}_greedy": p.greedy_ids})
+    meta = {**ref.meta, "text_ids": [t.id for t in ref.texts],
+            "prompt_ids": [p.id for p in ref.prompts], "stopped": [p.stopped for p in ref.prompts]}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+
+
+def _load(path: Path) -> Reference:
+    with np.load(path) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        texts = [TextRef(tid, z[f"t{i}_ids"], z[f"t{i}_topk_ids"], z[f"t{i}_topk_logp"],
+                         z[f"t{i}_next_logp"]) for i, tid in enumerate(meta["text_ids"])]
+        prompts = [PromptRef(pid, z[f"p{i}_prompt"], z[f"p{i}_greedy"], meta["stopped"][i])
+                   for i, pid in enumerate(meta["prompt_ids"])]
+    return Reference(texts, prompts, meta)
+
+
+def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
+                      progress=None) -> Reference:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model.eval()
+    try:
+        gen_cfg = GenerationConfig.from_pretrained(str(checkpoint))
+        eos = gen_cfg.eos_token_id
+    except OSError:
+        eos = model.config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    texts, prompts = [], []
+    with torch.inference_mode():
+        for row in evalset.texts:
+            ids = tokenizer(row.value)["input_ids"][:max_tokens]
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            top = torch.topk(logp, TOP_K, dim=-1)
+            nxt = logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            texts.append(TextRef(row.id, np.asarray(ids, np.int32), top.indices.numpy().astype(
+                np.int32), top.values.numpy().astype(np.float32), nxt.numpy().astype(np.float32)))
+            if progress:
+                progress()
+        for row in evalset.prompts:
+            ids = prompt_ids(tokenizer, row)
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                 dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos_ids or None,
+                                 pad_token_id=tokenizer.pad_token_id or 0)
+            new = out[0, len(ids):].tolist()
+            stopped = bool(new) and new[-1] in eos_ids
+            prompts.append(PromptRef(row.id, np.asarray(ids, np.int32),
+                                     np.asarray(new[:-1] if stopped else new, np.int32), stopped))
+            if progress:
+                progress()
+    meta = {"engine": "transformers", "dtype": "float32", "device": "cpu",
+            "eos_token_ids": eos_ids, "seconds": round(time.perf_counter() - start, 2)}
+    return Reference(texts, prompts, meta)
+
+
+def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
+                    progress=None) -> tuple[Reference, bool]:
+    """(reference, was_cached)."""
+    digest = checkpoint_digest(checkpoint)
+    key = reference_key(digest, evalset, max_tokens, max_new_tokens)
+    path = cache_root() / "reference" / f"{key}.npz"
+    if path.is_file():
+        try:
+            return _load(path), True
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # corrupt entry: recompute
+    ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens, progress)
+    ref.meta.update({"checkpoint_sha256": digest, "key": key})
+    _save(path, ref)
+    return ref, False

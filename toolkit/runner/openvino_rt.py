@@ -1,0 +1,159 @@
+"""Runtime module: OpenVINO (openvino_genai.LLMPipeline + the compiled IR for logits).
+
+Copied into bundles beside core.py; imports only openvino, openvino_genai and numpy.
+Options:
+  device: "CPU" | "GPU" | "NPU" (falls back to CPU with a visible message when absent)
+  threads: int | "auto"
+  inference_precision: e.g. "f32" / "f16" (INFERENCE_PRECISION_HINT)
+  cache_dir: compiled-model cache (CACHE_DIR), relative to the model dir
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ovg
+
+# OpenVINO's usage telemetry is opt-in through this variable; make sure it stays off.
+os.environ.setdefault("OPENVINO_TELEMETRY_OPTOUT", "1")
+
+REQUIRED = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
+            "openvino_detokenizer.xml")
+
+
+def _device(core: ov.Core, wanted: str) -> str:
+    if wanted == "CPU" or wanted in core.available_devices:
+        return wanted
+    print(f"[phikit] OpenVINO device {wanted} not available here "
+          f"(have: {', '.join(core.available_devices)}); falling back to CPU", file=sys.stderr)
+    return "CPU"
+
+
+class _Queue(ovg.StreamerBase):
+    """Token ids from LLMPipeline's worker into a queue the caller iterates."""
+
+    def __init__(self, q: queue.Queue):
+        super().__init__()
+        self.q = q
+
+    def write(self, token) -> ovg.StreamingStatus:
+        for t in token if isinstance(token, (list, tuple)) else [token]:
+            self.q.put(int(t))
+        return ovg.StreamingStatus.RUNNING
+
+    def end(self) -> None:
+        pass
+
+
+class OpenVinoSession:
+    def __init__(self, model_dir: Path, options: dict[str, Any]):
+        missing = [f for f in REQUIRED if not (model_dir / f).is_file()]
+        if missing:
+            raise ValueError(f"{model_dir}: not an OpenVINO LLM directory (missing "
+                             f"{', '.join(missing)})")
+        self.model_dir = model_dir
+        core = ov.Core()
+        self.device = _device(core, str(options.get("device", "CPU")).upper())
+        props: dict[str, Any] = {}
+        threads = options.get("threads", "auto")
+        if threads not in (None, "auto", 0):
+            props["INFERENCE_NUM_THREADS"] = int(threads)
+        if options.get("inference_precision"):
+            props["INFERENCE_PRECISION_HINT"] = options["inference_precision"]
+        if options.get("cache_dir"):
+            props["CACHE_DIR"] = str(model_dir / options["cache_dir"])
+        self.props = props
+        self.pipe = ovg.LLMPipeline(str(model_dir), self.device, **props)
+        self.tokenizer = self.pipe.get_tokenizer()
+        compiled = core.compile_model(core.read_model(str(model_dir / "openvino_model.xml")),
+                                      self.device, props)
+        self.request = compiled.create_infer_request()
+        self.logits_port = compiled.output("logits")
+        self.input_names = {i.get_any_name() for i in compiled.inputs}
+        gen = self.pipe.get_generation_config()
+        self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
+        config = json.loads((model_dir / "config.json").read_text())
+        self.context_length = int(config.get("max_position_embeddings", 4096))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        out = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return [int(t) for t in out.input_ids.data[0]]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(t) for t in ids])
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _check_length(self, n: int) -> None:
+        if n > self.context_length:
+            raise ValueError(f"{n} tokens exceed the model's context length "
+                             f"{self.context_length}")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        self._check_length(len(ids))
+        arr = np.asarray([ids], dtype=np.int64)
+        inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
+        if "position_ids" in self.input_names:
+            inputs["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        if "beam_idx" in self.input_names:
+            inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
+        self.request.reset_state()  # stateful IR: the KV cache lives in the request
+        out = self.request.infer(inputs)
+        return np.asarray(out[self.logits_port], dtype=np.float32)[0]
+
+    def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
+        self._check_length(len(ids) + 1)
+        config = self.pipe.get_generation_config()
+        config.max_new_tokens = max(1, min(sampling.max_new_tokens,
+                                           self.context_length - len(ids)))
+        config.do_sample = sampling.temperature > 0
+        if config.do_sample:
+            config.temperature, config.top_p = sampling.temperature, sampling.top_p
+            config.top_k = sampling.top_k or 0
+            if sampling.seed is not None:
+                config.rng_seed = int(sampling.seed)
+        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        arr = np.asarray([ids], dtype=np.int64)
+        inputs = ovg.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr)))
+        q: queue.Queue = queue.Queue()
+        done = object()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.pipe.generate(inputs, config, _Queue(q))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+            finally:
+                q.put(done)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        stopped = False
+        while (token := q.get()) is not done:
+            if stopped:
+                continue
+            if token in stop:
+                stopped = True
+                continue
+            yield token
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": "openvino", "version": ov.__version__, "device": self.device,
+                "properties": self.props, "context_length": self.context_length}
+
+
+def open_session(model_dir: Path, options: dict[str, Any]) -> OpenVinoSession:
+    return OpenVinoSession(model_dir, options)

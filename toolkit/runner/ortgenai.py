@@ -1,0 +1,127 @@
+"""Runtime module: ONNX Runtime GenAI (og.Model / og.Generator). Imports only that runtime + numpy.
+
+Copied into bundles beside core.py. Options (from the bundle manifest or the caller):
+  threads: int | "auto"       intra-op threads (ORT GenAI ran on ONE thread by default on
+                              2-core Linux: setting it doubles decode speed)
+  execution_provider: "cpu" | "cuda" | ...
+  provider_options: dict      passed to that provider
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime_genai as og
+
+if hasattr(og, "disable_telemetry_events"):
+    og.disable_telemetry_events()
+
+# Providers that share the CPU EP's config name in genai_config.json.
+_CPU = {"cpu", "CPUExecutionProvider"}
+
+
+def _template_bos(model_dir: Path) -> int | None:
+    """The id tokenizer.json's post-processor puts first (Llama/Phi-3 '<s>'), if any.
+
+    ORT GenAI's tokenizer does not apply the post-processor template, so without this its ids
+    would lack the BOS that the reference tokenizer (and training) put there.
+    """
+    try:
+        tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    post = tok.get("post_processor") or {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for proc in processors:
+        if proc.get("type") == "TemplateProcessing" and proc.get("single"):
+            first = proc["single"][0].get("SpecialToken")
+            if first:
+                ids = proc.get("special_tokens", {}).get(first["id"], {}).get("ids")
+                return ids[0] if ids else None
+    return None
+
+
+class OrtGenaiSession:
+    def __init__(self, model_dir: Path, options: dict[str, Any]):
+        self.model_dir = model_dir
+        genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        config = og.Config(str(model_dir))
+        threads = options.get("threads", "auto")
+        threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads}}}}))
+        provider = options.get("execution_provider", "cpu")
+        if provider not in _CPU:
+            config.clear_providers()
+            config.append_provider(provider)
+            for key, value in (options.get("provider_options") or {}).items():
+                config.set_provider_option(provider, key, str(value))
+        self.threads, self.provider = threads, provider
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        eos = genai["model"].get("eos_token_id", [])
+        self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
+        self.context_length = int(genai["model"].get("context_length", 4096))
+        self.vocab_size = int(genai["model"].get("vocab_size", 0))
+        self.bos_id = _template_bos(model_dir)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [int(t) for t in self.tokenizer.encode(text)]
+        if add_special_tokens and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(np.asarray(ids, dtype=np.int32))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(json.dumps(messages),
+                                                  add_generation_prompt=True)
+
+    def _generator(self, max_length: int, sampling=None) -> og.Generator:
+        params = og.GeneratorParams(self.model)
+        search: dict[str, Any] = {"max_length": max_length, "do_sample": False}
+        if sampling is not None and sampling.temperature > 0:
+            search.update(do_sample=True, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k or 0)
+            if sampling.seed is not None:
+                search["random_seed"] = int(sampling.seed)
+        params.set_search_options(**search)
+        return og.Generator(self.model, params)
+
+    def _check_length(self, n: int) -> None:
+        if n > self.context_length:
+            raise ValueError(f"{n} tokens exceed the model's context length "
+                             f"{self.context_length}")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        self._check_length(len(ids))
+        gen = self._generator(len(ids) + 1)
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        return np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+
+    def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
+        self._check_length(len(ids) + 1)
+        max_length = min(self.context_length, len(ids) + sampling.max_new_tokens)
+        gen = self._generator(max_length, sampling)
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if token in stop:
+                return
+            yield token
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": "onnxruntime-genai", "version": og.__version__,
+                "execution_provider": self.provider, "threads": self.threads,
+                "context_length": self.context_length}
+
+
+def open_session(model_dir: Path, options: dict[str, Any]) -> OrtGenaiSession:
+    return OrtGenaiSession(model_dir, options)

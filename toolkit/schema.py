@@ -1,0 +1,210 @@
+"""Recipe and target files: YAML (safe_load) validated by pydantic, errors with file:line:field.
+
+A recipe says what to build (checkpoint, quantization, eval set, parity thresholds); a target says
+where it runs (device, backend, execution provider, precisions, runtime packages, platform).
+Relative paths inside a file are resolved against that file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PhikitError
+
+Precision = Literal["int4", "int8", "fp16", "fp32"]
+PRECISION_BITS = {"int4": 4, "int8": 8, "fp16": 16, "fp32": 32}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quantization(Strict):
+    precision: Precision
+    block_size: int = Field(32, description="weights per quantization block (int4/int8)")
+    symmetric: bool = True
+    accuracy_level: int | None = Field(None, ge=0, le=4,
+                                       description="ORT MatMulNBits compute type; None = tool default")
+    calibration: Path | None = Field(None, description="local text file for data-aware methods")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="raw options per backend, passed to its tool")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int) -> int:
+        if v != -1 and (v < 16 or v > 256 or v & (v - 1)):
+            raise ValueError("must be a power of two from 16 to 256, or -1 for per-channel")
+        return v
+
+
+class EvalConfig(Strict):
+    file: Path
+    max_tokens: int = Field(128, ge=8, le=131072, description="tokens per teacher-forced text")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="greedy tokens per prompt")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+
+class Thresholds(Strict):
+    """Every field is a bound the candidate must meet; None disables that check."""
+
+    kld_mean_max: float | None = Field(None, ge=0)
+    kld_p99_max: float | None = Field(None, ge=0)
+    top1_min: float | None = Field(None, ge=0, le=1)
+    ppl_ratio_max: float | None = Field(None, ge=1)
+    greedy_match_mean_min: float | None = Field(None, ge=0)
+    token_agreement_min: float | None = Field(1.0, ge=0, le=1)
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    source: str = Field(description="HF hub id (org/name) or local checkpoint directory")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: Quantization
+    eval: EvalConfig
+    thresholds: Thresholds = Thresholds()
+
+    @property
+    def source_is_local(self) -> bool:
+        return not HUB_ID.match(self.source) or Path(self.source).exists()
+
+
+class Platform(Strict):
+    os: Literal["linux", "macos", "windows"]
+    arch: Literal["x86_64", "aarch64", "arm64"]
+    python: str = Field("3.11", pattern=r"^3\.\d+$")
+    pip_platforms: list[str] = Field(description="pip --platform tags for the lock, best first")
+
+
+class Runtime(Strict):
+    packages: list[str] = Field(min_length=1, description="distributions the runner imports")
+    threads: int | Literal["auto"] = "auto"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Target(Strict):
+    name: str
+    description: str = ""
+    device: Literal["cpu", "gpu", "npu"]
+    backend: str = Field(description="default backend")
+    backends: list[str] = Field(default_factory=list, description="allowed backends")
+    execution_provider: str = "cpu"
+    precisions: list[Precision] = Field(min_length=1)
+    platform: Platform
+    runtime: Runtime
+    memory_budget_mb: int | None = Field(None, ge=1)
+
+    def allowed_backends(self) -> list[str]:
+        return self.backends or [self.backend]
+
+
+def _node_at(root: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    """Walk the composed YAML tree along a pydantic error location; the deepest node found."""
+    node = root
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    node = v if key != loc[-1] else k
+                    break
+            else:
+                return node
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return node
+    return node
+
+
+def _line(root: yaml.Node | None, loc: tuple) -> int | None:
+    node = _node_at(root, loc)
+    return node.start_mark.line + 1 if node is not None else None
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PhikitError("file not found", file=path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PhikitError(f"cannot read: {e}", file=path) from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise PhikitError(f"invalid YAML: {e.problem or e.context}", file=path,
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as e:
+        raise PhikitError(f"invalid YAML: {e}", file=path) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(path: Path, model: type[M], data: Any, root: yaml.Node | None) -> M:
+    if not isinstance(data, dict):
+        raise PhikitError(f"expected a mapping of {model.__name__.lower()} fields", file=path, line=1)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        line = _line(root, loc)
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "literal_error":
+            msg = f"{err['msg']} (got {err['input']!r})"
+        raise PhikitError(msg, file=path, line=line, field=".".join(map(str, loc))) from None
+
+
+def _existing_file(yaml_path: Path, root: yaml.Node | None, loc: tuple, value: Path) -> Path:
+    full = value if value.is_absolute() else yaml_path.parent / value
+    if not full.is_file():
+        raise PhikitError(f"file not found: {full}", file=yaml_path, line=_line(root, loc),
+                          field=".".join(loc))
+    return full.resolve()
+
+
+def load_recipe(path: str | Path, *, source_override: str | None = None) -> Recipe:
+    path = Path(path)
+    data, root = _read_yaml(path)
+    recipe = _validate(path, Recipe, data, root)
+    quant = recipe.quantization
+    if quant.calibration is not None:
+        quant = quant.model_copy(update={"calibration": _existing_file(
+            path, root, ("quantization", "calibration"), quant.calibration)})
+    ev = recipe.eval.model_copy(update={"file": _existing_file(path, root, ("eval", "file"),
+                                                               recipe.eval.file)})
+    source = source_override or recipe.source
+    if source_override is None and not HUB_ID.match(source):
+        local = Path(source) if Path(source).is_absolute() else path.parent / source
+        if not local.is_dir():
+            raise PhikitError(f"not a directory and not a hub id (org/name): {source}", file=path,
+                              line=_line(root, ("source",)), field="source")
+        source = str(local.resolve())
+    elif source_override is not None and not HUB_ID.match(source) and not Path(source).is_dir():
+        raise PhikitError(f"--source: not a directory: {source}")
+    elif source_override is not None and Path(source).is_dir():
+        source = str(Path(source).resolve())
+    return recipe.model_copy(update={"quantization": quant, "eval": ev, "source": source})
+
+
+def load_target(path: str | Path, known_backends: set[str]) -> Target:
+    path = Path(path)
+    data, root = _read_yaml(path)
+    target = _validate(path, Target, data, root)
+    for loc, name in [(("backend",), target.backend)] + [
+            (("backends", i), b) for i, b in enumerate(target.backends)]:
+        if name not in known_backends:
+            raise PhikitError(f"unknown backend {name!r} (known: {', '.join(sorted(known_backends))})",
+                              file=path, line=_line(root, loc), field=".".join(map(str, loc)))
+    if target.backends and target.backend not in target.backends:
+        raise PhikitError(f"default backend {target.backend!r} is not in backends", file=path,
+                          line=_line(root, ("backend",)), field="backend")
+    return target

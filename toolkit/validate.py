@@ -1,0 +1,85 @@
+"""Validation: open the candidate through the runner, get the (cached) reference, run parity.
+
+Works on a phikit bundle (thresholds, eval set and source come from its manifest) or on a bare
+artifact directory made by another tool (the backend is detected from its files; --reference
+names the checkpoint, --recipe the thresholds and eval set).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .backends import detect_backend
+from .checkpoint import resolve_source
+from .errors import PhikitError
+from .evalset import load_evalset
+from .parity import evaluate
+from .reference import load_or_compute
+from .runner.core import BundleError, Session, open_session, read_manifest, verify_bundle
+from .schema import Recipe, Thresholds, load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = REPO / "recipes" / "tiny-phi3-int4.yaml"
+
+
+@dataclass
+class Candidate:
+    session: Session
+    recipe: Recipe
+    source: str  # checkpoint the reference is computed from
+    kind: str  # "bundle" or "bare <backend>"
+
+
+def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
+                   options: dict[str, Any] | None = None) -> Candidate:
+    path = Path(path)
+    if not path.is_dir():
+        raise PhikitError("not a directory", file=path)
+    if (path / "manifest.json").is_file():
+        try:
+            manifest = verify_bundle(path, read_manifest(path))
+        except BundleError as e:
+            raise PhikitError(str(e)) from None
+        recipe = Recipe.model_validate(manifest["recipe"])
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
+            update={"file": path / manifest["eval_file"]})})
+        if recipe_path is not None:
+            recipe = load_recipe(recipe_path, source_override=recipe.source)
+        runtime = manifest["runtime"]
+        session = open_session(runtime["module"], path / manifest["model_dir"],
+                               {**runtime.get("options", {}), **(options or {})})
+        return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle")
+    backend = detect_backend(path)
+    if reference is None:
+        raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "
+                          "hub id) to compare against", file=path)
+    recipe = load_recipe(recipe_path or DEFAULT_RECIPE, source_override=reference)
+    session = open_session(backend.runtime_module, path, options or {})
+    return Candidate(session, recipe, reference, f"bare {backend.name}")
+
+
+def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[], None]]
+               | None = None) -> dict[str, Any]:
+    recipe = candidate.recipe
+    evalset = load_evalset(recipe.eval.file, recipe.eval.limit)
+    checkpoint = resolve_source(candidate.source, recipe.revision)
+    n = len(evalset.rows)
+    start = time.perf_counter()
+    ref, cached = load_or_compute(checkpoint, evalset, recipe.eval.max_tokens,
+                                  recipe.eval.max_new_tokens,
+                                  progress("reference (transformers fp32)", n) if progress else None)
+    ref_seconds = time.perf_counter() - start
+    try:
+        report = evaluate(candidate.session, ref, evalset, recipe.thresholds or Thresholds(),
+                          recipe.eval.max_new_tokens,
+                          progress("candidate", n) if progress else None)
+    except ValueError as e:
+        raise PhikitError(f"the candidate cannot run the eval set: {e}") from None
+    report["reference"].update({"cached": cached, "source": candidate.source})
+    report["timing"] = {"reference_seconds": round(ref_seconds, 2),
+                        "candidate_seconds": round(time.perf_counter() - start - ref_seconds, 2)}
+    report["artifact"] = candidate.kind
+    return report
