@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast fixture clean
+.PHONY: install system-deps demo test test-fast bench fixture clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,19 @@ $(VENV)/.installed: constraints.txt requirements.txt pyproject.toml
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
+# Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use.
+# qemu-user-static comes from bookworm-backports (10.x): bookworm's 7.2 segfaults loading
+# onnxruntime 1.32's aarch64 library. binfmt is re-registered so the kernel uses the new binary.
+system-deps:
+	mirror=$$(awk '/^URIs:/ && !/security/ {print $$2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null); \
+	  test -n "$$mirror" && echo "deb $$mirror bookworm-backports main" > /etc/apt/sources.list.d/phikit-backports.list || true
+	apt-get update -q
+	apt-get install -y -q openssh-server openssh-client binfmt-support debootstrap
+	apt-get install -y -q -t bookworm-backports qemu-user-static || apt-get install -y -q qemu-user-static
+	-mount | grep -q binfmt_misc || mount binfmt_misc -t binfmt_misc /proc/sys/fs/binfmt_misc
+	-update-binfmts --disable qemu-aarch64
+	-update-binfmts --enable qemu-aarch64
+
 demo: install
 	$(VENV)/bin/phikit demo
 
@@ -30,6 +43,10 @@ test: install
 # The quick loop: no conversions.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Side-by-side measurements (ratios printed; never timed assertions).
+bench: install
+	$(PY) bench/intel_cpu_backends.py --layers 8
 
 # Regenerate models/tiny-phi3 and evalsets/tiny-phi3.jsonl (needs npm; ~15 min of CPU).
 fixture: install

@@ -29,12 +29,19 @@ def dist(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dist")
 
 
-def _build(dist: Path, precision: str, target: str = "generic-cpu") -> Path:
-    out = dist / f"tiny-phi3-{precision}-{target}"
+def build_bundle(dist: Path, precision: str, target: str = "generic-cpu",
+                 backend: str | None = None) -> Path:
+    """Build once per session with the real CLI; later fixtures reuse the directory."""
+    out = dist / f"tiny-phi3-{precision}-{target}-{backend or 'default'}"
     if not (out / "manifest.json").exists():
+        extra = ("--backend", backend) if backend else ()
         phikit("build", f"recipes/tiny-phi3-{precision}.yaml", "--target", target, "--out", out,
-               check=0)
+               *extra, check=0, timeout=1800)
     return out
+
+
+def _build(dist: Path, precision: str) -> Path:
+    return build_bundle(dist, precision)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +57,33 @@ def int8_bundle(dist) -> Path:
 @pytest.fixture(scope="session")
 def fp32_bundle(dist) -> Path:
     return _build(dist, "fp32")
+
+
+@pytest.fixture(scope="session")
+def ov_int4_bundle(dist) -> Path:
+    return build_bundle(dist, "int4", "intel-cpu", "openvino")
+
+
+@pytest.fixture(scope="session")
+def ov_int8_bundle(dist) -> Path:
+    return build_bundle(dist, "int8", "intel-cpu", "openvino")
+
+
+@pytest.fixture(scope="session")
+def mlx_int4_bundle(dist) -> Path:
+    return build_bundle(dist, "int4", "apple-metal")
+
+
+@pytest.fixture(scope="session")
+def mlx_int8_bundle(dist) -> Path:
+    return build_bundle(dist, "int8", "apple-metal")
+
+
+def small_recipe(tmp_path: Path, precision: str = "int4", limit: int = 6) -> Path:
+    """The tiny recipe with `eval.limit` (the eval set interleaves texts, prompts and chats):
+    for runtimes too slow here for the full set, such as MLX's quantized CPU kernels."""
+    text = (REPO / "recipes" / f"tiny-phi3-{precision}.yaml").read_text().replace("../", f"{REPO}/")
+    text = text.replace("  max_new_tokens: 32\n", f"  max_new_tokens: 32\n  limit: {limit}\n")
+    path = tmp_path / f"small-{precision}.yaml"
+    path.write_text(text)
+    return path

@@ -22,10 +22,10 @@ from .checkpoint import (ModelInfo, cache_root, checkpoint_digest, read_model_in
                          resolve_source)
 from .errors import PhikitError
 from .lock import resolve_lock
-from .package import (bundle_size, finish_manifest, now, publish, staging_dir, write_archive,
+from .package import (finish_manifest, now, publish, staging_dir, write_archive,
                       write_json, write_runner)
 from .runner.core import open_session
-from .schema import Recipe, Target, load_recipe, load_target
+from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
 from .validate import Candidate, run_parity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +84,8 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     if reason:
         raise PhikitError(f"{be.name} cannot build this for {target.name}: {reason}",
                           file=recipe_path)
+    if info is not None and target.memory_budget_mb is not None:
+        check_memory(info, recipe, target, recipe_path)
     out = out or Path("dist") / f"{recipe.name}-{target.name}"
     model_desc = (f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}, "
                   f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
@@ -100,6 +102,19 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
         f"{target.platform.arch} python {target.platform.python})",
     ]
     return Plan(recipe, recipe_path, target, target_path, be, out, info, steps)
+
+
+def check_memory(info: ModelInfo, recipe: Recipe, target: Target, recipe_path: Path) -> None:
+    context = recipe.context_length or info.max_positions
+    weights, kv = info.memory_estimate(PRECISION_BITS[recipe.quantization.precision], context,
+                                       kv_bytes=4 if target.device == "cpu" else 2)
+    need_mb = (weights + kv) / 2**20
+    if need_mb > target.memory_budget_mb:
+        raise PhikitError(
+            f"the bundle needs about {need_mb:.0f} MB (weights {weights / 2**20:.0f} MB + KV "
+            f"cache {kv / 2**20:.0f} MB at {context} tokens) but target {target.name}'s memory "
+            f"budget is {target.memory_budget_mb} MB; lower context_length or precision",
+            file=recipe_path, field="context_length")
 
 
 def convert_cached(plan: Plan, source_dir: Path, digest: str, log: Callable[[str], None]
@@ -134,7 +149,8 @@ class BuildResult:
     seconds: dict[str, float]
 
 
-def execute(plan: Plan, *, archive: bool = False, log: Callable[[str], None] = lambda s: None,
+def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
+            log: Callable[[str], None] = lambda s: None,
             stage_cb: Callable[[str], None] = lambda s: None,
             progress=None) -> BuildResult:
     timings: dict[str, float] = {}
@@ -160,7 +176,7 @@ def execute(plan: Plan, *, archive: bool = False, log: Callable[[str], None] = l
         shutil.copy2(plan.recipe.eval.file, eval_dir / plan.recipe.eval.file.name)
         shutil.copy2(plan.recipe_path, stage / "recipe.yaml")
         shutil.copy2(plan.target_path, stage / "target.yaml")
-        options = plan.backend.runtime_options(plan.target)
+        options = plan.backend.runtime_options(plan.target, plan.recipe)
 
         stage_cb("validate")
         t1 = time.perf_counter()
@@ -171,9 +187,13 @@ def execute(plan: Plan, *, archive: bool = False, log: Callable[[str], None] = l
 
         stage_cb("package")
         t2 = time.perf_counter()
+        packages = plan.target.runtime.packages[plan.backend.name]
         write_json(stage / "parity.json", report)
         (stage / "requirements.lock").write_text(
-            resolve_lock(plan.target.runtime.packages, plan.target.platform))
+            resolve_lock(packages, plan.target.platform,
+                         stage / "wheels" if with_wheels else None))
+        for extra in plan.target.runtime.extra_locks.get(plan.backend.name, []):
+            (stage / extra.file).write_text(resolve_lock(extra.packages, extra.platform))
         manifest = finish_manifest(stage, {
             "name": plan.recipe.name,
             "created": now(),
@@ -183,7 +203,7 @@ def execute(plan: Plan, *, archive: bool = False, log: Callable[[str], None] = l
             "model_dir": "model",
             "eval_file": f"eval/{plan.recipe.eval.file.name}",
             "runtime": {"module": plan.backend.runtime_module, "options": options,
-                        "packages": plan.target.runtime.packages},
+                        "packages": packages},
             "source": {"id": plan.recipe.source if not Path(plan.recipe.source).is_dir()
                        else str(source_dir), "sha256": digest,
                        "architecture": info.architecture},

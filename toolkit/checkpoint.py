@@ -84,6 +84,23 @@ class ModelInfo:
         return self.hidden_size // self.num_heads
 
     @property
+    def intermediate_size(self) -> int:
+        return int(self.raw.get("intermediate_size", 4 * self.hidden_size))
+
+    def parameter_count(self) -> int:
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_size
+        per_layer = h * (h + 2 * kv) + h * h + 3 * h * self.intermediate_size
+        tied = self.raw.get("tie_word_embeddings", False)
+        return self.num_layers * per_layer + self.vocab_size * h * (1 if tied else 2)
+
+    def memory_estimate(self, bits: int, context: int, kv_bytes: int = 4) -> tuple[int, int]:
+        """(weight bytes, KV-cache bytes): block-quantized weights carry ~1/16 more for their
+        scales; CPU runtimes keep the KV cache in fp32 (kv_bytes=4)."""
+        weights = self.parameter_count() * bits / 8 * (1.0625 if bits < 16 else 1.0)
+        kv = 2 * self.num_layers * self.num_kv_heads * self.head_size * context * kv_bytes
+        return int(weights), int(kv)
+
+    @property
     def longrope(self) -> bool:
         return self.max_positions != self.original_max_positions
 

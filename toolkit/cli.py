@@ -49,6 +49,8 @@ def print_checks(report: dict) -> None:
               f"{m.get('top1', 0):.4f} | ppl {m.get('ppl_reference', 0):.2f} -> "
               f"{m.get('ppl_candidate', 0):.2f} | greedy match {m.get('greedy_match_mean', 0):.1f}"
               f" tokens | token agreement {m.get('token_agreement', 0):.3f}")
+    for note in report.get("notes", []):
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()
@@ -60,6 +62,8 @@ def build(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate inputs and print the plan"),
     archive: bool = typer.Option(False, help="also write a deterministic <out>.tar.gz"),
+    with_wheels: bool = typer.Option(False, "--with-wheels",
+                                     help="carry the lock's wheels (offline installs on device)"),
 ) -> None:
     """Build a bundle: convert, validate against the reference, package."""
     from .build import execute, make_plan
@@ -72,7 +76,7 @@ def build(
         return
     log_lines: list[str] = []
     with progress_bars() as bars:
-        result = execute(plan, archive=archive, log=log_lines.append,
+        result = execute(plan, archive=archive, with_wheels=with_wheels, log=log_lines.append,
                          stage_cb=lambda s: console.print(f"[cyan]> {s}[/]"), progress=bars)
     print_checks(result.report)
     if not result.passed:
@@ -89,14 +93,21 @@ def validate(
     recipe: Optional[Path] = typer.Option(None, help="recipe for thresholds and eval set"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report here"),
     threads: Optional[int] = typer.Option(None, help="runtime threads"),
+    emulate: Optional[str] = typer.Option(None, help="run the bundle's runtime on an emulated "
+                                          "ISA (aarch64: qemu + a Debian bookworm root)"),
 ) -> None:
     """Compare an artifact with the reference. Exit 0 pass, 1 fail, 2 error."""
     from .parity import format_checks
     from .validate import open_candidate, run_parity
 
-    candidate = open_candidate(path, reference, recipe, {"threads": threads} if threads else None)
-    with progress_bars() as bars:
-        report = run_parity(candidate, bars)
+    candidate = open_candidate(path, reference, recipe, {"threads": threads} if threads else None,
+                               emulate=emulate, log=lambda s: console.print(s, markup=False))
+    try:
+        with progress_bars() as bars:
+            report = run_parity(candidate, bars)
+    finally:
+        if hasattr(candidate.session, "close"):
+            candidate.session.close()
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     print_checks(report)
@@ -114,6 +125,35 @@ def run(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle dire
 
     raise typer.Exit(runner_main(["generate", "--bundle", str(bundle), *ctx.args],
                                  prog="phikit run"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
+    """OpenAI-compatible server for a bundle (--host 127.0.0.1 --port 8000 [--api-key KEY])."""
+    from .runner.core import main as runner_main
+
+    raise typer.Exit(runner_main(["serve", "--bundle", str(bundle), *ctx.args],
+                                 prog="phikit serve"))
+
+
+@app.command()
+def deploy(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    destination: str = typer.Argument(..., help="user@host[:dir] (dir defaults to phikit/NAME)"),
+    port: int = typer.Option(8000, help="port of the server that --service starts"),
+    identity: Optional[Path] = typer.Option(None, help="SSH private key"),
+    ssh_port: Optional[int] = typer.Option(None, help="SSH port of the host"),
+    python: str = typer.Option("python3", help="Python interpreter on the host"),
+    service: bool = typer.Option(False, help="install and start a systemd unit for `serve`"),
+    ssh_option: list[str] = typer.Option([], "-o", help="extra ssh -o options (repeatable)"),
+) -> None:
+    """Copy a bundle over SSH (only changed files), verify, install its lock, smoke-run."""
+    from .deploy import deploy as run_deploy
+
+    options = [arg for opt in ssh_option for arg in ("-o", opt)]
+    run_deploy(bundle, destination, port=port, identity=identity, ssh_port=ssh_port,
+               python=python, service=service, ssh_options=options,
+               log=lambda s: out.print(s, highlight=False))
 
 
 @app.command()
@@ -158,7 +198,7 @@ def main() -> None:
     try:
         app()
     except (PhikitError, BundleError) as e:
-        console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

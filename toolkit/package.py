@@ -19,7 +19,8 @@ from .runner.core import BUNDLE_FORMAT, MANIFEST, bundle_files, sha256_file
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 RUN_PY = '''#!/usr/bin/env python3
-"""Run this bundle: python run.py --prompt "..." | --chat | verify. Needs only requirements.lock."""
+"""Run this bundle: python run.py --prompt "..." | --chat | serve | verify.
+Needs only requirements.lock."""
 import os
 import sys
 
@@ -35,7 +36,7 @@ def write_runner(bundle: Path, runtime_module: str) -> None:
     pkg = bundle / "phikit_runner"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""phikit bundle runner (standard library + one runtime)."""\n')
-    for name in ("core.py", f"{runtime_module}.py"):
+    for name in ("core.py", "server.py", f"{runtime_module}.py"):
         shutil.copy2(RUNNER_DIR / name, pkg / name)
     (bundle / "run.py").write_text(RUN_PY)
 

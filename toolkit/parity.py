@@ -107,7 +107,8 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
         cand = list(session.generate(prompt, Sampling(max_new_tokens=max_new_tokens)))
         ref_ids = p.greedy_ids.tolist()
         match = common_prefix(cand, ref_ids)
-        per_prompt.append({"id": p.id, "match": match, "reference_tokens": len(ref_ids),
+        per_prompt.append({"id": p.id, "match": match, "candidate_ids": cand,
+                           "reference_tokens": len(ref_ids),
                            "candidate_tokens": len(cand), "exact": cand == ref_ids,
                            "reference_text": session.detokenize(ref_ids),
                            "candidate_text": session.detokenize(cand)})

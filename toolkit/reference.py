@@ -138,8 +138,9 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
 
 
 def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
-                    progress=None) -> tuple[Reference, bool]:
-    """(reference, was_cached)."""
+                    progress_factory=None) -> tuple[Reference, bool]:
+    """(reference, was_cached). `progress_factory()` makes a per-row callback, only when the
+    reference has to be computed."""
     digest = checkpoint_digest(checkpoint)
     key = reference_key(digest, evalset, max_tokens, max_new_tokens)
     path = cache_root() / "reference" / f"{key}.npz"
@@ -148,7 +149,8 @@ def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new
             return _load(path), True
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # corrupt entry: recompute
-    ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens, progress)
+    ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
+                            progress_factory() if progress_factory else None)
     ref.meta.update({"checkpoint_sha256": digest, "key": key})
     _save(path, ref)
     return ref, False

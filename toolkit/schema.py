@@ -67,6 +67,8 @@ class Recipe(Strict):
     source: str = Field(description="HF hub id (org/name) or local checkpoint directory")
     revision: str | None = None
     trust_remote_code: bool = False
+    context_length: int | None = Field(None, ge=16, description="tokens the bundle serves "
+                                       "(KV cache size); default: the model's maximum")
     quantization: Quantization
     eval: EvalConfig
     thresholds: Thresholds = Thresholds()
@@ -83,8 +85,18 @@ class Platform(Strict):
     pip_platforms: list[str] = Field(description="pip --platform tags for the lock, best first")
 
 
+class ExtraLock(Strict):
+    """A second lock, e.g. the Linux CPU equivalent of a macOS bundle, used to test it here."""
+
+    file: str = Field(pattern=r"^requirements-[\w.-]+\.lock$")
+    platform: Platform
+    packages: list[str] = Field(min_length=1)
+
+
 class Runtime(Strict):
-    packages: list[str] = Field(min_length=1, description="distributions the runner imports")
+    packages: dict[str, list[str]] = Field(
+        description="per backend: the distributions its runner imports on this platform")
+    extra_locks: dict[str, list[ExtraLock]] = Field(default_factory=dict)
     threads: int | Literal["auto"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -204,6 +216,11 @@ def load_target(path: str | Path, known_backends: set[str]) -> Target:
         if name not in known_backends:
             raise PhikitError(f"unknown backend {name!r} (known: {', '.join(sorted(known_backends))})",
                               file=path, line=_line(root, loc), field=".".join(map(str, loc)))
+    for name in target.allowed_backends():
+        if not target.runtime.packages.get(name):
+            raise PhikitError(f"no runtime packages for backend {name!r}", file=path,
+                              line=_line(root, ("runtime", "packages")),
+                              field=f"runtime.packages.{name}")
     if target.backends and target.backend not in target.backends:
         raise PhikitError(f"default backend {target.backend!r} is not in backends", file=path,
                           line=_line(root, ("backend",)), field="backend")

@@ -34,7 +34,7 @@ class Backend(Protocol):
                 log: Callable[[str], None]) -> None:
         """Write the artifact into `out` (an empty directory) with the backend's own tool."""
 
-    def runtime_options(self, target: Target) -> dict:
+    def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         """Options for the runner module (threads, execution provider, ...)."""
 
     def toolchain(self) -> dict[str, str]:
@@ -42,9 +42,9 @@ class Backend(Protocol):
 
 
 def _registry() -> dict[str, Backend]:
-    from . import onnx
+    from . import mlx, onnx, openvino
 
-    return {b.name: b for b in (onnx.BACKEND,)}
+    return {b.name: b for b in (onnx.BACKEND, openvino.BACKEND, mlx.BACKEND)}
 
 
 BACKENDS: dict[str, Backend] = _registry()

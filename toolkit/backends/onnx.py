@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import ModelInfo
-from ..errors import PhikitError
 from ..schema import Recipe, Target
+from .common import first_import_error, run_tool, versions
 
 # Architectures whose published config the 0.18 builder converts, as it names them.
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
@@ -27,12 +25,8 @@ class OnnxBackend:
     tool = "onnxruntime_genai.models.builder"
 
     def unavailable(self) -> str | None:
-        for module in ("onnxruntime_genai", "onnxruntime", "onnx_ir", "onnxscript", "transformers"):
-            try:
-                __import__(module)
-            except ImportError as e:
-                return f"{module} does not import: {e}"
-        return None
+        return first_import_error("onnxruntime_genai", "onnxruntime", "onnx_ir", "onnxscript",
+                                  "transformers")
 
     def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
         quant = recipe.quantization
@@ -42,6 +36,9 @@ class OnnxBackend:
             return "fp16 ONNX models need a GPU execution provider; use fp32 or int8 on CPU"
         if quant.precision in ("int4", "int8") and quant.block_size == -1:
             return "the builder quantizes block-wise only (block_size 16..256)"
+        if quant.calibration is not None:
+            return ("the ONNX Runtime GenAI builder quantizes without calibration data; this recipe asks for "
+                    "data-aware quantization (quantization.calibration)")
         if info is None:
             return None
         if info.architecture not in ARCHITECTURES:
@@ -75,41 +72,34 @@ class OnnxBackend:
                 log: Callable[[str], None]) -> None:
         cache_dir = out.parent / f"{out.name}.hf-cache"
         cmd = self.builder_command(source, out, recipe, target, cache_dir)
-        log("$ " + " ".join(cmd))
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log(proc.stdout)
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        if proc.returncode != 0 or not (out / "genai_config.json").is_file():
-            tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
-            raise PhikitError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n"
-                              f"{tail}")
-        self._tune(out, target)
+        try:
+            run_tool(cmd, log, "the ONNX Runtime GenAI builder", out / "genai_config.json")
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        self._tune(out, target, recipe)
 
-    def _tune(self, out: Path, target: Target) -> None:
-        """Write the target's thread count into genai_config.json: the runtime's default ran on
-        one thread on 2-core Linux, half the speed. 'auto' is resolved by the runner on the
-        device (its core count), so the config then carries none."""
-        if target.runtime.threads == "auto":
-            return
+    def _tune(self, out: Path, target: Target, recipe: Recipe) -> None:
+        """genai_config.json for the device: the target's thread count (the runtime's default
+        ran on one thread on 2-core Linux, half the speed; 'auto' is resolved by the runner on
+        the device, so the config then carries none) and the recipe's context length (the KV
+        cache ORT GenAI allocates)."""
         path = out / "genai_config.json"
         cfg = json.loads(path.read_text())
-        cfg["model"]["decoder"].setdefault("session_options", {})[
-            "intra_op_num_threads"] = int(target.runtime.threads)
+        if target.runtime.threads != "auto":
+            cfg["model"]["decoder"].setdefault("session_options", {})[
+                "intra_op_num_threads"] = int(target.runtime.threads)
+        if recipe.context_length:
+            cfg["model"]["context_length"] = recipe.context_length
+            cfg.setdefault("search", {})["max_length"] = recipe.context_length
         path.write_text(json.dumps(cfg, indent=4) + "\n")
 
-    def runtime_options(self, target: Target) -> dict:
+    def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return {"threads": target.runtime.threads, "execution_provider": target.execution_provider,
                 **target.runtime.options}
 
     def toolchain(self) -> dict[str, str]:
-        out = {}
-        for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "onnxscript",
-                     "transformers", "torch"):
-            try:
-                out[dist] = md.version(dist)
-            except md.PackageNotFoundError:
-                pass
-        return out
+        return versions("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "onnxscript",
+                     "transformers", "torch")
 
 
 BACKEND = OnnxBackend()

@@ -22,7 +22,9 @@ from typing import Any, Iterator, Protocol, Sequence
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "phikit-bundle/1"
 # Files the runner itself may create inside a bundle without it being tampering.
-IGNORED_PARTS = {"__pycache__"}
+# (Python byte code; runtime caches such as OpenVINO's compiled-model cache under model/.cache;
+# the runtime venv `phikit deploy` creates on a device).
+IGNORED_PARTS = {"__pycache__", ".cache", ".venv"}
 
 
 class BundleError(Exception):
@@ -61,6 +63,12 @@ class Session(Protocol):
         """New token ids, one at a time; stops at an EOS (not yielded) or max_new_tokens."""
 
     def info(self) -> dict[str, Any]: ...
+
+
+def check_length(n: int, context_length: int) -> None:
+    """Runtimes fail in their own ways past the context; fail the same clear way in all."""
+    if n > context_length:
+        raise ValueError(f"{n} tokens exceed the model's context length {context_length}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -121,7 +129,14 @@ def _runtime_module(name: str):
 
 
 def open_session(runtime: str, model_dir: Path, options: dict[str, Any] | None = None) -> Session:
-    return _runtime_module(runtime).open_session(Path(model_dir), dict(options or {}))
+    module = _runtime_module(runtime)
+    try:
+        return module.open_session(Path(model_dir), dict(options or {}))
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        # Runtimes report a broken model dir in their own ways; name the dir and the runtime.
+        raise BundleError(f"{model_dir}: {runtime} cannot open this model: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}") \
+            from None
 
 
 def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
@@ -194,7 +209,8 @@ def chat_loop(session: Session, sampling: Sampling, system: str | None) -> None:
 
 def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Run a phikit bundle.")
-    ap.add_argument("command", nargs="?", choices=["generate", "verify"], default="generate")
+    ap.add_argument("command", nargs="?", choices=["generate", "verify", "serve"],
+                    default="generate")
     ap.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent.parent,
                     help="bundle directory (default: the one this runner sits in)")
     ap.add_argument("--prompt", help="prompt text; with --chat-format it is sent as a user turn")
@@ -208,6 +224,9 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, help="override the bundle's thread count")
     ap.add_argument("--allow-failed", action="store_true", help="run a bundle that failed parity")
+    ap.add_argument("--host", default="127.0.0.1", help="serve: address (loopback by default)")
+    ap.add_argument("--port", type=int, default=8000, help="serve: port")
+    ap.add_argument("--api-key", help="serve: require 'Authorization: Bearer KEY'")
     return ap
 
 
@@ -221,9 +240,15 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
             print(f"ok: {len(manifest['files'])} files match {MANIFEST}")
             return 0
         overrides = {"threads": args.threads} if args.threads else {}
-        session, _ = open_bundle(args.bundle, allow_failed=args.allow_failed, overrides=overrides)
+        session, manifest = open_bundle(args.bundle, allow_failed=args.allow_failed,
+                                        overrides=overrides)
         sampling = Sampling(max_new_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        if args.command == "serve":
+            from .server import serve
+
+            serve(session, manifest["name"], args.host, args.port, args.api_key)
+            return 0
         if args.chat:
             chat_loop(session, sampling, args.system)
             return 0

@@ -5,7 +5,8 @@ Options:
   device: "CPU" | "GPU" | "NPU" (falls back to CPU with a visible message when absent)
   threads: int | "auto"
   inference_precision: e.g. "f32" / "f16" (INFERENCE_PRECISION_HINT)
-  cache_dir: compiled-model cache (CACHE_DIR), relative to the model dir
+  cache_dir: compiled-model cache (CACHE_DIR), relative to the model dir; name it under
+             ".cache/" so bundle verification ignores it
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import openvino as ov
 import openvino_genai as ovg
+
+from .core import check_length
 
 # OpenVINO's usage telemetry is opt-in through this variable; make sure it stays off.
 os.environ.setdefault("OPENVINO_TELEMETRY_OPTOUT", "1")
@@ -38,16 +41,17 @@ def _device(core: ov.Core, wanted: str) -> str:
 
 
 class _Queue(ovg.StreamerBase):
-    """Token ids from LLMPipeline's worker into a queue the caller iterates."""
+    """Token ids from LLMPipeline's worker into a queue the caller iterates; `cancel` stops it
+    (a server client that went away must free the model)."""
 
-    def __init__(self, q: queue.Queue):
+    def __init__(self, q: queue.Queue, cancel: threading.Event):
         super().__init__()
-        self.q = q
+        self.q, self.cancel = q, cancel
 
     def write(self, token) -> ovg.StreamingStatus:
         for t in token if isinstance(token, (list, tuple)) else [token]:
             self.q.put(int(t))
-        return ovg.StreamingStatus.RUNNING
+        return ovg.StreamingStatus.STOP if self.cancel.is_set() else ovg.StreamingStatus.RUNNING
 
     def end(self) -> None:
         pass
@@ -61,7 +65,8 @@ class OpenVinoSession:
                              f"{', '.join(missing)})")
         self.model_dir = model_dir
         core = ov.Core()
-        self.device = _device(core, str(options.get("device", "CPU")).upper())
+        self.requested_device = str(options.get("device", "CPU")).upper()
+        self.device = _device(core, self.requested_device)
         props: dict[str, Any] = {}
         threads = options.get("threads", "auto")
         if threads not in (None, "auto", 0):
@@ -82,6 +87,10 @@ class OpenVinoSession:
         self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
         config = json.loads((model_dir / "config.json").read_text())
         self.context_length = int(config.get("max_position_embeddings", 4096))
+        vocab = self.logits_port.get_partial_shape()[-1]
+        if vocab.is_static and config.get("vocab_size") not in (None, vocab.get_length()):
+            raise ValueError(f"config.json says vocab_size {config['vocab_size']} but the IR's "
+                             f"logits have {vocab.get_length()}: config and model do not match")
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         out = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -93,13 +102,8 @@ class OpenVinoSession:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def _check_length(self, n: int) -> None:
-        if n > self.context_length:
-            raise ValueError(f"{n} tokens exceed the model's context length "
-                             f"{self.context_length}")
-
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        self._check_length(len(ids))
+        check_length(len(ids), self.context_length)
         arr = np.asarray([ids], dtype=np.int64)
         inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
         if "position_ids" in self.input_names:
@@ -111,7 +115,7 @@ class OpenVinoSession:
         return np.asarray(out[self.logits_port], dtype=np.float32)[0]
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
-        self._check_length(len(ids) + 1)
+        check_length(len(ids) + 1, self.context_length)
         config = self.pipe.get_generation_config()
         config.max_new_tokens = max(1, min(sampling.max_new_tokens,
                                            self.context_length - len(ids)))
@@ -125,12 +129,12 @@ class OpenVinoSession:
         arr = np.asarray([ids], dtype=np.int64)
         inputs = ovg.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr)))
         q: queue.Queue = queue.Queue()
-        done = object()
+        done, cancel = object(), threading.Event()
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                self.pipe.generate(inputs, config, _Queue(q))
+                self.pipe.generate(inputs, config, _Queue(q, cancel))
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
             finally:
@@ -138,20 +142,22 @@ class OpenVinoSession:
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        stopped = False
-        while (token := q.get()) is not done:
-            if stopped:
-                continue
-            if token in stop:
-                stopped = True
-                continue
-            yield token
-        worker.join()
+        try:
+            while (token := q.get()) is not done:
+                if token in stop:
+                    cancel.set()
+                    continue
+                if not cancel.is_set():
+                    yield token
+        finally:
+            cancel.set()  # also when the caller stops iterating early
+            worker.join()
         if errors:
             raise errors[0]
 
     def info(self) -> dict[str, Any]:
         return {"runtime": "openvino", "version": ov.__version__, "device": self.device,
+                "requested_device": self.requested_device,
                 "properties": self.props, "context_length": self.context_length}
 
 

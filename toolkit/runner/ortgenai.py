@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnxruntime_genai as og
 
+from .core import check_length
+
 if hasattr(og, "disable_telemetry_events"):
     og.disable_telemetry_events()
 
@@ -93,19 +95,14 @@ class OrtGenaiSession:
         params.set_search_options(**search)
         return og.Generator(self.model, params)
 
-    def _check_length(self, n: int) -> None:
-        if n > self.context_length:
-            raise ValueError(f"{n} tokens exceed the model's context length "
-                             f"{self.context_length}")
-
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        self._check_length(len(ids))
+        check_length(len(ids), self.context_length)
         gen = self._generator(len(ids) + 1)
         gen.append_tokens(np.asarray([ids], dtype=np.int32))
         return np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
-        self._check_length(len(ids) + 1)
+        check_length(len(ids) + 1, self.context_length)
         max_length = min(self.context_length, len(ids) + sampling.max_new_tokens)
         gen = self._generator(max_length, sampling)
         gen.append_tokens(np.asarray([ids], dtype=np.int32))

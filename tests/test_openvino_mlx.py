@@ -1,0 +1,161 @@
+"""OpenVINO (intel-cpu, intel-gpu) and MLX (apple-metal) through the same Protocol (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY, phikit, small_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def parity(bundle):
+    return json.loads((bundle / "manifest.json").read_text())["parity"]["metrics"]
+
+
+def run_py(bundle, *args):
+    return subprocess.run([sys.executable, str(bundle / "run.py"), "--prompt",
+                           "What does json.dumps do?", "--max-tokens", "12", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+# --- OpenVINO -------------------------------------------------------------------------------
+
+def test_openvino_int4_validates_and_runs(ov_int4_bundle, tmp_path):
+    report_path = tmp_path / "r.json"
+    phikit("validate", ov_int4_bundle, "--json", report_path, check=0)
+    report = json.loads(report_path.read_text())
+    assert report["candidate"]["runtime"] == "openvino"
+    assert report["metrics"]["token_agreement"] == 1.0
+    proc = run_py(ov_int4_bundle)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    assert (ov_int4_bundle / "model" / "openvino_tokenizer.xml").is_file()
+    assert "openvino-genai==" in (ov_int4_bundle / "requirements.lock").read_text()
+
+
+def test_openvino_sanity_ordering(ov_int4_bundle, ov_int8_bundle):
+    assert parity(ov_int8_bundle)["kld_mean"] < parity(ov_int4_bundle)["kld_mean"]
+
+
+def test_openvino_bare_ir_from_optimum_cli(tmp_path):
+    out = tmp_path / "ir"
+    subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "optimum-cli"),
+                    "export", "openvino", "-m", str(TINY), "--task", "text-generation-with-past",
+                    "--weight-format", "int4", "--sym", "--group-size", "32", str(out)],
+                   check=True, capture_output=True)
+    report_path = tmp_path / "r.json"
+    phikit("validate", out, "--reference", TINY, "--json", report_path, check=0)
+    assert json.loads(report_path.read_text())["artifact"] == "bare openvino"
+
+
+def test_openvino_dir_without_tokenizer_is_refused(ov_int4_bundle, tmp_path):
+    broken = tmp_path / "ir"
+    shutil.copytree(ov_int4_bundle / "model", broken)
+    (broken / "openvino_tokenizer.xml").unlink()
+    proc = phikit("validate", broken, "--reference", TINY)
+    assert proc.returncode == 2 and "openvino_tokenizer.xml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_openvino_mismatched_config_is_refused(ov_int4_bundle, tmp_path):
+    broken = tmp_path / "ir"
+    shutil.copytree(ov_int4_bundle / "model", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vocab_size"] = 32000
+    (broken / "config.json").write_text(json.dumps(config))
+    proc = phikit("validate", broken, "--reference", TINY)
+    assert proc.returncode == 2 and "do not match" in proc.stderr
+
+
+def test_intel_gpu_validated_on_cpu_says_so(dist, tmp_path):
+    out = tmp_path / "gpu"
+    proc = phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "intel-gpu", "--out", out,
+                  check=0)
+    assert "not present on this machine" in proc.stdout.replace("\n", " ")
+    report = json.loads((out / "parity.json").read_text())
+    assert report["candidate"]["requested_device"] == "GPU"
+    assert report["candidate"]["device"] == "CPU"
+    assert report["candidate"]["properties"]["INFERENCE_PRECISION_HINT"] == "f16"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["options"]["device"] == "GPU"
+
+
+# --- MLX ------------------------------------------------------------------------------------
+
+def test_mlx_int4_validates_and_runs(mlx_int4_bundle, tmp_path):
+    proc = phikit("validate", mlx_int4_bundle, "--json", tmp_path / "r.json", check=0,
+                  timeout=1800)
+    assert "Metal path is not exercised" in proc.stdout.replace("\n", " ")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["candidate"]["runtime"] == "mlx-lm"
+    assert report["candidate"]["quantization"]["bits"] == 4
+    proc = run_py(mlx_int4_bundle)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    mac_lock = (mlx_int4_bundle / "requirements.lock").read_text()
+    assert "macos/arm64" in mac_lock and "mlx-lm==" in mac_lock
+    assert "mlx-cpu==" in (mlx_int4_bundle / "requirements-linux-cpu.lock").read_text()
+
+
+def test_mlx_sanity_ordering(mlx_int4_bundle, mlx_int8_bundle):
+    assert parity(mlx_int8_bundle)["kld_mean"] < parity(mlx_int4_bundle)["kld_mean"]
+
+
+def test_mlx_bundle_opens_in_mlx_lm_generate_unchanged(mlx_int4_bundle):
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model",
+                           str(mlx_int4_bundle / "model"), "--prompt", "Hello",
+                           "--max-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_mlx_bare_dir_from_mlx_lm_convert(tmp_path):
+    out = tmp_path / "mlx"
+    subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(TINY),
+                    "--mlx-path", str(out), "-q", "--q-bits", "4", "--q-group-size", "32"],
+                   check=True, capture_output=True)
+    report_path = tmp_path / "r.json"
+    phikit("validate", out, "--reference", TINY, "--recipe", small_recipe(tmp_path),
+           "--json", report_path, check=0, timeout=1800)
+    report = json.loads(report_path.read_text())
+    assert report["artifact"] == "bare mlx" and report["metrics"]["prompts"] >= 2
+
+
+def test_mlx_dir_without_tokenizer_is_refused(mlx_int4_bundle, tmp_path):
+    broken = tmp_path / "mlx"
+    shutil.copytree(mlx_int4_bundle / "model", broken)
+    (broken / "tokenizer.json").unlink()
+    proc = phikit("validate", broken, "--reference", TINY)
+    assert proc.returncode == 2 and "tokenizer.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_mlx_mismatched_config_is_refused(mlx_int4_bundle, tmp_path):
+    broken = tmp_path / "mlx"
+    shutil.copytree(mlx_int4_bundle / "model", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] = 256
+    (broken / "config.json").write_text(json.dumps(config))
+    proc = phikit("validate", broken, "--reference", TINY)
+    assert proc.returncode == 2 and "mlx_rt cannot open this model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_openvino_data_aware_from_local_calibration_text(ov_int4_bundle, tmp_path):
+    """AWQ + scale estimation + ratio 0.8 from the recipe's own text file (no hub dataset)."""
+    out = tmp_path / "awq"
+    phikit("build", "recipes/tiny-phi3-int4-awq.yaml", "--target", "intel-cpu", "--out", out,
+           check=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["quantization"]["calibration"].endswith("tiny-phi3-calibration.txt")
+    assert parity(out)["kld_mean"] < parity(ov_int4_bundle)["kld_mean"]
+
+
+def test_calibrated_recipe_refused_by_backends_without_calibration():
+    for target in ("generic-cpu", "apple-metal"):
+        proc = phikit("build", "recipes/tiny-phi3-int4-awq.yaml", "--target", target,
+                      "--dry-run")
+        assert proc.returncode == 2 and "quantizes without calibration data" in proc.stderr

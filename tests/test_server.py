@@ -1,0 +1,195 @@
+"""The OpenAI-compatible server, driven by the real `openai` client (slow: needs bundles)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+from openai import APIStatusError, OpenAI
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "What does json.dumps do?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str], port: int, timeout: float = 120):
+    proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.3)
+            assert proc.poll() is None, proc.stdout.read()
+        else:
+            raise AssertionError("server did not come up")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def client(port: int, key: str = "unused") -> OpenAI:
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def model_name(bundle) -> str:
+    return json.loads((bundle / "manifest.json").read_text())["name"]
+
+
+def check_completions(port: int, name: str, max_tokens: int = 16) -> None:
+    c = client(port)
+    assert [m.id for m in c.models.list()] == [name]
+    full = c.chat.completions.create(model=name, messages=CHAT, max_tokens=max_tokens)
+    assert full.choices[0].message.content and full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.usage.completion_tokens <= max_tokens
+    stream = c.chat.completions.create(model=name, messages=CHAT, max_tokens=max_tokens,
+                                       stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        usage = chunk.usage or usage
+    assert "".join(parts) == full.choices[0].message.content  # greedy: same text both ways
+    assert usage.completion_tokens == full.usage.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def onnx_server(int4_bundle):
+    port = free_port()
+    with server([sys.executable, "-m", "toolkit.cli", "serve", str(int4_bundle)], port):
+        yield port, model_name(int4_bundle)
+
+
+def test_openai_client_stream_and_not(onnx_server):
+    check_completions(*onnx_server)
+
+
+def test_sixteen_concurrent_streams_all_complete(onnx_server):
+    port, name = onnx_server
+    c = client(port)
+    expected = c.chat.completions.create(model=name, messages=CHAT, max_tokens=12)
+    results, errors = [], []
+
+    def one() -> None:
+        try:
+            stream = c.chat.completions.create(model=name, messages=CHAT, max_tokens=12,
+                                               stream=True,
+                                               stream_options={"include_usage": True})
+            text, usage = "", None
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                usage = chunk.usage or usage
+            results.append((text, usage))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 16
+    for text, usage in results:
+        assert text == expected.choices[0].message.content
+        assert usage.completion_tokens == expected.usage.completion_tokens
+        assert usage.prompt_tokens == expected.usage.prompt_tokens
+
+
+def raw_post(port: int, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def test_errors_in_openai_shape(onnx_server):
+    port, name = onnx_server
+    status, body = raw_post(port, b"{not json")
+    assert status == 400 and "malformed JSON" in body["error"]["message"]
+    assert "Traceback" not in json.dumps(body)
+    status, body = raw_post(port, json.dumps({"model": "gpt-4", "messages": CHAT}).encode())
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = raw_post(port, b"x" * (2 << 20))
+    assert status == 413
+    long = [{"role": "user", "content": "word " * 5000}]
+    with pytest.raises(APIStatusError) as e:
+        client(port).chat.completions.create(model=name, messages=long, max_tokens=4)
+    assert e.value.status_code == 400 and "context length" in str(e.value)
+    status, body = raw_post(port, json.dumps({"messages": CHAT, "temperature": 9}).encode())
+    assert status == 400 and body["error"]["param"] == "temperature"
+
+
+def test_stop_sequences_and_seed(onnx_server):
+    port, name = onnx_server
+    c = client(port)
+    base = c.chat.completions.create(model=name, messages=CHAT, max_tokens=24).choices[0]
+    word = base.message.content.split()[2]
+    cut = c.chat.completions.create(model=name, messages=CHAT, max_tokens=24, stop=[word])
+    assert cut.choices[0].finish_reason == "stop" and word not in cut.choices[0].message.content
+    a, b = (c.chat.completions.create(model=name, messages=CHAT, max_tokens=16, temperature=0.9,
+                                      seed=7).choices[0].message.content for _ in range(2))
+    assert a == b  # same seed, same sample
+
+
+def test_disconnect_mid_stream_frees_the_model(onnx_server):
+    port, name = onnx_server
+    sock = socket.create_connection(("127.0.0.1", port))
+    body = json.dumps({"model": name, "messages": CHAT, "max_tokens": 4000, "stream": True})
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    received = b""
+    while b"data:" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    sock.close()  # the client goes away mid-generation
+    start = time.time()
+    done = client(port).chat.completions.create(model=name, messages=CHAT, max_tokens=4)
+    assert done.choices[0].message.content is not None
+    assert time.time() - start < 60
+
+
+def test_api_key_is_checked(int4_bundle):
+    port = free_port()
+    with server([sys.executable, str(int4_bundle / "run.py"), "serve", "--api-key", "s3cret"],
+                port):
+        with pytest.raises(APIStatusError) as e:
+            client(port, "wrong").models.list()
+        assert e.value.status_code == 401
+        assert [m.id for m in client(port, "s3cret").models.list()] == [model_name(int4_bundle)]
+
+
+def test_openvino_bundle_serves(ov_int4_bundle):
+    port = free_port()
+    with server([sys.executable, str(ov_int4_bundle / "run.py"), "serve"], port):
+        check_completions(port, model_name(ov_int4_bundle))
+        test_disconnect_mid_stream_frees_the_model((port, model_name(ov_int4_bundle)))
+
+
+def test_mlx_bundle_serves(mlx_int4_bundle):
+    port = free_port()
+    with server([sys.executable, str(mlx_int4_bundle / "run.py"), "serve"], port):
+        check_completions(port, model_name(mlx_int4_bundle), max_tokens=4)

@@ -1,0 +1,44 @@
+"""What every backend module needs once: import checks, tool runs, version lists."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+from ..errors import PhikitError
+
+
+def first_import_error(*modules: str) -> str | None:
+    """None when all modules import, else why the first one does not."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return f"{module} does not import: {e}"
+    return None
+
+
+def run_tool(cmd: list[str], log: Callable[[str], None], what: str, expect: Path,
+             cwd: Path | None = None) -> None:
+    """Run a converter, log its output, and fail with its last lines if it did not produce
+    `expect` (a tool can exit 0 without writing anything)."""
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=cwd)
+    log(proc.stdout)
+    if proc.returncode != 0 or not expect.exists():
+        tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
+        raise PhikitError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def versions(*dists: str) -> dict[str, str]:
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,85 @@
+"""MLX: convert with mlx-lm (`python -m mlx_lm convert`), 4/8-bit affine or mixed presets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import ModelInfo
+from ..errors import PhikitError
+from ..schema import Recipe, Target
+from .common import first_import_error, run_tool, versions
+
+ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
+GROUP_SIZES = {32, 64, 128}
+BITS = {"int4": 4, "int8": 8}
+DTYPES = {"fp16": "float16", "fp32": "float32"}
+PRESETS = {"mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"}
+
+
+class MlxBackend:
+    name = "mlx"
+    runtime_module = "mlx_rt"
+    tool = "mlx_lm convert"
+
+    def unavailable(self) -> str | None:
+        return first_import_error("mlx.core", "mlx_lm")
+
+    def preset(self, recipe: Recipe) -> str | None:
+        opts = recipe.quantization.options.get(self.name, {})
+        unknown = set(opts) - {"quant_predicate"}
+        if unknown:
+            raise PhikitError(f"unknown MLX option {sorted(unknown)[0]!r} (known: quant_predicate)",
+                              field="quantization.options.mlx")
+        return opts.get("quant_predicate")
+
+    def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
+        quant = recipe.quantization
+        preset = self.preset(recipe)
+        if preset is not None and preset not in PRESETS:
+            return f"unknown mlx-lm quant_predicate {preset!r} (known: {', '.join(sorted(PRESETS))})"
+        if quant.precision in BITS and quant.block_size not in GROUP_SIZES:
+            return f"mlx-lm group sizes are 32, 64 or 128 (recipe has {quant.block_size})"
+        if quant.calibration is not None:
+            return ("mlx_lm convert quantizes without calibration data; this recipe asks for "
+                    "data-aware quantization (quantization.calibration)")
+        if info is not None and info.architecture not in ARCHITECTURES:
+            return f"mlx-lm has no model class for {info.architecture}"
+        return None
+
+    def recognizes(self, path: Path) -> bool:
+        """mlx_lm.convert output: safetensors + config.json, and no other runtime's files."""
+        return ((path / "config.json").is_file() and any(path.glob("*.safetensors"))
+                and not (path / "genai_config.json").exists()
+                and not (path / "openvino_model.xml").exists())
+
+    def command(self, source: Path, out: Path, recipe: Recipe) -> list[str]:
+        quant = recipe.quantization
+        cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source),
+               "--mlx-path", str(out)]
+        if quant.precision in BITS:
+            # MLX's affine quantization always stores a scale and a bias per group, so the
+            # recipe's `symmetric` does not apply (the plan says so).
+            cmd += ["-q", "--q-bits", str(BITS[quant.precision]),
+                    "--q-group-size", str(quant.block_size)]
+            if preset := self.preset(recipe):
+                cmd += ["--quant-predicate", preset]
+        else:
+            cmd += ["--dtype", DTYPES[quant.precision]]
+        return cmd
+
+    def convert(self, source: Path, out: Path, recipe: Recipe, target: Target,
+                log: Callable[[str], None]) -> None:
+        cmd = self.command(source, out, recipe)
+        run_tool(cmd, log, "mlx_lm convert", out / "config.json")
+        (out / "README.md").unlink(missing_ok=True)  # mlx-lm's hub card, not part of the model
+
+    def runtime_options(self, target: Target, recipe: Recipe) -> dict:
+        return dict(target.runtime.options)
+
+    def toolchain(self) -> dict[str, str]:
+        return versions("mlx-lm", "mlx", "transformers")
+
+
+BACKEND = MlxBackend()

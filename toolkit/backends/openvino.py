@@ -1,0 +1,110 @@
+"""OpenVINO: convert with optimum-intel (`optimum-cli export openvino`, NNCF weight compression).
+
+The plain path is exactly the CLI users know. Data-aware compression (AWQ, scale estimation,
+mixed int4/int8 by sensitivity) needs calibration text; the CLI only takes hub dataset names,
+so phikit runs optimum-intel's Python API with the recipe's local text instead (same NNCF code).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import ModelInfo
+from ..errors import PhikitError
+from ..schema import Recipe, Target
+from .common import first_import_error, run_tool, versions
+
+ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
+DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
+# Recipe options (quantization.options.openvino) and the CLI flags they become.
+FLAGS = {"ratio": "--ratio", "all_layers": "--all-layers", "backup_precision": "--backup-precision",
+         "awq": "--awq", "scale_estimation": "--scale-estimation", "gptq": "--gptq",
+         "sensitivity_metric": "--sensitivity-metric", "num_samples": "--num-samples",
+         "group_size_fallback": "--group-size-fallback"}
+DATA_AWARE = {"awq", "scale_estimation", "gptq"}
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    runtime_module = "openvino_rt"
+    tool = "optimum-cli export openvino"
+
+    def unavailable(self) -> str | None:
+        return first_import_error("openvino", "openvino_genai", "openvino_tokenizers",
+                                  "optimum.intel", "nncf")
+
+    def options(self, recipe: Recipe) -> dict:
+        opts = dict(recipe.quantization.options.get(self.name, {}))
+        unknown = set(opts) - set(FLAGS)
+        if unknown:
+            raise PhikitError(f"unknown OpenVINO option {sorted(unknown)[0]!r} (known: "
+                              f"{', '.join(sorted(FLAGS))})", field="quantization.options.openvino")
+        return opts
+
+    def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
+        quant = recipe.quantization
+        opts = self.options(recipe)
+        if DATA_AWARE & {k for k, v in opts.items() if v} and quant.calibration is None:
+            return "AWQ / scale estimation / GPTQ need quantization.calibration (a local text file)"
+        if quant.precision != "int4" and (DATA_AWARE | {"ratio"}) & set(opts):
+            return "ratio / AWQ / scale estimation apply to int4 only"
+        if target.device not in DEVICES:
+            return f"no OpenVINO device for {target.device!r}"
+        if info is not None and info.architecture not in ARCHITECTURES:
+            return f"optimum-intel's Phi-3 export does not cover {info.architecture}"
+        return None
+
+    def recognizes(self, path: Path) -> bool:
+        return (path / "openvino_model.xml").is_file()
+
+    def cli_command(self, source: Path, out: Path, recipe: Recipe) -> list[str]:
+        quant = recipe.quantization
+        cmd = ["optimum-cli", "export", "openvino", "-m", str(source),
+               "--task", "text-generation-with-past", "--weight-format", quant.precision]
+        if quant.precision in ("int4", "int8"):
+            if quant.symmetric:
+                cmd.append("--sym")
+            if quant.precision == "int4":
+                cmd += ["--group-size", str(quant.block_size)]
+        for key, value in self.options(recipe).items():
+            if value is True:
+                cmd.append(FLAGS[key])
+            elif value not in (False, None):
+                cmd += [FLAGS[key], str(value)]
+        return cmd + [str(out)]
+
+    def convert(self, source: Path, out: Path, recipe: Recipe, target: Target,
+                log: Callable[[str], None]) -> None:
+        quant = recipe.quantization
+        if quant.calibration is not None and quant.precision == "int4":
+            spec = {"source": str(source), "out": str(out), "calibration": str(quant.calibration),
+                    "bits": 4, "sym": quant.symmetric, "group_size": quant.block_size,
+                    **self.options(recipe)}
+            cmd = [sys.executable, "-m", "toolkit.backends.openvino_calibrated", json.dumps(spec)]
+        else:
+            cmd = [str(Path(sys.executable).parent / "optimum-cli"), *self.cli_command(
+                source, out, recipe)[1:]]
+        run_tool(cmd, log, "optimum-intel export", out / "openvino_model.xml",
+                 cwd=Path(__file__).resolve().parents[2])
+        if not (out / "openvino_tokenizer.xml").is_file():
+            raise PhikitError("optimum-intel wrote no openvino_tokenizer.xml (is "
+                              "openvino-tokenizers installed?)")
+
+    def runtime_options(self, target: Target, recipe: Recipe) -> dict:
+        options = {"device": DEVICES[target.device], "threads": target.runtime.threads,
+                   **target.runtime.options}
+        if recipe.quantization.precision == "fp32":
+            # OpenVINO's CPU plugin computes in bf16 by default where the CPU has it; an fp32
+            # bundle promises fp32 math.
+            options["inference_precision"] = "f32"
+        return options
+
+    def toolchain(self) -> dict[str, str]:
+        return versions("optimum-intel", "optimum", "openvino", "openvino-genai",
+                     "openvino-tokenizers", "nncf", "transformers", "torch")
+
+
+BACKEND = OpenVinoBackend()

@@ -1,0 +1,225 @@
+"""`phikit deploy BUNDLE user@host[:dir]`: copy over SSH what changed, verify, install, smoke-run.
+
+Uses the system's OpenSSH client (ssh + tar streams), so ~/.ssh/config, agents and jump hosts work
+as users expect. Steps:
+  1. probe the host: architecture, Python version, free disk (refuse before copying anything)
+  2. sha256 of the files already there; copy only the ones that differ
+  3. `run.py verify` on the host (every hash, with the host's own Python)
+  4. a venv from requirements.lock (offline from the bundle's wheels/ when it carries them),
+     recreated only when the lock changed
+  5. a smoke prompt; with --service, a systemd unit for `run.py serve`
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import PhikitError
+from .runner.core import read_manifest, verify_bundle
+
+ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
+VENV = ".venv"  # inside the bundle dir on the host; bundle verification ignores it
+
+
+@dataclass
+class Remote:
+    user_host: str
+    directory: str
+    port: int | None = None
+    identity: Path | None = None
+    options: list[str] = field(default_factory=list)
+
+    def ssh_args(self) -> list[str]:
+        args = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *self.options]
+        if self.port:
+            args += ["-p", str(self.port)]
+        if self.identity:
+            args += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
+        return args + [self.user_host]
+
+    def run(self, script: str, *, stdin: bytes | None = None, check: bool = True,
+            timeout: int = 1800) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.ssh_args() + [f"sh -c {shlex.quote(script)}"], input=stdin,
+                              capture_output=True, timeout=timeout)
+        if proc.returncode == 255:
+            raise PhikitError(_ssh_error(self.user_host, proc.stderr.decode(errors="replace")))
+        if check and proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+            raise PhikitError(f"{self.user_host}: remote command failed (exit {proc.returncode}): "
+                              f"{err[-1] if err else ''}")
+        return proc
+
+
+def _ssh_error(host: str, stderr: str) -> str:
+    text = stderr.strip().splitlines()[-1] if stderr.strip() else "ssh failed"
+    if "Permission denied" in stderr:
+        return f"{host}: authentication refused ({text})"
+    if any(s in stderr for s in ("Connection refused", "Could not resolve", "timed out",
+                                 "No route to host", "Network is unreachable")):
+        return f"{host}: host unreachable ({text})"
+    return f"{host}: ssh failed ({text})"
+
+
+def parse_destination(dest: str, bundle_name: str) -> tuple[str, str]:
+    user_host, _, directory = dest.partition(":")
+    if not user_host or "@" not in user_host:
+        raise PhikitError(f"destination must be user@host[:dir], got {dest!r}",
+                          field="destination")
+    return user_host, directory or f"phikit/{bundle_name}"
+
+
+PROBE = r"""
+PY={python}
+command -v "$PY" >/dev/null 2>&1 || {{ echo "nopython"; exit 0; }}
+mkdir -p {dir}
+echo "arch $(uname -m)"
+echo "python $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+echo "free_kb $(df -Pk {dir} | awk 'NR==2 {{print $4}}')"
+cd {dir} && "$PY" - <<'EOF'
+import hashlib, json, os
+out = {{}}
+for root, dirs, files in os.walk("."):
+    dirs[:] = [d for d in dirs if d not in ("{venv}", "__pycache__")]
+    for f in files:
+        p = os.path.join(root, f)[2:]
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[p] = h.hexdigest()
+print("hashes " + json.dumps(out))
+EOF
+"""
+
+
+def probe(remote: Remote, python: str) -> dict:
+    proc = remote.run(PROBE.format(python=shlex.quote(python), dir=shlex.quote(remote.directory),
+                                   venv=VENV))
+    info: dict = {}
+    for line in proc.stdout.decode().splitlines():
+        if line == "nopython":
+            raise PhikitError(f"{remote.user_host}: no {python} on the host (use --python)")
+        key, _, value = line.partition(" ")
+        info[key] = json.loads(value) if key == "hashes" else value
+    return info
+
+
+def check_host(info: dict, manifest: dict, bundle_bytes: int, remote: Remote) -> None:
+    platform = manifest["target"]["platform"]
+    want = ARCH_ALIASES.get(platform["arch"], platform["arch"])
+    have = ARCH_ALIASES.get(info.get("arch", "?"), info.get("arch", "?"))
+    if want != have:
+        raise PhikitError(f"{remote.user_host}: the bundle is built for {want} "
+                          f"({manifest['target']['name']}) but the host is {have}; "
+                          "nothing was copied")
+    need = tuple(int(x) for x in platform["python"].split("."))
+    got = tuple(int(x) for x in info.get("python", "0.0").split("."))
+    if got < need:
+        raise PhikitError(f"{remote.user_host}: Python {info.get('python')} is too old; the "
+                          f"bundle's lock is for Python {platform['python']}")
+    if got != need:
+        raise PhikitError(f"{remote.user_host}: Python {info.get('python')} on the host, but the "
+                          f"bundle's lock pins wheels for Python {platform['python']}")
+    free = int(info.get("free_kb", 0)) * 1024
+    if free < bundle_bytes * 2:  # the files plus a venv of the runtime wheels
+        raise PhikitError(f"{remote.user_host}: disk full: {free / 1e6:.0f} MB free in "
+                          f"{remote.directory}, need about {bundle_bytes * 2 / 1e6:.0f} MB")
+
+
+def changed_files(bundle: Path, manifest: dict, remote_hashes: dict[str, str]) -> list[str]:
+    wanted = dict(manifest["files"])
+    wanted["manifest.json"] = "-"  # always sent: it is what the host verifies against
+    return sorted(rel for rel, digest in wanted.items() if remote_hashes.get(rel) != digest)
+
+
+def copy_files(bundle: Path, files: list[str], remote: Remote) -> None:
+    tar = subprocess.run(["tar", "-cf", "-", "-C", str(bundle), "--", *files],
+                         capture_output=True, check=True)
+    remote.run(f"mkdir -p {shlex.quote(remote.directory)} && tar -xf - -C "
+               f"{shlex.quote(remote.directory)}", stdin=tar.stdout)
+
+
+def remove_stale(manifest: dict, remote_hashes: dict[str, str], remote: Remote) -> list[str]:
+    stale = sorted(set(remote_hashes) - set(manifest["files"]) - {"manifest.json"})
+    if stale:
+        remote.run(f"cd {shlex.quote(remote.directory)} && rm -f -- "
+                   + " ".join(shlex.quote(s) for s in stale))
+    return stale
+
+
+INSTALL = r"""
+cd {dir}
+LOCK_SHA=$(sha256sum requirements.lock | cut -d' ' -f1)
+if [ ! -x {venv}/bin/python ] || [ "$(cat {venv}/.lock-sha256 2>/dev/null)" != "$LOCK_SHA" ]; then
+  rm -rf {venv}
+  {python} -m venv {venv}
+  if [ -d wheels ]; then
+    {venv}/bin/python -m pip install -q --no-index --find-links wheels --require-hashes -r requirements.lock
+  else
+    {venv}/bin/python -m pip install -q --require-hashes -r requirements.lock
+  fi
+  echo "$LOCK_SHA" > {venv}/.lock-sha256
+  echo installed
+else
+  echo unchanged
+fi
+"""
+
+UNIT = """[Unit]
+Description=phikit {name} (OpenAI-compatible server)
+After=network-online.target
+
+[Service]
+WorkingDirectory={dir}
+ExecStart={dir}/{venv}/bin/python {dir}/run.py serve --host {host} --port {port}
+Restart=on-failure
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None = None,
+           ssh_port: int | None = None, python: str = "python3", service: bool = False,
+           host_bind: str = "127.0.0.1", ssh_options: list[str] | None = None,
+           log: Callable[[str], None] = print) -> dict:
+    manifest = verify_bundle(bundle, read_manifest(bundle))  # never ship a modified bundle
+    if manifest.get("parity", {}).get("verdict") != "pass":
+        raise PhikitError(f"{bundle}: parity verdict is not 'pass'; refusing to deploy")
+    user_host, directory = parse_destination(dest, manifest["name"])
+    remote = Remote(user_host, directory, ssh_port, identity, ssh_options or [])
+    size = sum((bundle / rel).stat().st_size for rel in manifest["files"])
+    info = probe(remote, python)
+    check_host(info, manifest, size, remote)
+    # The probe's `mkdir -p` made an absolute path of the directory possible to resolve.
+    remote.directory = remote.run(f"cd {shlex.quote(directory)} && pwd").stdout.decode().strip()
+    to_copy = changed_files(bundle, manifest, info["hashes"])
+    log(f"copying {len(to_copy)} of {len(manifest['files']) + 1} files to "
+        f"{user_host}:{remote.directory}")
+    copy_files(bundle, to_copy, remote)
+    stale = remove_stale(manifest, info["hashes"], remote)
+    d, py = shlex.quote(remote.directory), shlex.quote(python)
+    remote.run(f"{py} {d}/run.py verify --bundle {d}")
+    log("verified every sha256 on the host")
+    venv_state = remote.run(INSTALL.format(dir=d, venv=VENV, python=py)).stdout.decode().strip()
+    log(f"runtime venv: {venv_state.splitlines()[-1]}")
+    smoke = remote.run(f"{d}/{VENV}/bin/python {d}/run.py --bundle {d} --prompt "
+                       f"'What does json.dumps do?' --max-tokens 8")
+    log(f"smoke prompt: {smoke.stdout.decode(errors='replace').strip()[:80]!r}")
+    if service:
+        unit_name = f"phikit-{manifest['name']}.service"
+        unit = UNIT.format(name=manifest["name"], dir=remote.directory, venv=VENV,
+                           host=host_bind, port=port)
+        remote.run(
+            "command -v systemctl >/dev/null || { echo 'systemd is not available on the host' "
+            ">&2; exit 3; }; mkdir -p ~/.config/systemd/user && cat > "
+            f"~/.config/systemd/user/{unit_name} && systemctl --user daemon-reload && "
+            f"systemctl --user enable --now {unit_name}", stdin=unit.encode())
+        log(f"service {unit_name} started on port {port}")
+    return {"copied": to_copy, "removed": stale, "directory": remote.directory,
+            "venv": venv_state.splitlines()[-1]}
