@@ -47,6 +47,7 @@ test-fast: install
 # Side-by-side measurements (ratios printed; never timed assertions).
 bench: install
 	$(PY) bench/intel_cpu_backends.py --layers 8
+	$(PY) bench/convert.py
 
 # Regenerate models/tiny-phi3 and evalsets/tiny-phi3.jsonl (needs npm; ~15 min of CPU).
 fixture: install

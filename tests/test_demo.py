@@ -19,9 +19,13 @@ def test_doctor_and_list():
 def test_demo_builds_validates_and_answers(tmp_path):
     proc = phikit("demo", "--out", tmp_path / "dist", check=0, timeout=1800)
     assert "phikit demo: tiny-phi3" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if "generic-cpu" in line and "pass" in line]
-    assert len(rows) == 3, proc.stdout  # int4, int8, fp32
     assert "FAIL" not in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir()) == sorted(
-        f"tiny-phi3-{p}-{t}" for p in ("int4", "int8", "fp32") for t in ("generic-cpu",
-                                                                          "intel-cpu"))
+    built = sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir())
+    native = [f"tiny-phi3-{p}-{t}" for p in ("int4", "int8", "fp32")
+              for t in ("generic-cpu", "intel-cpu")]
+    off_device = ["tiny-phi3-int4-intel-gpu", "tiny-phi3-fp32-apple-metal",
+                  "tiny-phi3-int4-raspberry-pi"]
+    assert built == sorted(native + off_device)
+    for line in proc.stdout.splitlines():
+        if "apple-metal" in line and "pass" in line:
+            assert "mlx" in line

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .runner.core import BUNDLE_FORMAT, MANIFEST, bundle_files, sha256_file
+from .runner.core import BUNDLE_FORMAT, IGNORED_PARTS, MANIFEST, bundle_files, sha256_file
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 RUN_PY = '''#!/usr/bin/env python3
@@ -45,8 +45,17 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def drop_runtime_caches(bundle: Path) -> None:
+    """Caches a runtime wrote while phikit validated the staged bundle (OpenVINO's compiled
+    models, byte code) belong to this machine, not to the device."""
+    for path in sorted(bundle.rglob("*"), reverse=True):
+        if path.is_dir() and path.name in IGNORED_PARTS:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def finish_manifest(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file and write manifest.json last (its presence marks a complete bundle)."""
+    drop_runtime_caches(bundle)
     manifest = {"format": BUNDLE_FORMAT, "phikit": __version__, **manifest}
     manifest["files"] = {rel: sha256_file(bundle / rel) for rel in bundle_files(bundle)}
     write_json(bundle / MANIFEST, manifest)
