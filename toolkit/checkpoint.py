@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PhikitError
+from .schema import HUB_ID
 from .runner.core import sha256_file
 
 # Files that define a checkpoint's behaviour; anything else (README, images) does not count.
@@ -27,6 +28,9 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise PhikitError("not a checkpoint directory (config.json missing)", file=path)
         return path.resolve()
+    if source.startswith(("/", ".", "~")) or not HUB_ID.match(source):
+        raise PhikitError(f"checkpoint directory not found: {source} (pass --reference DIR or "
+                          "a hub id)")
     try:
         from huggingface_hub import snapshot_download
 

@@ -97,7 +97,8 @@ def write_archive(bundle: Path, archive: Path) -> Path:
 
 
 def bundle_size(bundle: Path) -> int:
-    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    """Bytes of what ships (runtime caches made since, e.g. OpenVINO's, do not count)."""
+    return sum((bundle / rel).stat().st_size for rel in [MANIFEST, *bundle_files(bundle)])
 
 
 def now() -> str:
