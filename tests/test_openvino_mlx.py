@@ -53,25 +53,6 @@ def test_openvino_bare_ir_from_optimum_cli(tmp_path):
     assert json.loads(report_path.read_text())["artifact"] == "bare openvino"
 
 
-def test_openvino_dir_without_tokenizer_is_refused(ov_int4_bundle, tmp_path):
-    broken = tmp_path / "ir"
-    shutil.copytree(ov_int4_bundle / "model", broken)
-    (broken / "openvino_tokenizer.xml").unlink()
-    proc = phikit("validate", broken, "--reference", TINY)
-    assert proc.returncode == 2 and "openvino_tokenizer.xml" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_openvino_mismatched_config_is_refused(ov_int4_bundle, tmp_path):
-    broken = tmp_path / "ir"
-    shutil.copytree(ov_int4_bundle / "model", broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["vocab_size"] = 32000
-    (broken / "config.json").write_text(json.dumps(config))
-    proc = phikit("validate", broken, "--reference", TINY)
-    assert proc.returncode == 2 and "do not match" in proc.stderr
-
-
 def test_intel_gpu_validated_on_cpu_says_so(dist, tmp_path):
     out = tmp_path / "gpu"
     proc = phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "intel-gpu", "--out", out,
@@ -124,23 +105,27 @@ def test_mlx_bare_dir_from_mlx_lm_convert(tmp_path):
     assert report["artifact"] == "bare mlx" and report["metrics"]["prompts"] >= 2
 
 
-def test_mlx_dir_without_tokenizer_is_refused(mlx_int4_bundle, tmp_path):
-    broken = tmp_path / "mlx"
-    shutil.copytree(mlx_int4_bundle / "model", broken)
-    (broken / "tokenizer.json").unlink()
-    proc = phikit("validate", broken, "--reference", TINY)
-    assert proc.returncode == 2 and "tokenizer.json" in proc.stderr
-    assert "Traceback" not in proc.stderr
+# (bundle fixture, file removed or None, config change, what the message must name)
+BROKEN = [
+    ("ov_int4_bundle", "openvino_tokenizer.xml", None, "openvino_tokenizer.xml"),
+    ("ov_int4_bundle", None, {"vocab_size": 32000}, "do not match"),
+    ("mlx_int4_bundle", "tokenizer.json", None, "tokenizer.json"),
+    ("mlx_int4_bundle", None, {"hidden_size": 256}, "mlx_rt cannot open this model"),
+]
 
 
-def test_mlx_mismatched_config_is_refused(mlx_int4_bundle, tmp_path):
-    broken = tmp_path / "mlx"
-    shutil.copytree(mlx_int4_bundle / "model", broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["hidden_size"] = 256
-    (broken / "config.json").write_text(json.dumps(config))
+@pytest.mark.parametrize("fixture, remove, change, message", BROKEN,
+                         ids=["ov-no-tokenizer", "ov-config", "mlx-no-tokenizer", "mlx-config"])
+def test_broken_model_dirs_are_refused(fixture, remove, change, message, request, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue(fixture) / "model", broken)
+    if remove:
+        (broken / remove).unlink()
+    if change:
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, **change}))
     proc = phikit("validate", broken, "--reference", TINY)
-    assert proc.returncode == 2 and "mlx_rt cannot open this model" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
