@@ -157,11 +157,15 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
     t0 = time.perf_counter()
     stage_cb("resolve source")
     source_dir = resolve_source(plan.recipe.source, plan.recipe.revision)
-    info = plan.info or read_model_info(source_dir)
-    reason = plan.backend.support(info, plan.target, plan.recipe)
-    if reason:
-        raise PhikitError(f"{plan.backend.name} cannot build this for {plan.target.name}: "
-                          f"{reason}", file=plan.recipe_path)
+    info = plan.info
+    if info is None:  # a hub checkpoint: the plan could not see its config, check it now
+        info = read_model_info(source_dir)
+        reason = plan.backend.support(info, plan.target, plan.recipe)
+        if reason:
+            raise PhikitError(f"{plan.backend.name} cannot build this for {plan.target.name}: "
+                              f"{reason}", file=plan.recipe_path)
+        if plan.target.memory_budget_mb is not None:
+            check_memory(info, plan.recipe, plan.target, plan.recipe_path)
     digest = checkpoint_digest(source_dir)
     stage_cb("convert")
     artifact, cached = convert_cached(plan, source_dir, digest, log)

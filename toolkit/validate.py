@@ -95,13 +95,7 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                         "candidate_seconds": round(time.perf_counter() - start - ref_seconds, 2)}
     report["artifact"] = candidate.kind
     info = report["candidate"]
-    notes = []
-    if info.get("requested_device") and info["requested_device"] != info.get("device"):
-        notes.append(f"measured on {info['device']}: the target's {info['requested_device']} is "
-                     f"not present on this machine; the same model files ran on "
-                     f"{info['device']}")
-    if info.get("runtime") == "mlx-lm" and "cpu" in str(info.get("device", "")).lower():
-        notes.append("measured with MLX's CPU backend; the Metal path is not exercised here")
+    notes = list(info.get("notes", []))  # each runtime says where its figures come from
     if candidate.native is not None:
         report["emulation"] = compare_native(candidate, ref, report)
         notes.append(f"measured on emulated {info.get('emulated_arch')} (qemu user mode, "

@@ -62,7 +62,9 @@ class Session(Protocol):
     def generate(self, ids: Sequence[int], sampling: Sampling) -> Iterator[int]:
         """New token ids, one at a time; stops at an EOS (not yielded) or max_new_tokens."""
 
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> dict[str, Any]:
+        """runtime, version, device, ...; `notes`: what a reader of the figures must know, e.g.
+        that they were measured on another device than the target's."""
 
 
 def check_length(n: int, context_length: int) -> None:

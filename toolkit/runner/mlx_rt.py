@@ -71,9 +71,12 @@ class MlxSession:
             yield token
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": "mlx-lm", "version": mx.__version__,
-                "device": str(mx.default_device()), "quantization": self.quantization,
-                "context_length": self.context_length}
+        device = str(mx.default_device())
+        notes = ["measured with MLX's CPU backend; the Metal path is not exercised here"] \
+            if "cpu" in device.lower() else []
+        return {"runtime": "mlx-lm", "version": mx.__version__, "device": device,
+                "quantization": self.quantization, "context_length": self.context_length,
+                "notes": notes}
 
 
 def open_session(model_dir: Path, options: dict[str, Any]) -> MlxSession:

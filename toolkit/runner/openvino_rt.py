@@ -78,16 +78,16 @@ class OpenVinoSession:
         self.props = props
         self.pipe = ovg.LLMPipeline(str(model_dir), self.device, **props)
         self.tokenizer = self.pipe.get_tokenizer()
-        compiled = core.compile_model(core.read_model(str(model_dir / "openvino_model.xml")),
-                                      self.device, props)
-        self.request = compiled.create_infer_request()
-        self.logits_port = compiled.output("logits")
-        self.input_names = {i.get_any_name() for i in compiled.inputs}
+        # LLMPipeline compiles the IR for generation; teacher-forced logits need a plain infer
+        # request, compiled only when logits() is first called (a device that only generates
+        # or serves never pays for a second compiled copy).
+        self.core, self.ir = core, core.read_model(str(model_dir / "openvino_model.xml"))
+        self.request = None
         gen = self.pipe.get_generation_config()
         self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
         config = json.loads((model_dir / "config.json").read_text())
         self.context_length = int(config.get("max_position_embeddings", 4096))
-        vocab = self.logits_port.get_partial_shape()[-1]
+        vocab = self.ir.output("logits").get_partial_shape()[-1]
         if vocab.is_static and config.get("vocab_size") not in (None, vocab.get_length()):
             raise ValueError(f"config.json says vocab_size {config['vocab_size']} but the IR's "
                              f"logits have {vocab.get_length()}: config and model do not match")
@@ -106,6 +106,11 @@ class OpenVinoSession:
         check_length(len(ids), self.context_length)
         arr = np.asarray([ids], dtype=np.int64)
         inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
+        if self.request is None:
+            compiled = self.core.compile_model(self.ir, self.device, self.props)
+            self.request, self.logits_port = (compiled.create_infer_request(),
+                                              compiled.output("logits"))
+            self.input_names = {i.get_any_name() for i in compiled.inputs}
         if "position_ids" in self.input_names:
             inputs["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
         if "beam_idx" in self.input_names:
@@ -156,9 +161,13 @@ class OpenVinoSession:
             raise errors[0]
 
     def info(self) -> dict[str, Any]:
+        notes = [] if self.device == self.requested_device else [
+            f"measured on {self.device}: the target's {self.requested_device} is not present on "
+            f"this machine; the same model files ran on {self.device}"]
         return {"runtime": "openvino", "version": ov.__version__, "device": self.device,
                 "requested_device": self.requested_device,
-                "properties": self.props, "context_length": self.context_length}
+                "properties": self.props, "context_length": self.context_length,
+                "notes": notes}
 
 
 def open_session(model_dir: Path, options: dict[str, Any]) -> OpenVinoSession:
