@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
+# llama.cpp for the GGUF backend: llama-cpp-python's source package, pinned by version and sha256.
+# Its bindings are compiled from it (about 4 min on 2 cores) and its vendored llama.cpp converter
+# (convert_hf_to_gguf.py + conversion/ + gguf-py) is unpacked beside the venv, not copied into the repo.
+LLAMA_CPP_PYTHON := llama_cpp_python-0.3.36
+LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
 
-.PHONY: install system-deps demo test test-fast bench fixture clean
+.PHONY: install llama-cpp system-deps demo test test-fast bench fixture clean
 
 install: $(VENV)/.installed
 
@@ -17,8 +23,21 @@ $(VENV)/.installed: constraints.txt requirements.txt pyproject.toml
 	$(PIP) uninstall -q -y torchvision
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps -e .
+	$(MAKE) llama-cpp
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
+
+# LLAVA_BUILD=OFF: phikit needs the text model only (saves a third of the compile).
+llama-cpp:
+	rm -rf $(VENV)/share/phikit/src && mkdir -p $(VENV)/share/phikit/src
+	$(PIP) download -q --no-deps --no-binary :all: -d $(VENV)/share/phikit/src "llama-cpp-python==$(subst llama_cpp_python-,,$(LLAMA_CPP_PYTHON))"
+	echo "$(LLAMA_CPP_SHA256)  $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz" | sha256sum -c -
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -c constraints.txt $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz
+	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
+	tar -xzf $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 \
+	  $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+	  $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
+	echo "$(LLAMA_CPP_PYTHON) sha256:$(LLAMA_CPP_SHA256)" > $(LLAMA_CPP_DIR)/SOURCE
 
 # Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use.
 # qemu-user-static comes from bookworm-backports (10.x): bookworm's 7.2 segfaults loading

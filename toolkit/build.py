@@ -26,7 +26,7 @@ from .package import (finish_manifest, now, publish, staging_dir, write_archive,
                       write_json, write_runner)
 from .runner.core import open_session
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
-from .validate import Candidate, run_parity
+from .validate import Candidate, effective_thresholds, run_parity
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS_DIR = REPO / "targets"
@@ -91,13 +91,11 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
                   f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
     steps = [
         f"source    {recipe.source} ({model_desc})",
-        f"convert   {be.tool}: {quant.precision}, block {quant.block_size}, "
-        f"{'symmetric' if quant.symmetric else 'asymmetric'}, provider "
-        f"{target.execution_provider}",
+        f"convert   {be.tool}: {be.describe(recipe, target)}",
         f"validate  {recipe.eval.file.name} (max {recipe.eval.max_tokens} tokens, "
         f"{recipe.eval.max_new_tokens} greedy) vs transformers fp32; thresholds "
-        + ", ".join(f"{k}={v}" for k, v in recipe.thresholds.model_dump().items()
-                    if v is not None),
+        + ", ".join(f"{k}={v}" for k, v in effective_thresholds(recipe, be.exact_tokenizer)
+                    .model_dump().items() if v is not None),
         f"package   {out} (runner: {be.runtime_module}, lock for {target.platform.os}/"
         f"{target.platform.arch} python {target.platform.python})",
     ]
@@ -185,7 +183,9 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         stage_cb("validate")
         t1 = time.perf_counter()
         session = open_session(plan.backend.runtime_module, stage / "model", options)
-        report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle"), progress)
+        report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
+                                              exact_tokenizer=plan.backend.exact_tokenizer),
+                            progress)
         del session
         timings["validate"] = time.perf_counter() - t1
 
@@ -195,7 +195,8 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         write_json(stage / "parity.json", report)
         (stage / "requirements.lock").write_text(
             resolve_lock(packages, plan.target.platform,
-                         stage / "wheels" if with_wheels else None))
+                         stage / "wheels" if with_wheels else None,
+                         plan.target.runtime.source_builds))
         for extra in plan.target.runtime.extra_locks.get(plan.backend.name, []):
             (stage / extra.file).write_text(resolve_lock(extra.packages, extra.platform))
         manifest = finish_manifest(stage, {

@@ -7,6 +7,7 @@ bundle built on x86_64 Linux gets a lock that installs on, say, a Raspberry Pi.
 
 from __future__ import annotations
 
+import email.parser
 import hashlib
 import importlib.metadata as md
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from .schema import Platform
 
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)-.*\.whl$")
+SDIST = re.compile(r"^(?P<name>.+)-(?P<version>[^-]+)\.tar\.gz$")
 
 
 def _canonical(name: str) -> str:
@@ -59,29 +62,63 @@ def _pip_download(requirements: list[str], platform: Platform, dest: Path) -> No
                           f"(python {platform.python}) with pip:\n{err}")
 
 
-def resolve_lock(packages: list[str], platform: Platform, wheel_dir: Path | None = None) -> str:
-    """The lock text; wheels land in `wheel_dir` (for bundles that carry them) if given."""
+def _source_packages(requirements: list[str], dest: Path) -> list[str]:
+    """Download source packages (platform-independent) and return their runtime dependencies,
+    which are then resolved as wheels for the target platform like everything else."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+           "--no-deps", "--no-binary=:all:", "-d", str(dest)]
+    proc = subprocess.run(cmd + requirements, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = "\n".join(proc.stderr.strip().splitlines()[-4:])
+        raise PhikitError(f"cannot download the source packages {requirements}:\n{err}")
+    deps = []
+    for sdist in dest.glob("*.tar.gz"):
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.name.count("/") == 1
+                          and m.name.endswith("/PKG-INFO"))
+            info = email.parser.BytesParser().parsebytes(tar.extractfile(member).read())
+        deps += [d.split(";")[0].replace(" ", "") for d in info.get_all("Requires-Dist") or []
+                 if "extra ==" not in d]
+    return deps
+
+
+def resolve_lock(packages: list[str], platform: Platform, wheel_dir: Path | None = None,
+                 source_builds: list[str] = ()) -> str:
+    """The lock text; wheels land in `wheel_dir` (for bundles that carry them) if given.
+    Packages named in `source_builds` are pinned as source packages (the device compiles them)."""
+    canonical_sources = {_canonical(s) for s in source_builds}
     requirements = sorted(pinned_requirements(packages))
+    sources = [r for r in requirements if _canonical(re.split(r"[=<>!~\[]", r)[0])
+               in canonical_sources]
+    requirements = [r for r in requirements if r not in sources]
     constraints = CONSTRAINTS.read_bytes() if CONSTRAINTS.is_file() else b""
-    key = hashlib.sha256(repr((requirements, platform.model_dump(), constraints)).encode())
+    key = hashlib.sha256(repr((requirements, sources, platform.model_dump(),
+                               constraints)).encode())
     cached = cache_root() / "locks" / f"{key.hexdigest()[:32]}.lock"
     if cached.is_file() and wheel_dir is None:
         return cached.read_text()
     with tempfile.TemporaryDirectory(prefix="phikit-lock-") as tmp:
+        if sources:
+            requirements += _source_packages(sources, Path(tmp))
         _pip_download(requirements, platform, Path(tmp))
         lines = []
-        for wheel in sorted(Path(tmp).glob("*.whl"), key=lambda p: _canonical(p.name)):
-            m = WHEEL.match(wheel.name)
+        files = [*Path(tmp).glob("*.whl"), *Path(tmp).glob("*.tar.gz")]
+        for file in sorted(files, key=lambda p: _canonical(p.name)):
+            m = WHEEL.match(file.name) or SDIST.match(file.name)
             if not m:
                 continue
             lines.append(f"{_canonical(m['name'])}=={m['version']} \\\n"
-                         f"    --hash=sha256:{sha256_file(wheel)}")
+                         f"    --hash=sha256:{sha256_file(file)}")
             if wheel_dir is not None:
                 wheel_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(wheel, wheel_dir / wheel.name)
+                shutil.copy2(file, wheel_dir / file.name)
     header = (f"# phikit runtime lock for {platform.os}/{platform.arch}, CPython {platform.python}\n"
               f"# platforms: {', '.join(platform.pip_platforms)}\n"
               f"# install: pip install --require-hashes -r requirements.lock\n")
+    if sources:
+        header += (f"# built from source on the device (no {platform.arch} wheels): "
+                   f"{', '.join(sources)}; needs a C/C++ compiler and cmake >= 3.21 "
+                   "(Debian: apt install build-essential cmake)\n")
     text = header + "\n".join(lines) + "\n"
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = cached.with_suffix(f".{os.getpid()}.tmp")

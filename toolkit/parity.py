@@ -157,6 +157,9 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
         "texts": per_text,
         "prompts": per_prompt,
         "tokenizer_mismatches": tokenizer_mismatches,
+        # the round-trip of the reference's token ids through the candidate's tokenizer
+        "tokenizer": {"rows": n_rows, "identical": n_rows - len(tokenizer_mismatches),
+                      "chat_rows": sum(1 for p in ref.prompts if rows[p.id].kind == "messages")},
         "candidate": session.info(),
         "reference": {k: v for k, v in ref.meta.items() if k not in ("text_ids", "prompt_ids",
                                                                        "stopped")},

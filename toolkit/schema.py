@@ -97,6 +97,9 @@ class Runtime(Strict):
     packages: dict[str, list[str]] = Field(
         description="per backend: the distributions its runner imports on this platform")
     extra_locks: dict[str, list[ExtraLock]] = Field(default_factory=dict)
+    source_builds: list[str] = Field(
+        default_factory=list, description="distributions with no wheel for this platform: the "
+        "lock pins their source package by sha256 and the device compiles it")
     threads: int | Literal["auto"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
 

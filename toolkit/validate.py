@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .backends import detect_backend
+from .backends import detect_backend, get_backend
 from .checkpoint import resolve_source
 from .errors import PhikitError
 from .evalset import load_evalset
@@ -32,6 +32,7 @@ class Candidate:
     source: str  # checkpoint the reference is computed from
     kind: str  # "bundle" or "bare <backend>"
     native: Session | None = None  # with emulation: the same bundle on this machine's ISA
+    exact_tokenizer: bool = False  # the backend converted the tokenizer: every row must match
 
 
 def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
@@ -48,7 +49,7 @@ def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
 
         native = open_candidate(path, reference, recipe_path, options)
         return Candidate(EmulatedSession(path, emulate, log), native.recipe, native.source,
-                         f"bundle, emulated {emulate}", native.session)
+                         f"bundle, emulated {emulate}", native.session, native.exact_tokenizer)
     if (path / "manifest.json").is_file():
         try:
             manifest = verify_bundle(path, read_manifest(path))
@@ -62,14 +63,24 @@ def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         runtime = manifest["runtime"]
         session = open_session(runtime["module"], path / manifest["model_dir"],
                                {**runtime.get("options", {}), **(options or {})})
-        return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle")
+        return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle",
+                         exact_tokenizer=get_backend(manifest["backend"]).exact_tokenizer)
     backend = detect_backend(path)
     if reference is None:
         raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "
                           "hub id) to compare against", file=path)
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, source_override=reference)
     session = open_session(backend.runtime_module, path, options or {})
-    return Candidate(session, recipe, reference, f"bare {backend.name}")
+    return Candidate(session, recipe, reference, f"bare {backend.name}",
+                     exact_tokenizer=backend.exact_tokenizer)
+
+
+def effective_thresholds(recipe: Recipe, exact_tokenizer: bool) -> Thresholds:
+    """The recipe's thresholds; all rows must tokenize alike where the backend wrote the tokenizer."""
+    thresholds = recipe.thresholds or Thresholds()
+    if exact_tokenizer:
+        thresholds = thresholds.model_copy(update={"token_agreement_min": 1.0})
+    return thresholds
 
 
 def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[], None]]
@@ -84,8 +95,9 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                                   (lambda: progress("reference (transformers fp32)", n))
                                   if progress else None)
     ref_seconds = time.perf_counter() - start
+    thresholds = effective_thresholds(recipe, candidate.exact_tokenizer)
     try:
-        report = evaluate(candidate.session, ref, evalset, recipe.thresholds or Thresholds(),
+        report = evaluate(candidate.session, ref, evalset, thresholds,
                           recipe.eval.max_new_tokens,
                           progress("candidate", n) if progress else None)
     except ValueError as e:
@@ -102,6 +114,10 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                      f"{info.get('root')}); greedy tokens match this machine's run of the same "
                      f"bundle for {report['emulation']['greedy_match_vs_native_mean']:.1f} tokens "
                      "on average")
+    if candidate.exact_tokenizer:
+        notes.append("this backend converted the tokenizer, so every eval row (plain and "
+                     "chat-formatted) must tokenize exactly like the reference: "
+                     f"{report['tokenizer']['identical']} of {report['tokenizer']['rows']} did")
     report["notes"] = notes
     return report
 

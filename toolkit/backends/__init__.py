@@ -20,6 +20,9 @@ class Backend(Protocol):
     name: str
     runtime_module: str  # module in toolkit/runner that runs its artifacts
     tool: str  # the real converter it drives, for plans and doctor
+    # True when the backend writes the tokenizer into its own format (GGUF): then any row the
+    # candidate tokenizes differently is a conversion defect, and validation requires all rows.
+    exact_tokenizer: bool
 
     def unavailable(self) -> str | None:
         """None when the converter and runtime import here, else why not."""
@@ -34,6 +37,9 @@ class Backend(Protocol):
                 log: Callable[[str], None]) -> None:
         """Write the artifact into `out` (an empty directory) with the backend's own tool."""
 
+    def describe(self, recipe: Recipe, target: Target) -> str:
+        """One plan line: what the tool will be asked to do with this recipe."""
+
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         """Options for the runner module (threads, execution provider, ...)."""
 
@@ -42,9 +48,9 @@ class Backend(Protocol):
 
 
 def _registry() -> dict[str, Backend]:
-    from . import mlx, onnx, openvino
+    from . import gguf, mlx, onnx, openvino
 
-    return {b.name: b for b in (onnx.BACKEND, openvino.BACKEND, mlx.BACKEND)}
+    return {b.name: b for b in (onnx.BACKEND, openvino.BACKEND, mlx.BACKEND, gguf.BACKEND)}
 
 
 BACKENDS: dict[str, Backend] = _registry()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import PhikitError
+from ..schema import Recipe, Target
 
 
 def first_import_error(*modules: str) -> str | None:
@@ -42,3 +43,11 @@ def versions(*dists: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def describe_quantization(recipe: Recipe, target: Target) -> str:
+    """The plan's line for backends that take the recipe's quantization fields as they are."""
+    quant = recipe.quantization
+    return (f"{quant.precision}, block {quant.block_size}, "
+            f"{'symmetric' if quant.symmetric else 'asymmetric'}, provider "
+            f"{target.execution_provider}")

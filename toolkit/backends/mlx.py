@@ -9,7 +9,7 @@ from typing import Callable
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import Recipe, Target
-from .common import first_import_error, run_tool, versions
+from .common import describe_quantization, first_import_error, run_tool, versions
 
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
 GROUP_SIZES = {32, 64, 128}
@@ -22,6 +22,7 @@ class MlxBackend:
     name = "mlx"
     runtime_module = "mlx_rt"
     tool = "mlx_lm convert"
+    exact_tokenizer = False  # the checkpoint's tokenizer files are used as they are
 
     def unavailable(self) -> str | None:
         return first_import_error("mlx.core", "mlx_lm")
@@ -74,6 +75,9 @@ class MlxBackend:
         cmd = self.command(source, out, recipe)
         run_tool(cmd, log, "mlx_lm convert", out / "config.json")
         (out / "README.md").unlink(missing_ok=True)  # mlx-lm's hub card, not part of the model
+
+    def describe(self, recipe: Recipe, target: Target) -> str:
+        return describe_quantization(recipe, target)
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return dict(target.runtime.options)

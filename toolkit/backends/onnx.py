@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..checkpoint import ModelInfo
 from ..schema import Recipe, Target
-from .common import first_import_error, run_tool, versions
+from .common import describe_quantization, first_import_error, run_tool, versions
 
 # Architectures whose published config the 0.18 builder converts, as it names them.
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
@@ -23,6 +23,7 @@ class OnnxBackend:
     name = "onnx"
     runtime_module = "ortgenai"
     tool = "onnxruntime_genai.models.builder"
+    exact_tokenizer = False  # the checkpoint's tokenizer files are used as they are
 
     def unavailable(self) -> str | None:
         return first_import_error("onnxruntime_genai", "onnxruntime", "onnx_ir", "onnxscript",
@@ -92,6 +93,9 @@ class OnnxBackend:
             cfg["model"]["context_length"] = recipe.context_length
             cfg.setdefault("search", {})["max_length"] = recipe.context_length
         path.write_text(json.dumps(cfg, indent=4) + "\n")
+
+    def describe(self, recipe: Recipe, target: Target) -> str:
+        return describe_quantization(recipe, target)
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return {"threads": target.runtime.threads, "execution_provider": target.execution_provider,

@@ -15,7 +15,7 @@ from typing import Callable
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import Recipe, Target
-from .common import first_import_error, run_tool, versions
+from .common import describe_quantization, first_import_error, run_tool, versions
 
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
@@ -31,6 +31,7 @@ class OpenVinoBackend:
     name = "openvino"
     runtime_module = "openvino_rt"
     tool = "optimum-cli export openvino"
+    exact_tokenizer = False  # optimum-intel converts the tokenizer; its drift is reported, not fatal
 
     def unavailable(self) -> str | None:
         return first_import_error("openvino", "openvino_genai", "openvino_tokenizers",
@@ -92,6 +93,9 @@ class OpenVinoBackend:
         if not (out / "openvino_tokenizer.xml").is_file():
             raise PhikitError("optimum-intel wrote no openvino_tokenizer.xml (is "
                               "openvino-tokenizers installed?)")
+
+    def describe(self, recipe: Recipe, target: Target) -> str:
+        return describe_quantization(recipe, target)
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         options = {"device": DEVICES[target.device], "threads": target.runtime.threads,

@@ -1,0 +1,152 @@
+"""Runtime module: llama.cpp through llama-cpp-python (one GGUF file). Imports only llama_cpp,
+numpy and jinja2 (which llama-cpp-python itself depends on).
+
+Copied into bundles beside core.py. Options:
+  threads: int | "auto"        llama.cpp threads for decode and batch (auto = the device's cores)
+  context_length: int | None   KV cache size; default: the model's training context
+
+Prompt tokenization follows transformers, not llama.cpp's defaults, because that is what the
+model was trained on: Phi-3's special tokens carry `rstrip: true` in tokenizer.json (transformers
+drops the whitespace after them: "<|user|>\\nHi" -> [<|user|>, "▁Hi"]) and llama.cpp ignores the
+flag ([<|user|>, "▁", "\\n", "Hi"]). The runner removes that whitespace before llama.cpp tokenizes,
+reading the flags from the tokenizer.json shipped beside the GGUF; the bundle's Modelfile renders
+chat prompts without it for the same reason, so Ollama feeds the model the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import llama_cpp
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .core import check_length
+
+
+def _strip_patterns(model_dir: Path) -> list[tuple[re.Pattern, str]]:
+    """Regexes that drop the whitespace transformers strips around rstrip/lstrip special tokens."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return []
+    out = []
+    for tok in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []):
+        token = re.escape(tok["content"])
+        if tok.get("rstrip"):
+            out.append((re.compile(f"({token})\\s+"), r"\1"))
+        if tok.get("lstrip"):
+            out.append((re.compile(f"\\s+({token})"), r"\1"))
+    return out
+
+
+class LlamaCppSession:
+    def __init__(self, model_dir: Path, options: dict[str, Any]):
+        files = sorted(model_dir.glob("*.gguf"))
+        if len(files) != 1:
+            raise ValueError(f"{model_dir}: expected exactly one .gguf file, found {len(files)}")
+        threads = options.get("threads", "auto")
+        threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
+        # n_ctx 0 = the model's training context (llama.cpp's convention)
+        n_ctx = int(options.get("context_length") or 0)
+        self.llm = llama_cpp.Llama(str(files[0]), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+        self.context_length = self.llm.n_ctx()
+        self.meta = self.llm.metadata
+        self.threads = threads
+        self.file = files[0]
+        self.n_vocab = self.llm.n_vocab()
+        self.eos_token_ids = self._eos_ids(model_dir)
+        self.strip = _strip_patterns(model_dir)
+        self.template = self.meta.get("tokenizer.chat_template")
+
+    def _eos_ids(self, model_dir: Path) -> tuple[int, ...]:
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos if isinstance(eos, list) else [eos])
+        # llama.cpp's own end-of-generation set (Phi-3: <|endoftext|>, <|end|>, ...)
+        model = self.llm.model
+        return tuple(t for t in range(self.n_vocab)
+                     if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(model), t))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        for pattern, repl in self.strip:
+            text = pattern.sub(repl, text)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize([int(t) for t in ids]).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not self.template:
+            raise ValueError(f"{self.file.name} carries no chat template (tokenizer.chat_template)")
+        bos = self.detokenize_special(self.llm.token_bos())
+        eos = self.detokenize_special(self.llm.token_eos())
+        # transformers renders chat templates with these Jinja settings
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.template).render(messages=messages, bos_token=bos,
+                                                     eos_token=eos, add_generation_prompt=True)
+
+    def detokenize_special(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def _restart(self) -> None:
+        """Forget the KV cache (llama-cpp-python would otherwise reuse a matching prefix)."""
+        self.llm.reset()
+        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits for every position, batch by batch. The Llama object is made
+        without logits_all (its score buffer would hold n_ctx x vocab floats: 0.5 GB at 4k
+        context), so the batches ask llama.cpp for every position's logits here."""
+        check_length(len(ids), self.context_length)
+        self._restart()
+        out = np.empty((len(ids), self.n_vocab), dtype=np.float32)
+        llm = self.llm
+        for start in range(0, len(ids), llm.n_batch):
+            batch = list(ids[start:start + llm.n_batch])
+            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            out[start:start + len(batch)] = np.ctypeslib.as_array(
+                llm._ctx.get_logits(), shape=(len(batch) * self.n_vocab,)
+            ).reshape(len(batch), self.n_vocab)
+        self._restart()
+        return out
+
+    def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
+        check_length(len(ids) + 1, self.context_length)
+        self._restart()
+        if sampling.seed is not None:
+            self.llm.set_seed(int(sampling.seed))
+        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        max_new = max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))
+        greedy = sampling.temperature <= 0
+        tokens = self.llm.generate(list(ids), temp=sampling.temperature,
+                                   top_k=1 if greedy else (sampling.top_k or 0),
+                                   top_p=1.0 if greedy else sampling.top_p, min_p=0.0,
+                                   repeat_penalty=1.0, reset=True)
+        for n, token in enumerate(tokens):
+            token = int(token)
+            if token in stop:
+                return
+            yield token
+            if n + 1 >= max_new:
+                return
+
+    def info(self) -> dict[str, Any]:
+        file_type = self.meta.get("general.file_type")
+        return {"runtime": "llama.cpp (llama-cpp-python)", "version": llama_cpp.__version__,
+                "file": self.file.name, "file_type": file_type, "threads": self.threads,
+                "context_length": self.context_length,
+                "system": llama_cpp.llama_print_system_info().decode().strip()}
+
+
+def open_session(model_dir: Path, options: dict[str, Any]) -> LlamaCppSession:
+    return LlamaCppSession(model_dir, options)
