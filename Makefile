@@ -65,8 +65,9 @@ test-fast: install
 
 # Side-by-side measurements (ratios printed; never timed assertions).
 bench: install
-	$(PY) bench/intel_cpu_backends.py --layers 8
+	$(PY) bench/runtime.py --layers 4
 	$(PY) bench/convert.py
+	$(PY) bench/convert.py --layers 4 --backends onnx,openvino,gguf --precisions int4
 
 # Regenerate models/tiny-phi3 and evalsets/tiny-phi3.jsonl (needs npm; ~15 min of CPU).
 fixture: install

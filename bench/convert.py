@@ -4,7 +4,7 @@ Each conversion runs in a fresh process through phikit's own backend (which runs
 child), and the peak resident set of that child is read from getrusage(RUSAGE_CHILDREN). Source:
 the embedded tiny-phi3 by default, or random weights with Phi-3-mini's layer shapes (--layers N).
 
-Usage: python bench/convert.py [--layers N] [--backends onnx,openvino,mlx] [--precisions int4,int8,fp32]
+Usage: python bench/convert.py [--layers N] [--backends onnx,openvino,gguf,mlx] [--precisions int4,int8,fp32]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal"}
+TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal", "gguf": "ollama"}
 
 
 def one(backend: str, precision: str, source: Path, out: Path) -> None:
@@ -44,7 +44,7 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=0, help="0 = the embedded tiny-phi3")
-    ap.add_argument("--backends", default="onnx,openvino,mlx")
+    ap.add_argument("--backends", default="onnx,openvino,gguf,mlx")
     ap.add_argument("--precisions", default="int4,int8,fp32")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -54,7 +54,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         if args.layers:
-            from intel_cpu_backends import make_checkpoint
+            from shapes import make_checkpoint
 
             source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
         else:

@@ -11,7 +11,8 @@ def test_doctor_and_list():
     proc = phikit("doctor", check=0)
     assert "onnx" in proc.stdout and "generic-cpu" in proc.stdout and "runs here" in proc.stdout
     proc = phikit("list", check=0)
-    for name in ("tiny-phi3-int4", "phi-3.5-mini-instruct-int4", "generic-cpu", "intel-cpu"):
+    for name in ("tiny-phi3-int4", "phi-3.5-mini-instruct-int4", "generic-cpu", "intel-cpu",
+                 "ollama"):
         assert name in proc.stdout
 
 
@@ -22,7 +23,7 @@ def test_demo_builds_validates_and_answers(tmp_path):
     assert "FAIL" not in proc.stdout
     built = sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir())
     native = [f"tiny-phi3-{p}-{t}" for p in ("int4", "int8", "fp32")
-              for t in ("generic-cpu", "intel-cpu")]
+              for t in ("generic-cpu", "intel-cpu", "ollama")]
     off_device = ["tiny-phi3-int4-intel-gpu", "tiny-phi3-fp32-apple-metal",
                   "tiny-phi3-int4-raspberry-pi"]
     assert built == sorted(native + off_device)

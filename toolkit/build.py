@@ -93,7 +93,8 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
         f"source    {recipe.source} ({model_desc})",
         f"convert   {be.tool}: {be.describe(recipe, target)}",
         f"validate  {recipe.eval.file.name} (max {recipe.eval.max_tokens} tokens, "
-        f"{recipe.eval.max_new_tokens} greedy) vs transformers fp32; thresholds "
+        f"{recipe.eval.max_new_tokens} greedy) vs transformers {recipe.eval.reference_dtype}; "
+        "thresholds "
         + ", ".join(f"{k}={v}" for k, v in effective_thresholds(recipe, be.exact_tokenizer)
                     .model_dump().items() if v is not None),
         f"package   {out} (runner: {be.runtime_module}, lock for {target.platform.os}/"

@@ -128,11 +128,12 @@ class EmulatedSession:
         if platform.arch not in (arch, "arm64"):
             raise PhikitError(f"{bundle}: built for {platform.arch}, not {arch}; its lock "
                               "cannot install in the emulated root")
-        if manifest["target"]["runtime"].get("source_builds"):
-            raise PhikitError(f"{bundle}: its runtime ({', '.join(manifest['target']['runtime']['source_builds'])}) "
-                              "is compiled on the device; compiling it under qemu user mode "
-                              "is not supported (validate it on this machine's ISA instead)",
-                              field="--emulate")
+        compiled = sorted(set(manifest["target"]["runtime"].get("source_builds", []))
+                          & set(manifest["runtime"]["packages"]))
+        if compiled:
+            raise PhikitError(f"{bundle}: its runtime ({', '.join(compiled)}) is compiled on the "
+                              "device; compiling it under qemu user mode is not supported "
+                              "(validate it on this machine's ISA instead)", field="--emulate")
         ensure_binfmt(arch)
         start = time.perf_counter()
         self.root = ensure_root(arch, log)

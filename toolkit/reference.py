@@ -48,11 +48,12 @@ class Reference:
     meta: dict
 
 
-def reference_key(digest: str, evalset: EvalSet, max_tokens: int, max_new_tokens: int) -> str:
+def reference_key(digest: str, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
+                  dtype: str = "float32") -> str:
     import transformers
 
     settings = {"checkpoint": digest, "evalset": evalset.sha256, "rows": [r.id for r in evalset.rows],
-                "max_tokens": max_tokens, "max_new_tokens": max_new_tokens, "dtype": "float32",
+                "max_tokens": max_tokens, "max_new_tokens": max_new_tokens, "dtype": dtype,
                 "top_k": TOP_K, "transformers": transformers.__version__,
                 "version": SETTINGS_VERSION}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
@@ -94,13 +95,13 @@ def _load(path: Path) -> Reference:
 
 
 def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
-                      progress=None) -> Reference:
+                      progress=None, dtype: str = "float32") -> Reference:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype))
     model.eval()
     try:
         gen_cfg = GenerationConfig.from_pretrained(str(checkpoint))
@@ -132,17 +133,17 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
                                      np.asarray(new[:-1] if stopped else new, np.int32), stopped))
             if progress:
                 progress()
-    meta = {"engine": "transformers", "dtype": "float32", "device": "cpu",
+    meta = {"engine": "transformers", "dtype": dtype, "device": "cpu",
             "eos_token_ids": eos_ids, "seconds": round(time.perf_counter() - start, 2)}
     return Reference(texts, prompts, meta)
 
 
 def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
-                    progress_factory=None) -> tuple[Reference, bool]:
+                    progress_factory=None, dtype: str = "float32") -> tuple[Reference, bool]:
     """(reference, was_cached). `progress_factory()` makes a per-row callback, only when the
     reference has to be computed."""
     digest = checkpoint_digest(checkpoint)
-    key = reference_key(digest, evalset, max_tokens, max_new_tokens)
+    key = reference_key(digest, evalset, max_tokens, max_new_tokens, dtype)
     path = cache_root() / "reference" / f"{key}.npz"
     if path.is_file():
         try:
@@ -150,7 +151,7 @@ def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # corrupt entry: recompute
     ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
-                            progress_factory() if progress_factory else None)
+                            progress_factory() if progress_factory else None, dtype)
     ref.meta.update({"checkpoint_sha256": digest, "key": key})
     _save(path, ref)
     return ref, False

@@ -92,8 +92,9 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
     start = time.perf_counter()
     ref, cached = load_or_compute(checkpoint, evalset, recipe.eval.max_tokens,
                                   recipe.eval.max_new_tokens,
-                                  (lambda: progress("reference (transformers fp32)", n))
-                                  if progress else None)
+                                  (lambda: progress(f"reference (transformers "
+                                                    f"{recipe.eval.reference_dtype})", n))
+                                  if progress else None, recipe.eval.reference_dtype)
     ref_seconds = time.perf_counter() - start
     thresholds = effective_thresholds(recipe, candidate.exact_tokenizer)
     try:

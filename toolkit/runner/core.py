@@ -159,18 +159,24 @@ def chat_ids(session: Session, messages: list[dict[str, str]]) -> list[int]:
 
 
 class TextStream:
-    """Incremental detokenization: emit only complete text (byte-fallback pieces can span tokens)."""
+    """Incremental detokenization: emit only complete text (byte-fallback pieces can span tokens).
+
+    Decodes a short window (from the last emitted token's predecessor), not everything so far:
+    decoding the whole reply per token grows quadratically with its length. Decoding the window
+    with one token of context keeps SentencePiece's leading-space handling right."""
 
     def __init__(self, session: Session):
-        self.session, self.ids, self.emitted = session, [], ""
+        self.session, self.ids = session, []
+        self.prefix, self.read = 0, 0  # window start; end of what was emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.session.detokenize(self.ids)
-        if text.endswith("\ufffd"):
+        done = self.session.detokenize(self.ids[self.prefix:self.read])
+        text = self.session.detokenize(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(done):
             return ""
-        new, self.emitted = text[len(self.emitted):], text
-        return new
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
 
 def stream_reply(session: Session, prompt_ids: list[int], sampling: Sampling,

@@ -1,0 +1,174 @@
+"""What phikit's runner costs: its tokens/s against the same runtime's bare generation loop.
+
+For each CPU runtime (ONNX Runtime GenAI, OpenVINO GenAI, llama.cpp), on one artifact converted by
+phikit from a random checkpoint with Phi-3-mini's layer shapes, three loops decode the same
+greedy tokens after the same prompt, with the same thread count:
+  bare      the runtime's own loop as its docs show it (og.Generator, LLMPipeline + streamer,
+            Llama.generate)
+  session   phikit's runner Session.generate (stop handling, option plumbing)
+  streamed  Session.generate + TextStream (incremental detokenization): what `run.py` and the
+            server do per token
+and the one-off cost at load: sha256 of every file (what `run.py` verifies before loading) against
+the runtime's own load time. Ratios from one run; not timed assertions.
+
+Usage: python bench/runner_overhead.py [--layers 2] [--tokens 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from shapes import make_checkpoint  # noqa: E402
+
+from toolkit.backends import BACKENDS  # noqa: E402
+from toolkit.build import find_target  # noqa: E402
+from toolkit.runner.core import Sampling, TextStream, open_session, sha256_file  # noqa: E402
+from toolkit.schema import load_recipe, load_target  # noqa: E402
+
+TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "gguf": "ollama"}
+PROMPT = [1] + list(range(1000, 1031))  # 32 plain vocabulary ids
+
+
+def bare_onnx(model_dir: Path, threads: int, n: int):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+
+    def loop():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(PROMPT) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.asarray([PROMPT], dtype=np.int32))
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(time.perf_counter())
+        return out
+    return loop
+
+
+def bare_openvino(model_dir: Path, threads: int, n: int):
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    pipe = ov_genai.LLMPipeline(str(model_dir), "CPU", INFERENCE_NUM_THREADS=threads)
+    config = ov_genai.GenerationConfig(max_new_tokens=n, min_new_tokens=n)
+
+    def loop():
+        stamps = []
+
+        def streamer(_subword):
+            stamps.append(time.perf_counter())
+            return ov_genai.StreamingStatus.RUNNING
+        pipe.generate(ov.Tensor(__import__("numpy").asarray([PROMPT], dtype="int64")), config,
+                      streamer)
+        return stamps
+    return loop
+
+
+def bare_gguf(model_dir: Path, threads: int, n: int):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model_dir / "model.gguf"), n_ctx=0, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def loop():
+        stamps = []
+        for token in llm.generate(PROMPT, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) >= n:
+                break
+        llm.reset()
+        return stamps
+    return loop
+
+
+BARE = {"onnx": bare_onnx, "openvino": bare_openvino, "gguf": bare_gguf}
+
+
+def rate(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+
+
+def session_loop(session, n: int, stream: bool):
+    def loop():
+        text = TextStream(session) if stream else None
+        stamps = []
+        for token in session.generate(PROMPT, Sampling(max_new_tokens=n, stop_token_ids=())):
+            if text is not None:
+                text.push(token)
+            stamps.append(time.perf_counter())
+        return stamps
+    return loop
+
+
+def best_rate(loop, repeats: int) -> float:
+    loop()  # warm-up
+    return statistics.median(rate(loop()) for _ in range(repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backends", default="onnx,openvino,gguf")
+    args = ap.parse_args()
+    threads = os.cpu_count() or 1
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
+        source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
+        recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml")
+        for name in args.backends.split(","):
+            backend = BACKENDS[name]
+            target = load_target(find_target(TARGETS[name]), set(BACKENDS))
+            out = Path(tmp) / name
+            backend.convert(source, out, recipe, target, log=lambda s: None)
+            start = time.perf_counter()
+            bare = BARE[name](out, threads, args.tokens)
+            load_s = time.perf_counter() - start
+            bare_rate = best_rate(bare, args.repeats)
+            del bare
+            options = {**backend.runtime_options(target, recipe), "threads": threads}
+            session = open_session(backend.runtime_module, out, options)
+            start = time.perf_counter()
+            for f in out.rglob("*"):
+                if f.is_file():
+                    sha256_file(f)
+            hash_s = time.perf_counter() - start
+            rows[name] = {"bare": bare_rate,
+                          "session": best_rate(session_loop(session, args.tokens, False),
+                                               args.repeats),
+                          "streamed": best_rate(session_loop(session, args.tokens, True),
+                                                args.repeats),
+                          "load_s": load_s, "hash_s": hash_s}
+            del session
+    print(f"Phi-3-mini shapes x {args.layers} layers, int4, {args.tokens} greedy tokens after a "
+          f"32-token prompt, {threads} threads, median of {args.repeats}")
+    print(f"{'runtime':<9} {'bare tok/s':>11} {'session':>9} {'streamed':>9} "
+          f"{'session x bare':>15} {'streamed x bare':>16} {'load s':>7} {'sha256 s':>9} "
+          f"{'hash x load':>12}")
+    for name, r in rows.items():
+        print(f"{name:<9} {r['bare']:>11.1f} {r['session']:>9.1f} {r['streamed']:>9.1f} "
+              f"{r['session'] / r['bare']:>15.3f} {r['streamed'] / r['bare']:>16.3f} "
+              f"{r['load_s']:>7.2f} {r['hash_s']:>9.2f} {r['hash_s'] / r['load_s']:>12.2f}")
+    print("goal: streamed x bare >= 0.97 (at most 3% of tokens/s lost to the runner)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Runtime speed of every CPU backend phikit builds, side by side with the peers and the hardware.
+
+Engines (all from ONE random-weight checkpoint with Phi-3-mini's layer shapes, see shapes.py):
+  phikit onnx / openvino / gguf, int4 and int8 - converted by phikit's own backends with the
+      tiny-phi3 recipes (block 32, symmetric; GGUF: Q4_0 / Q8_0) and run through the runner code
+      that ships in bundles, with each target's runtime options
+  torch bf16      - transformers, the reference implementation (peer a)
+  llama.cpp Q4_0 / Q8_0 - the same GGUF files through llama-cpp-python as its users call it, with
+      its defaults (peer b)
+  roofline        - weight bytes read per decoded token / memory bandwidth measured here with all
+      cores (a reduction over 2 GB in torch): the speed limit of decode (peer c)
+
+Each engine runs in a fresh process: cold start (load + first token of a 16-token prompt), prefill
+latency (time to first token) for 128- and 1024-token prompts, decode tokens/s over 64 tokens, peak
+RSS of that process, artifact size. Figures are ratios measured in one run; not timed assertions.
+
+Usage: python bench/runtime.py [--layers 4] [--engines all|onnx-int4,...] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from shapes import make_checkpoint, parameter_counts  # noqa: E402
+
+# engine -> (backend, recipe precision, target, quantization overrides) for phikit-built engines
+PHIKIT = {f"{b}-{p}": (b, p, t, {}) for b, t in (("onnx", "generic-cpu"), ("openvino", "intel-cpu"),
+                                                  ("gguf", "ollama")) for p in ("int4", "int8")}
+# ORT's MatMulNBits with int8 activations (accuracy level 4) instead of fp32 (the builder's 0)
+PHIKIT["onnx-int4-acc4"] = ("onnx", "int4", "generic-cpu", {"accuracy_level": 4})
+PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", "ollama", {"options": {"gguf": {"type": "Q4_K_M"}}})
+PEERS = ("torch-bf16", "llamacpp-Q4_0", "llamacpp-Q8_0")
+PROMPTS = (128, 1024)
+DECODE = 64
+
+
+def bench_recipe(precision: str, overrides: dict):
+    from toolkit.schema import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
+    quant = recipe.quantization.model_copy(update=overrides)
+    return recipe.model_copy(update={"quantization": quant})
+
+
+def convert(engine: str, source: Path, out: Path) -> Path:
+    from toolkit.backends import BACKENDS
+    from toolkit.build import find_target
+    from toolkit.schema import load_target
+
+    backend, precision, target, overrides = PHIKIT[engine]
+    recipe = bench_recipe(precision, overrides)
+    BACKENDS[backend].convert(source, out, recipe, load_target(find_target(target), set(BACKENDS)),
+                              log=lambda s: None)
+    return out
+
+
+# --- the child: one engine, fresh process --------------------------------------------------
+
+class TorchSession:
+    """transformers in bf16, greedy, with its KV cache: the shape of the phikit Session API."""
+
+    def __init__(self, source: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+
+    def generate(self, ids, sampling):
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(torch.tensor([list(ids)]), use_cache=True)
+            for _ in range(sampling.max_new_tokens):
+                token = int(out.logits[0, -1].argmax())
+                yield token
+                out = self.model(torch.tensor([[token]]), past_key_values=out.past_key_values,
+                                 use_cache=True)
+
+
+class LlamaCppPeer:
+    """llama-cpp-python's high-level API with its defaults (threads: half the cores)."""
+
+    def __init__(self, gguf: Path):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(gguf), n_ctx=2048, verbose=False)
+
+    def generate(self, ids, sampling):
+        for n, token in enumerate(self.llm.generate(list(ids), top_k=1, temp=0.0, reset=True)):
+            yield int(token)
+            if n + 1 >= sampling.max_new_tokens:
+                return
+
+
+def open_engine(engine: str, artifact: Path):
+    from toolkit.backends import BACKENDS
+    from toolkit.build import find_target
+    from toolkit.runner.core import open_session
+    from toolkit.schema import load_target
+
+    if engine == "torch-bf16":
+        return TorchSession(artifact)
+    if engine.startswith("llamacpp-"):
+        return LlamaCppPeer(artifact / "model.gguf")
+    backend, precision, target, overrides = PHIKIT[engine]
+    recipe = bench_recipe(precision, overrides)
+    options = BACKENDS[backend].runtime_options(load_target(find_target(target), set(BACKENDS)),
+                                                recipe)
+    return open_session(BACKENDS[backend].runtime_module, artifact, options)
+
+
+def first_token_seconds(session, ids) -> float:
+    from toolkit.runner.core import Sampling
+
+    start = time.perf_counter()
+    next(iter(session.generate(ids, Sampling(max_new_tokens=1))))
+    return time.perf_counter() - start
+
+
+def child(engine: str, artifact: Path, repeats: int) -> dict:
+    from toolkit.runner.core import Sampling
+
+    prompt = [1] + list(range(1000, 1000 + max(PROMPTS)))  # plain vocabulary ids, no EOS
+    start = time.perf_counter()
+    session = open_engine(engine, artifact)
+    load = time.perf_counter() - start
+    cold = load + first_token_seconds(session, prompt[:16])
+    result = {"load_s": load, "cold_first_token_s": cold}
+    for n in PROMPTS:
+        result[f"prefill_{n}_ms"] = 1000 * statistics.median(
+            first_token_seconds(session, prompt[:n]) for _ in range(repeats))
+    rates = []
+    for _ in range(repeats):
+        stamps = [time.perf_counter() for _ in session.generate(
+            prompt[:16], Sampling(max_new_tokens=DECODE, stop_token_ids=()))]
+        if len(stamps) > 1:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    result["decode_tok_s"] = statistics.median(rates) if rates else float("nan")
+    result["decoded"] = len(stamps)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited across exec
+    from the parent, which held the 2 GB bandwidth buffer)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the parent ------------------------------------------------------------------------------
+
+def bandwidth_gb_s() -> float:
+    """Read bandwidth with all cores: sum over a 2 GB float32 tensor (best of 5)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    x = torch.ones(512 * 2**20, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def size_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".onnx", ".data", ".bin", ".gguf", ".safetensors")
+               or p.name.endswith(".onnx.data")]
+    return sum(p.stat().st_size for p in (weights or files))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--engines", default="all")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], Path(args.child[1]), args.repeats)))
+        return
+    engines = [*PHIKIT, *PEERS] if args.engines == "all" else args.engines.split(",")
+    total, embedding = parameter_counts(args.layers)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
+        source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
+        artifacts = {"torch-bf16": source}
+        for engine in engines:
+            if engine in PHIKIT:
+                artifacts[engine] = convert(engine, source, Path(tmp) / engine)
+        for bits, gguf in (("Q4_0", "gguf-int4"), ("Q8_0", "gguf-int8")):
+            if f"llamacpp-{bits}" in engines:
+                artifacts[f"llamacpp-{bits}"] = artifacts.get(gguf) or convert(
+                    gguf, source, Path(tmp) / gguf)
+        bandwidth = bandwidth_gb_s()
+        for engine in engines:
+            proc = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats),
+                                   "--child", engine, str(artifacts[engine])],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{engine}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            size = size_bytes(artifacts[engine])
+            # a decoded token reads all weights but one embedding row
+            row["size_mb"] = size / 1e6
+            row["roofline_tok_s"] = bandwidth * 1e9 / (size * (1 - embedding / total))
+            rows[engine] = row
+    report(rows, args, bandwidth)
+
+
+def report(rows: dict[str, dict], args, bandwidth: float) -> None:
+    print(f"Phi-3-mini shapes x {args.layers} layers (random weights), {os.cpu_count()} cores, "
+          f"read bandwidth {bandwidth:.1f} GB/s; median of {args.repeats}; decode after a "
+          f"16-token prompt, {DECODE} tokens")
+    cols = ("engine", "MB", "cold s", "pre128 ms", "pre1024 ms", "tok/s", "RSS MB",
+            "tok/s x roof", "tok/s x torch", "tok/s x l.cpp", "pre128 x torch", "pre128 x l.cpp")
+    print(" ".join(f"{c:>14}" if i else f"{c:<15}" for i, c in enumerate(cols)))
+    torch_row = rows.get("torch-bf16", {})
+    for engine, r in rows.items():
+        peer = rows.get("llamacpp-Q8_0" if engine.endswith(("int8", "Q8_0")) else "llamacpp-Q4_0",
+                        {})
+
+        def ratio(key, other):
+            return f"{r[key] / other[key]:.2f}" if other.get(key) else "-"
+
+        cells = [f"{r['size_mb']:.0f}", f"{r['cold_first_token_s']:.2f}",
+                 f"{r['prefill_128_ms']:.0f}", f"{r['prefill_1024_ms']:.0f}",
+                 f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['decode_tok_s'] / r['roofline_tok_s']:.2f}",
+                 ratio("decode_tok_s", torch_row), ratio("decode_tok_s", peer),
+                 ratio("prefill_128_ms", torch_row), ratio("prefill_128_ms", peer)]
+        print(f"{engine:<15} " + " ".join(f"{c:>14}" for c in cells))
+    print("tok/s x roof: decode speed / (bandwidth / weight bytes per token); x torch, x l.cpp: "
+          "ratio to PyTorch bf16 and to llama.cpp of the same bits (decode: higher is better; "
+          "prefill: lower is better)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Random-weight checkpoints with the real Phi-3-mini layer shapes, for the benchmarks.
+
+hidden 3072, intermediate 8192, 32 heads (32 KV heads), vocab 32064, N layers; bf16 safetensors
+(sharded at 2 GB, like the published ones) with the embedded tiny-phi3's tokenizer files. Random weights are fine for speed and memory; they
+say nothing about accuracy (the embedded trained fixture is for that).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "models" / "tiny-phi3"
+SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32064)
+
+
+def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30) -> Path:
+    """Write the checkpoint tensor by tensor (never a whole model in memory, so the 32-layer,
+    7.6 GB one is made in a few GB), sharded like the published checkpoints, bf16 like them."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    config = json.loads((TINY / "config.json").read_text())
+    config.update(SHAPE, num_hidden_layers=layers, torch_dtype="bfloat16")
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors():
+        yield "model.embed_tokens.weight", (v, h)
+        for n in range(layers):
+            pre = f"model.layers.{n}."
+            yield pre + "input_layernorm.weight", (h,)
+            yield pre + "self_attn.qkv_proj.weight", (3 * h, h)
+            yield pre + "self_attn.o_proj.weight", (h, h)
+            yield pre + "post_attention_layernorm.weight", (h,)
+            yield pre + "mlp.gate_up_proj.weight", (2 * i, h)
+            yield pre + "mlp.down_proj.weight", (h, i)
+        yield "model.norm.weight", (h,)
+        yield "lm_head.weight", (v, h)
+
+    # plan the shards from the shapes, then make and save one shard at a time
+    plan: list[list[tuple[str, tuple]]] = [[]]
+    size = 0
+    for name, shape in tensors():
+        nbytes = 2 * math.prod(shape)
+        if plan[-1] and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((name, shape))
+        size += nbytes
+    out.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for n, entries in enumerate(plan, 1):
+        file = (f"model-{n:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1
+                else "model.safetensors")
+        shard = {name: (torch.ones(shape) if len(shape) == 1 else
+                        torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+                 for name, shape in entries}
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+        total += sum(t.numel() * 2 for t in shard.values())
+        del shard
+    if len(plan) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        shutil.copy2(TINY / name, out / name)
+    return out
+
+
+def parameter_counts(layers: int) -> tuple[int, int]:
+    """(all parameters, embedding parameters): a decoded token reads every weight once except
+    the embedding table, of which it reads one row."""
+    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    per_layer = h * 3 * h + h * h + h * 2 * i + i * h + 2 * h
+    embedding = v * h
+    return layers * per_layer + 2 * embedding + h, embedding

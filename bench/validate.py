@@ -1,0 +1,97 @@
+"""What validation costs: its wall time against one candidate forward pass over the same eval set
+(reference cached), and the first, uncached reference pass.
+
+For each CPU backend, the artifact phikit converts from the checkpoint (tiny-phi3 by default, or
+random weights with Phi-3-mini's shapes) is opened through the runner, then
+  forward    one teacher-forced pass of the candidate over every eval text and every prompt
+  validate   phikit's whole parity check (teacher-forced texts + greedy generation of every
+             prompt + metrics), with the reference already cached
+and the reference (transformers fp32) is computed once into an empty cache first.
+Ratios from one run; not timed assertions.
+
+Usage: python bench/validate.py [--layers 0] [--backends onnx,openvino,gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "gguf": "ollama"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=0, help="0 = the embedded tiny-phi3")
+    ap.add_argument("--backends", default="onnx,openvino,gguf")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
+        os.environ["PHIKIT_CACHE"] = str(Path(tmp) / "cache")  # an empty cache: first pass
+        from toolkit.backends import BACKENDS
+        from toolkit.build import find_target
+        from toolkit.evalset import load_evalset
+        from toolkit.reference import load_or_compute
+        from toolkit.runner.core import open_session
+        from toolkit.schema import load_recipe, load_target
+        from toolkit.validate import Candidate, run_parity
+
+        if args.layers:
+            from shapes import make_checkpoint
+
+            source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
+        else:
+            source = REPO / "models" / "tiny-phi3"
+        recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml",
+                             source_override=str(source))
+        evalset = load_evalset(recipe.eval.file, recipe.eval.limit)
+        start = time.perf_counter()
+        ref, cached = load_or_compute(source, evalset, recipe.eval.max_tokens,
+                                      recipe.eval.max_new_tokens)
+        reference_s = time.perf_counter() - start
+        assert not cached
+        rows = {}
+        for name in args.backends.split(","):
+            backend = BACKENDS[name]
+            target = load_target(find_target(TARGETS[name]), set(BACKENDS))
+            out = Path(tmp) / name
+            backend.convert(source, out, recipe, target, log=lambda s: None)
+            session = open_session(backend.runtime_module, out,
+                                   backend.runtime_options(target, recipe))
+            session.logits(ref.texts[0].ids.tolist())  # warm-up, as validation's first row is
+            start = time.perf_counter()
+            for t in ref.texts:
+                session.logits(t.ids.tolist())
+            for p in ref.prompts:
+                session.logits(p.prompt_ids.tolist())
+            forward_s = time.perf_counter() - start
+            start = time.perf_counter()
+            report = run_parity(Candidate(session, recipe, str(source), f"bare {name}",
+                                          exact_tokenizer=backend.exact_tokenizer))
+            validate_s = time.perf_counter() - start
+            assert report["reference"]["cached"]
+            rows[name] = (forward_s, validate_s)
+            del session
+    n_gen = len(ref.prompts) * recipe.eval.max_new_tokens
+    print(f"eval set {evalset.path.name}: {len(ref.texts)} texts (<= {recipe.eval.max_tokens} "
+          f"tokens) + {len(ref.prompts)} prompts (<= {recipe.eval.max_new_tokens} greedy tokens, "
+          f"{n_gen} in all); checkpoint {source.name}")
+    print(f"first reference pass (transformers fp32, uncached): {reference_s:.1f} s")
+    print(f"{'backend':<9} {'forward s':>10} {'validate s':>11} {'validate x forward':>19} "
+          f"{'reference x validate':>21}")
+    for name, (forward_s, validate_s) in rows.items():
+        print(f"{name:<9} {forward_s:>10.2f} {validate_s:>11.2f} {validate_s / forward_s:>19.2f} "
+              f"{reference_s / validate_s:>21.2f}")
+    print("validation generates greedily on every prompt, which one forward pass does not: "
+          "goal <= 1.2x forward")
+
+
+if __name__ == "__main__":
+    main()
