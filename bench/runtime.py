@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import make_checkpoint, parameter_counts  # noqa: E402
+from shapes import make_checkpoint  # noqa: E402
 
 # engine -> (backend, recipe precision, target, quantization overrides) for phikit-built engines
 PHIKIT = {f"{b}-{p}": (b, p, t, {}) for b, t in (("onnx", "generic-cpu"), ("openvino", "intel-cpu"),
@@ -97,7 +98,7 @@ class LlamaCppPeer:
     def __init__(self, gguf: Path):
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(str(gguf), n_ctx=2048, verbose=False)
+        self.llm = llama_cpp.Llama(str(gguf), n_ctx=0, verbose=False)  # n_ctx as phikit's runner
 
     def generate(self, ids, sampling):
         for n, token in enumerate(self.llm.generate(list(ids), top_k=1, temp=0.0, reset=True)):
@@ -134,19 +135,26 @@ def first_token_seconds(session, ids) -> float:
 def child(engine: str, artifact: Path, repeats: int) -> dict:
     from toolkit.runner.core import Sampling
 
-    prompt = [1] + list(range(1000, 1000 + max(PROMPTS)))  # plain vocabulary ids, no EOS
+    prompts = iter(range(1, 1000))
+
+    def prompt(n: int) -> list[int]:
+        """A new prompt every call: runtimes that cache prompt prefixes (llama-cpp-python,
+        OpenVINO GenAI's prefix cache) would otherwise time a cache hit, not a prefill."""
+        k = next(prompts)
+        return [1] + [1000 + (k * 7919 + j * 31) % 29000 for j in range(n - 1)]
+
     start = time.perf_counter()
     session = open_engine(engine, artifact)
     load = time.perf_counter() - start
-    cold = load + first_token_seconds(session, prompt[:16])
+    cold = load + first_token_seconds(session, prompt(16))
     result = {"load_s": load, "cold_first_token_s": cold}
     for n in PROMPTS:
         result[f"prefill_{n}_ms"] = 1000 * statistics.median(
-            first_token_seconds(session, prompt[:n]) for _ in range(repeats))
+            first_token_seconds(session, prompt(n)) for _ in range(repeats))
     rates = []
     for _ in range(repeats):
         stamps = [time.perf_counter() for _ in session.generate(
-            prompt[:16], Sampling(max_new_tokens=DECODE, stop_token_ids=()))]
+            prompt(16), Sampling(max_new_tokens=DECODE, stop_token_ids=()))]
         if len(stamps) > 1:
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     result["decode_tok_s"] = statistics.median(rates) if rates else float("nan")
@@ -184,10 +192,45 @@ def _timed(fn) -> float:
 
 
 def size_bytes(path: Path) -> int:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    weights = [p for p in files if p.suffix in (".onnx", ".data", ".bin", ".gguf", ".safetensors")
-               or p.name.endswith(".onnx.data")]
-    return sum(p.stat().st_size for p in (weights or files))
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def streamed_weight_bytes(engine: str, artifact: Path) -> int:
+    """Bytes of weights a decoded token reads: every weight tensor except the embedding table
+    (a token reads one row of it), read from each format's own metadata since each stores the
+    embedding differently (ORT int4: fp32; OpenVINO: int8; GGUF Q4_0: q4_0 or q8_0...)."""
+    def is_embedding(name: str) -> bool:
+        return "embed_tokens" in name or name.startswith("token_embd")
+
+    if engine == "torch-bf16":
+        from safetensors import safe_open
+        total = 0
+        for f in artifact.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                total += sum(2 * math.prod(st.get_slice(k).get_shape()) for k in st.keys()
+                             if not is_embedding(k))
+        return total
+    if engine.startswith(("gguf", "llamacpp")):
+        sys.path.insert(0, str(Path(sys.prefix) / "share" / "phikit" / "llama.cpp" / "gguf-py"))
+        from gguf import GGUFReader
+        return sum(int(t.n_bytes) for t in GGUFReader(artifact / "model.gguf").tensors
+                   if not is_embedding(t.name))
+    if engine.startswith("onnx"):
+        import onnx
+        model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+        total = 0
+        for init in model.graph.initializer:
+            if is_embedding(init.name):
+                continue
+            ext = {e.key: e.value for e in init.external_data}
+            total += int(ext["length"]) if "length" in ext else len(init.raw_data)
+        return total
+    if engine.startswith("openvino"):
+        import openvino as ov
+        model = ov.Core().read_model(str(artifact / "openvino_model.xml"))
+        return sum(op.get_byte_size() for op in model.get_ops()
+                   if op.get_type_name() == "Constant" and not is_embedding(op.get_friendly_name()))
+    raise ValueError(engine)
 
 
 def main() -> None:
@@ -201,7 +244,6 @@ def main() -> None:
         print(json.dumps(child(args.child[0], Path(args.child[1]), args.repeats)))
         return
     engines = [*PHIKIT, *PEERS] if args.engines == "all" else args.engines.split(",")
-    total, embedding = parameter_counts(args.layers)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
@@ -222,10 +264,9 @@ def main() -> None:
                 print(f"{engine}: failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            size = size_bytes(artifacts[engine])
-            # a decoded token reads all weights but one embedding row
-            row["size_mb"] = size / 1e6
-            row["roofline_tok_s"] = bandwidth * 1e9 / (size * (1 - embedding / total))
+            row["size_mb"] = size_bytes(artifacts[engine]) / 1e6
+            row["read_mb"] = streamed_weight_bytes(engine, artifacts[engine]) / 1e6
+            row["roofline_tok_s"] = bandwidth * 1e3 / row["read_mb"]
             rows[engine] = row
     report(rows, args, bandwidth)
 
@@ -234,7 +275,7 @@ def report(rows: dict[str, dict], args, bandwidth: float) -> None:
     print(f"Phi-3-mini shapes x {args.layers} layers (random weights), {os.cpu_count()} cores, "
           f"read bandwidth {bandwidth:.1f} GB/s; median of {args.repeats}; decode after a "
           f"16-token prompt, {DECODE} tokens")
-    cols = ("engine", "MB", "cold s", "pre128 ms", "pre1024 ms", "tok/s", "RSS MB",
+    cols = ("engine", "MB", "read MB/tok", "cold s", "pre128 ms", "pre1024 ms", "tok/s", "RSS MB",
             "tok/s x roof", "tok/s x torch", "tok/s x l.cpp", "pre128 x torch", "pre128 x l.cpp")
     print(" ".join(f"{c:>14}" if i else f"{c:<15}" for i, c in enumerate(cols)))
     torch_row = rows.get("torch-bf16", {})
@@ -245,7 +286,7 @@ def report(rows: dict[str, dict], args, bandwidth: float) -> None:
         def ratio(key, other):
             return f"{r[key] / other[key]:.2f}" if other.get(key) else "-"
 
-        cells = [f"{r['size_mb']:.0f}", f"{r['cold_first_token_s']:.2f}",
+        cells = [f"{r['size_mb']:.0f}", f"{r['read_mb']:.0f}", f"{r['cold_first_token_s']:.2f}",
                  f"{r['prefill_128_ms']:.0f}", f"{r['prefill_1024_ms']:.0f}",
                  f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
                  f"{r['decode_tok_s'] / r['roofline_tok_s']:.2f}",

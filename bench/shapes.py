@@ -72,12 +72,3 @@ def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30) -> Path:
                  "special_tokens_map.json"):
         shutil.copy2(TINY / name, out / name)
     return out
-
-
-def parameter_counts(layers: int) -> tuple[int, int]:
-    """(all parameters, embedding parameters): a decoded token reads every weight once except
-    the embedding table, of which it reads one row."""
-    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
-    per_layer = h * 3 * h + h * h + h * 2 * i + i * h + 2 * h
-    embedding = v * h
-    return layers * per_layer + 2 * embedding + h, embedding

@@ -29,8 +29,20 @@ def test_onnx_builder_command():
     assert cmd[1:3] == ["-m", "onnxruntime_genai.models.builder"]
     assert cmd[cmd.index("-p") + 1] == "int4" and cmd[cmd.index("-e") + 1] == "cpu"
     extra = cmd[cmd.index("--extra_options") + 1:]
-    assert {"block_size=32", "is_symmetric=false", "accuracy_level=4",
+    assert {"block_size=32", "is_symmetric=false", "accuracy_level=4", "prune_lm_head=true",
             "matmul_mixed_precision=last_matmul:int8"} == set(extra)
+
+
+def test_onnx_cpu_defaults_and_recipe_overrides():
+    """Measured CPU defaults (accuracy level 4, pruned lm_head) apply when the recipe is silent;
+    the recipe's own fields and raw extra_options win; other providers keep the builder's."""
+    onnx = BACKENDS["onnx"]
+    assert onnx.extra_options(recipe(), target("generic-cpu")) == {
+        "block_size": 32, "is_symmetric": "true", "accuracy_level": 4, "prune_lm_head": "true"}
+    custom = onnx.extra_options(recipe(accuracy_level=0, options={"onnx": {"extra_options": {
+        "prune_lm_head": "false"}}}), target("generic-cpu"))
+    assert custom["accuracy_level"] == 0 and custom["prune_lm_head"] == "false"
+    assert "prune_lm_head=true" in onnx.describe(recipe(), target("generic-cpu"))
 
 
 def test_openvino_cli_command_with_options():

@@ -122,7 +122,9 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, log: Callable[[str
     key_data = {"checkpoint": digest, "backend": plan.backend.name,
                 "quantization": plan.recipe.quantization.model_dump(mode="json"),
                 "provider": plan.target.execution_provider,
-                "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain()}
+                "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain(),
+                # what the backend will ask its tool for, phikit's own defaults included
+                "conversion": plan.backend.describe(plan.recipe, plan.target)}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
     final = cache_root() / "artifacts" / key[:32]
     if final.is_dir():

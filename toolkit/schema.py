@@ -29,8 +29,9 @@ class Quantization(Strict):
     precision: Precision
     block_size: int = Field(32, description="weights per quantization block (int4/int8)")
     symmetric: bool = True
-    accuracy_level: int | None = Field(None, ge=0, le=4,
-                                       description="ORT MatMulNBits compute type; None = tool default")
+    accuracy_level: int | None = Field(
+        None, ge=0, le=4, description="ORT MatMulNBits compute type; None = phikit's default "
+        "for the provider (4, int8 activations, on CPU; the builder's own default otherwise)")
     calibration: Path | None = Field(None, description="local text file for data-aware methods")
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="raw options per backend, passed to its tool")

@@ -99,7 +99,19 @@ class OrtGenaiSession:
         check_length(len(ids), self.context_length)
         gen = self._generator(len(ids) + 1)
         gen.append_tokens(np.asarray([ids], dtype=np.int32))
-        return np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+        out = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+        if out.shape[0] == len(ids):
+            return out
+        # The graph's lm_head is pruned to the last position (phikit's CPU default: prefill
+        # then skips the vocabulary projection of every other position). The other positions'
+        # logits come through the decode path, one token at a time, as generation sees them.
+        rows = np.empty((len(ids), out.shape[-1]), dtype=np.float32)
+        rows[-1] = out[-1]
+        gen = self._generator(len(ids) + 1)
+        for i, token in enumerate(ids[:-1]):
+            gen.append_tokens(np.asarray([[token]], dtype=np.int32))
+            rows[i] = np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1]
+        return rows
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
