@@ -44,6 +44,9 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=0, help="0 = the embedded tiny-phi3")
+    ap.add_argument("--source", type=Path, help="an existing checkpoint (e.g. from a previous "
+                    "--layers run, kept with --keep)")
+    ap.add_argument("--keep", type=Path, help="make the --layers checkpoint here and keep it")
     ap.add_argument("--backends", default="onnx,openvino,gguf,mlx")
     ap.add_argument("--precisions", default="int4,int8,fp32")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
@@ -53,10 +56,12 @@ def main() -> None:
         one(backend, precision, Path(source), Path(out))
         return
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
-        if args.layers:
+        if args.source:
+            source = args.source
+        elif args.layers:
             from shapes import make_checkpoint
 
-            source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
+            source = make_checkpoint(args.keep or Path(tmp) / "ckpt", args.layers)
         else:
             source = REPO / "models" / "tiny-phi3"
         ckpt_mb = sum(p.stat().st_size for p in source.glob("*.safetensors")) / 1e6

@@ -26,7 +26,7 @@ from .package import (finish_manifest, now, publish, staging_dir, write_archive,
                       write_json, write_runner)
 from .runner.core import open_session
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
-from .validate import Candidate, effective_thresholds, run_parity
+from .validate import Candidate, effective_thresholds, prepare_reference, run_parity
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS_DIR = REPO / "targets"
@@ -185,10 +185,11 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
 
         stage_cb("validate")
         t1 = time.perf_counter()
-        session = open_session(plan.backend.runtime_module, stage / "model", options)
+        reference = prepare_reference(plan.recipe, str(source_dir), progress)  # before the
+        session = open_session(plan.backend.runtime_module, stage / "model", options)  # candidate
         report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
-                                              exact_tokenizer=plan.backend.exact_tokenizer),
-                            progress)
+                                      exact_tokenizer=plan.backend.exact_tokenizer),
+                            progress, reference)
         del session
         timings["validate"] = time.perf_counter() - t1
 

@@ -8,6 +8,7 @@ Per prompt: the prompt ids and the greedy continuation (EOS stripped, and whethe
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -152,6 +153,7 @@ def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new
             path.unlink(missing_ok=True)  # corrupt entry: recompute
     ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
                             progress_factory() if progress_factory else None, dtype)
+    gc.collect()  # the transformers model is garbage now; free it before the candidate loads
     ref.meta.update({"checkpoint_sha256": digest, "key": key})
     _save(path, ref)
     return ref, False
