@@ -10,7 +10,7 @@ LLAMA_CPP_PYTHON := llama_cpp_python-0.3.36
 LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
 
-.PHONY: install llama-cpp system-deps demo test test-fast bench fixture clean
+.PHONY: install llama-cpp system-deps demo test test-fast bench bench-full fixture clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,14 @@ bench: install
 	$(PY) bench/runtime.py --layers 4
 	$(PY) bench/convert.py
 	$(PY) bench/convert.py --layers 4 --backends onnx,openvino,gguf --precisions int4
+	$(PY) bench/validate.py
+	$(PY) bench/runner_overhead.py --layers 2
+
+# The full-size (32-layer, 7.6 GB) conversion + end-to-end build of the Performance section.
+bench-full: install
+	rm -rf /tmp/phikit-ck32
+	$(PY) bench/convert.py --layers 32 --keep /tmp/phikit-ck32 --backends gguf,openvino --precisions int4
+	$(VENV)/bin/phikit build bench/phi3-mini-shape-int4.yaml --source /tmp/phikit-ck32 --target generic-cpu --backend gguf --out dist/phi3-mini-shape-int4
 
 # Regenerate models/tiny-phi3 and evalsets/tiny-phi3.jsonl (needs npm; ~15 min of CPU).
 fixture: install

@@ -40,8 +40,10 @@ from shapes import make_checkpoint  # noqa: E402
 # engine -> (backend, recipe precision, target, quantization overrides) for phikit-built engines
 PHIKIT = {f"{b}-{p}": (b, p, t, {}) for b, t in (("onnx", "generic-cpu"), ("openvino", "intel-cpu"),
                                                   ("gguf", "ollama")) for p in ("int4", "int8")}
-# ORT's MatMulNBits with int8 activations (accuracy level 4) instead of fp32 (the builder's 0)
-PHIKIT["onnx-int4-acc4"] = ("onnx", "int4", "generic-cpu", {"accuracy_level": 4})
+# The ORT GenAI builder's own defaults (fp32 activations, lm_head over every prompt position),
+# against phikit's CPU defaults (accuracy level 4, pruned lm_head) in onnx-int4
+PHIKIT["onnx-int4-builder"] = ("onnx", "int4", "generic-cpu", {
+    "accuracy_level": 0, "options": {"onnx": {"extra_options": {"prune_lm_head": "false"}}}})
 PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", "ollama", {"options": {"gguf": {"type": "Q4_K_M"}}})
 PEERS = ("torch-bf16", "llamacpp-Q4_0", "llamacpp-Q8_0")
 PROMPTS = (128, 1024)
