@@ -22,17 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal", "gguf": "ollama"}
 
 
 def one(backend: str, precision: str, source: Path, out: Path) -> None:
     """Child process: convert once, print JSON with wall time and the tool's peak RSS."""
+    from shapes import target_for
     from toolkit.backends import BACKENDS
-    from toolkit.build import find_target
-    from toolkit.schema import load_recipe, load_target
+    from toolkit.schema import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
-    target = load_target(find_target(TARGETS[backend]), set(BACKENDS))
+    target = target_for(backend)
     start = time.perf_counter()
     BACKENDS[backend].convert(source, out, recipe, target, log=lambda s: None)
     wall = time.perf_counter() - start

@@ -29,14 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import make_checkpoint  # noqa: E402
+from shapes import make_checkpoint, target_for  # noqa: E402
 
 from toolkit.backends import BACKENDS  # noqa: E402
-from toolkit.build import find_target  # noqa: E402
 from toolkit.runner.core import Sampling, TextStream, open_session, sha256_file  # noqa: E402
-from toolkit.schema import load_recipe, load_target  # noqa: E402
-
-TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "gguf": "ollama"}
+from toolkit.schema import load_recipe  # noqa: E402
 PROMPT = [1] + list(range(1000, 1031))  # 32 plain vocabulary ids
 
 
@@ -136,7 +133,7 @@ def main() -> None:
         recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml")
         for name in args.backends.split(","):
             backend = BACKENDS[name]
-            target = load_target(find_target(TARGETS[name]), set(BACKENDS))
+            target = target_for(name)
             out = Path(tmp) / name
             backend.convert(source, out, recipe, target, log=lambda s: None)
             start = time.perf_counter()

@@ -35,16 +35,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import make_checkpoint  # noqa: E402
+from shapes import make_checkpoint, target_for  # noqa: E402
 
-# engine -> (backend, recipe precision, target, quantization overrides) for phikit-built engines
-PHIKIT = {f"{b}-{p}": (b, p, t, {}) for b, t in (("onnx", "generic-cpu"), ("openvino", "intel-cpu"),
-                                                  ("gguf", "ollama")) for p in ("int4", "int8")}
+# engine -> (backend, recipe precision, quantization overrides) for phikit-built engines; each
+# backend runs with the settings of its target in shapes.TARGETS
+PHIKIT = {f"{b}-{p}": (b, p, {}) for b in ("onnx", "openvino", "gguf") for p in ("int4", "int8")}
 # The ORT GenAI builder's own defaults (fp32 activations, lm_head over every prompt position),
 # against phikit's CPU defaults (accuracy level 4, pruned lm_head) in onnx-int4
-PHIKIT["onnx-int4-builder"] = ("onnx", "int4", "generic-cpu", {
+PHIKIT["onnx-int4-builder"] = ("onnx", "int4", {
     "accuracy_level": 0, "options": {"onnx": {"extra_options": {"prune_lm_head": "false"}}}})
-PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", "ollama", {"options": {"gguf": {"type": "Q4_K_M"}}})
+PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", {"options": {"gguf": {"type": "Q4_K_M"}}})
 PEERS = ("torch-bf16", "llamacpp-Q4_0", "llamacpp-Q8_0")
 PROMPTS = (128, 1024)
 DECODE = 64
@@ -60,13 +60,10 @@ def bench_recipe(precision: str, overrides: dict):
 
 def convert(engine: str, source: Path, out: Path) -> Path:
     from toolkit.backends import BACKENDS
-    from toolkit.build import find_target
-    from toolkit.schema import load_target
 
-    backend, precision, target, overrides = PHIKIT[engine]
-    recipe = bench_recipe(precision, overrides)
-    BACKENDS[backend].convert(source, out, recipe, load_target(find_target(target), set(BACKENDS)),
-                              log=lambda s: None)
+    backend, precision, overrides = PHIKIT[engine]
+    BACKENDS[backend].convert(source, out, bench_recipe(precision, overrides),
+                              target_for(backend), log=lambda s: None)
     return out
 
 
@@ -111,18 +108,15 @@ class LlamaCppPeer:
 
 def open_engine(engine: str, artifact: Path):
     from toolkit.backends import BACKENDS
-    from toolkit.build import find_target
     from toolkit.runner.core import open_session
-    from toolkit.schema import load_target
 
     if engine == "torch-bf16":
         return TorchSession(artifact)
     if engine.startswith("llamacpp-"):
         return LlamaCppPeer(artifact / "model.gguf")
-    backend, precision, target, overrides = PHIKIT[engine]
-    recipe = bench_recipe(precision, overrides)
-    options = BACKENDS[backend].runtime_options(load_target(find_target(target), set(BACKENDS)),
-                                                recipe)
+    backend, precision, overrides = PHIKIT[engine]
+    options = BACKENDS[backend].runtime_options(target_for(backend),
+                                                bench_recipe(precision, overrides))
     return open_session(BACKENDS[backend].runtime_module, artifact, options)
 
 
@@ -213,7 +207,8 @@ def streamed_weight_bytes(engine: str, artifact: Path) -> int:
                              if not is_embedding(k))
         return total
     if engine.startswith(("gguf", "llamacpp")):
-        sys.path.insert(0, str(Path(sys.prefix) / "share" / "phikit" / "llama.cpp" / "gguf-py"))
+        from toolkit.backends.gguf import llama_cpp_dir
+        sys.path.insert(0, str(llama_cpp_dir() / "gguf-py"))
         from gguf import GGUFReader
         return sum(int(t.n_bytes) for t in GGUFReader(artifact / "model.gguf").tensors
                    if not is_embedding(t.name))

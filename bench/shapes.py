@@ -14,6 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny-phi3"
+# The target whose settings (threads, provider, options) each backend is benchmarked with.
+TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal", "gguf": "ollama"}
 SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32064)
 
@@ -72,3 +74,12 @@ def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30) -> Path:
                  "special_tokens_map.json"):
         shutil.copy2(TINY / name, out / name)
     return out
+
+
+def target_for(backend: str):
+    """The loaded Target that `backend` is benchmarked with (TARGETS)."""
+    from toolkit.backends import BACKENDS
+    from toolkit.build import find_target
+    from toolkit.schema import load_target
+
+    return load_target(find_target(TARGETS[backend]), set(BACKENDS))

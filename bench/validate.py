@@ -25,8 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "gguf": "ollama"}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,16 +34,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         os.environ["PHIKIT_CACHE"] = str(Path(tmp) / "cache")  # an empty cache: first pass
         from toolkit.backends import BACKENDS
-        from toolkit.build import find_target
         from toolkit.evalset import load_evalset
         from toolkit.reference import load_or_compute
         from toolkit.runner.core import open_session
-        from toolkit.schema import load_recipe, load_target
+        from toolkit.schema import load_recipe
         from toolkit.validate import Candidate, run_parity
 
-        if args.layers:
-            from shapes import make_checkpoint
+        from shapes import make_checkpoint, target_for
 
+        if args.layers:
             source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
         else:
             source = REPO / "models" / "tiny-phi3"
@@ -60,7 +57,7 @@ def main() -> None:
         rows = {}
         for name in args.backends.split(","):
             backend = BACKENDS[name]
-            target = load_target(find_target(TARGETS[name]), set(BACKENDS))
+            target = target_for(name)
             out = Path(tmp) / name
             backend.convert(source, out, recipe, target, log=lambda s: None)
             session = open_session(backend.runtime_module, out,

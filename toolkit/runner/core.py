@@ -73,6 +73,18 @@ def check_length(n: int, context_length: int) -> None:
         raise ValueError(f"{n} tokens exceed the model's context length {context_length}")
 
 
+def generation_eos(model_dir: Path, default: Any = None) -> tuple[int, ...]:
+    """The EOS ids generation stops at: generation_config.json's (Phi-3 lists several), else
+    `default` (an id or list, e.g. config.json's); () when neither says."""
+    eos = default
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id", eos)
+    if eos is None:
+        return ()
+    return tuple(eos if isinstance(eos, list) else [eos])
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -25,21 +25,23 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .core import check_length
+from .core import check_length, generation_eos
 
 
 def _strip_patterns(model_dir: Path) -> list[tuple[re.Pattern, str]]:
-    """Regexes that drop the whitespace transformers strips around rstrip/lstrip special tokens."""
+    """Regexes that drop the whitespace transformers strips around rstrip/lstrip special tokens
+    (one alternation per side, so a prompt is scanned twice, not once per special token)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return []
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens", [])
+    rstrip = "|".join(re.escape(t["content"]) for t in added if t.get("rstrip"))
+    lstrip = "|".join(re.escape(t["content"]) for t in added if t.get("lstrip"))
     out = []
-    for tok in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []):
-        token = re.escape(tok["content"])
-        if tok.get("rstrip"):
-            out.append((re.compile(f"({token})\\s+"), r"\1"))
-        if tok.get("lstrip"):
-            out.append((re.compile(f"\\s+({token})"), r"\1"))
+    if rstrip:
+        out.append((re.compile(f"({rstrip})\\s+"), r"\1"))
+    if lstrip:
+        out.append((re.compile(f"\\s+({lstrip})"), r"\1"))
     return out
 
 
@@ -61,18 +63,20 @@ class LlamaCppSession:
         self.n_vocab = self.llm.n_vocab()
         self.eos_token_ids = self._eos_ids(model_dir)
         self.strip = _strip_patterns(model_dir)
-        self.template = self.meta.get("tokenizer.chat_template")
+        template = self.meta.get("tokenizer.chat_template")
+        # compiled once; transformers renders chat templates with these Jinja settings
+        self.template = template and ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True).from_string(template)
+        self.special = {"bos_token": self.detokenize_special(self.llm.token_bos()),
+                        "eos_token": self.detokenize_special(self.llm.token_eos())}
 
     def _eos_ids(self, model_dir: Path) -> tuple[int, ...]:
-        gen = model_dir / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos if isinstance(eos, list) else [eos])
+        eos = generation_eos(model_dir)
+        if eos:
+            return eos
         # llama.cpp's own end-of-generation set (Phi-3: <|endoftext|>, <|end|>, ...)
-        model = self.llm.model
-        return tuple(t for t in range(self.n_vocab)
-                     if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(model), t))
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         for pattern, repl in self.strip:
@@ -85,12 +89,7 @@ class LlamaCppSession:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if not self.template:
             raise ValueError(f"{self.file.name} carries no chat template (tokenizer.chat_template)")
-        bos = self.detokenize_special(self.llm.token_bos())
-        eos = self.detokenize_special(self.llm.token_eos())
-        # transformers renders chat templates with these Jinja settings
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.template).render(messages=messages, bos_token=bos,
-                                                     eos_token=eos, add_generation_prompt=True)
+        return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
 
     def detokenize_special(self, token: int) -> str:
         if token < 0:

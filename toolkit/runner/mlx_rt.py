@@ -18,7 +18,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from .core import check_length
+from .core import check_length, generation_eos
 
 REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -31,12 +31,8 @@ class MlxSession:
                              f"{', '.join(missing) or '*.safetensors'})")
         self.model, self.tokenizer = load(str(model_dir))
         config = json.loads((model_dir / "config.json").read_text())
-        eos = config.get("eos_token_id")
-        gen_path = model_dir / "generation_config.json"
-        if gen_path.is_file():
-            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
-        self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None
-                                   else sorted(self.tokenizer.eos_token_ids))
+        self.eos_token_ids = (generation_eos(model_dir, config.get("eos_token_id"))
+                              or tuple(sorted(self.tokenizer.eos_token_ids)))
         self.context_length = int(config.get("max_position_embeddings", 4096))
         self.quantization = config.get("quantization")
 

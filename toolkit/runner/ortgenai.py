@@ -70,6 +70,7 @@ class OrtGenaiSession:
         self.context_length = int(genai["model"].get("context_length", 4096))
         self.vocab_size = int(genai["model"].get("vocab_size", 0))
         self.bos_id = _template_bos(model_dir)
+        self.pruned_lm_head = False  # set when the graph returns only the last position
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [int(t) for t in self.tokenizer.encode(text)]
@@ -97,21 +98,22 @@ class OrtGenaiSession:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         check_length(len(ids), self.context_length)
-        gen = self._generator(len(ids) + 1)
-        gen.append_tokens(np.asarray([ids], dtype=np.int32))
-        out = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
-        if out.shape[0] == len(ids):
-            return out
+        if not self.pruned_lm_head:
+            gen = self._generator(len(ids) + 1)
+            gen.append_tokens(np.asarray([ids], dtype=np.int32))
+            out = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+            if out.shape[0] == len(ids):
+                return out
+            self.pruned_lm_head = True  # learnt once; later calls skip the wasted prefill
         # The graph's lm_head is pruned to the last position (phikit's CPU default: prefill
-        # then skips the vocabulary projection of every other position). The other positions'
+        # then skips the vocabulary projection of every other position). Every position's
         # logits come through the decode path, one token at a time, as generation sees them.
-        rows = np.empty((len(ids), out.shape[-1]), dtype=np.float32)
-        rows[-1] = out[-1]
         gen = self._generator(len(ids) + 1)
-        for i, token in enumerate(ids[:-1]):
+        rows = []
+        for token in ids:
             gen.append_tokens(np.asarray([[token]], dtype=np.int32))
-            rows[i] = np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1]
-        return rows
+            rows.append(np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1])
+        return np.stack(rows)
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
