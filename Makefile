@@ -10,7 +10,7 @@ LLAMA_CPP_PYTHON := llama_cpp_python-0.3.36
 LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
 
-.PHONY: install llama-cpp system-deps demo test test-fast bench bench-full fixture clean
+.PHONY: install llama-cpp system-deps demo test test-fast bench bench-full fixture matrix clean
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,7 @@ system-deps:
 	mirror=$$(awk '/^URIs:/ && !/security/ {print $$2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null); \
 	  test -n "$$mirror" && echo "deb $$mirror bookworm-backports main" > /etc/apt/sources.list.d/phikit-backports.list || true
 	apt-get update -q
-	apt-get install -y -q openssh-server openssh-client binfmt-support debootstrap
+	apt-get install -y -q openssh-server openssh-client binfmt-support debootstrap chromium
 	apt-get install -y -q -t bookworm-backports qemu-user-static || apt-get install -y -q qemu-user-static
 	-mount | grep -q binfmt_misc || mount binfmt_misc -t binfmt_misc /proc/sys/fs/binfmt_misc
 	-update-binfmts --disable qemu-aarch64
@@ -77,9 +77,18 @@ bench-full: install
 	$(PY) bench/convert.py --layers 32 --keep /tmp/phikit-ck32 --backends gguf,openvino --precisions int4
 	$(VENV)/bin/phikit build bench/phi3-mini-shape-int4.yaml --source /tmp/phikit-ck32 --target generic-cpu --backend gguf --out dist/phi3-mini-shape-int4
 
-# Regenerate models/tiny-phi3 and evalsets/tiny-phi3.jsonl (needs npm; ~15 min of CPU).
+# Regenerate the embedded fixtures and eval sets (needs npm; ~45 min of CPU). Step counts are
+# the ones the shipped models were trained with (deterministic given the step count).
 fixture: install
-	$(PY) fixtures/make_tiny_phi3.py
+	$(PY) fixtures/make_tiny_phi3.py --steps 350
+	$(PY) fixtures/make_tiny_phi3.py --member tiny-phi3-longrope --steps 277
+	$(PY) fixtures/make_tiny_phi3.py --member tiny-phi3-gqa --steps 60
+	$(PY) fixtures/make_tiny_phi3.py --member tiny-phimoe --steps 120
+	$(PY) fixtures/make_tiny_phi3.py --long-context-evalset evalsets/phi3-long-context.jsonl
+
+# The README's support matrix, regenerated from the backends' own checks (a test keeps it true).
+matrix: install
+	$(PY) -c "from toolkit.family import update_readme; update_readme()"
 
 clean:
 	rm -rf dist

@@ -50,7 +50,7 @@ def test_manifest_contents(int4_bundle):
     assert m["target"]["name"] == "generic-cpu"
     assert len(m["source"]["sha256"]) == 64
     assert {"onnxruntime-genai", "transformers"} <= set(m["toolchain"])
-    assert {"model/model.onnx", "model/genai_config.json", "run.py", "parity.json",
+    assert {"model/model.onnx", "model/genai_config.json", "run.py", "parity.json", "report.html",
             "requirements.lock", "phikit_runner/core.py"} <= set(m["files"])
     lock = (int4_bundle / "requirements.lock").read_text()
     assert "onnxruntime-genai==0.18.0" in lock and "--hash=sha256:" in lock
@@ -146,6 +146,6 @@ def test_archive_is_reproducible(tmp_path):
     def members(path):
         with tarfile.open(path) as tar:
             return {m.name: tar.extractfile(m).read() for m in tar.getmembers()
-                    if not m.name.endswith(("manifest.json", "parity.json"))}
+                    if not m.name.endswith(("manifest.json", "parity.json", "report.html"))}
 
     assert members(outs[0]) == members(outs[1])

@@ -76,3 +76,55 @@ def test_weights_load_and_predict(tokenizer):
     # A trained model is far from uniform (log 32064 = 10.4 nats).
     nll = -logp[:-1].gather(-1, ids["input_ids"][0, 1:, None]).mean().item()
     assert nll < 7.0
+
+
+# --- the family fixtures: each keeps its member's trait in the published form -------------
+
+FAMILY = {"tiny-phi3-longrope": "Phi3ForCausalLM", "tiny-phi3-gqa": "Phi3ForCausalLM",
+          "tiny-phimoe": "PhiMoEForCausalLM"}
+
+
+@pytest.mark.parametrize("member, architecture", FAMILY.items())
+def test_family_fixture_published_form_and_trained(member, architecture):
+    path = TINY.parent / member
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == [architecture]  # the name the converters match
+    assert "rope_parameters" not in cfg and cfg["sliding_window"] == 47
+    if cfg.get("rope_scaling"):  # LongRoPE: a factor per rotary frequency, short != long
+        rope = cfg["rope_scaling"]
+        assert rope["type"] == "longrope"
+        assert len(rope["short_factor"]) == len(rope["long_factor"]) == 16
+        assert rope["short_factor"] != rope["long_factor"]
+        assert cfg["original_max_position_embeddings"] == 64 < cfg["max_position_embeddings"]
+    else:
+        assert cfg["original_max_position_embeddings"] == cfg["max_position_embeddings"]
+    report = json.loads((path / "training_report.json").read_text())
+    assert report["parameters"] < 10_000_000
+    held = report["held_out"]
+    assert held["model_perplexity"] <= held["unigram_perplexity"] / 5, held
+
+
+def test_gqa_fixture_groups_heads():
+    cfg = json.loads((TINY.parent / "tiny-phi3-gqa" / "config.json").read_text())
+    assert cfg["num_key_value_heads"] * 4 == cfg["num_attention_heads"]  # Phi-3-medium's 40:10
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] % 16 == 0
+
+
+def test_phimoe_fixture_has_published_tensor_names_and_loads():
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    path = TINY.parent / "tiny-phimoe"
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["attention_bias"] and cfg["lm_head_bias"]
+    assert cfg["rope_scaling"]["long_mscale"] == cfg["rope_scaling"]["short_mscale"] > 1.2
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    for e in range(cfg["num_local_experts"]):
+        for w in ("w1", "w2", "w3"):
+            assert f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" in names
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names and "lm_head.bias" in names
+    assert not any("gate_up_proj" in n for n in names)  # not transformers 5's fused form
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    assert type(model).__name__ == "PhimoeForCausalLM"

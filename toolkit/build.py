@@ -21,9 +21,10 @@ from .backends import BACKENDS, Backend, get_backend
 from .checkpoint import (ModelInfo, cache_root, checkpoint_digest, read_model_info,
                          resolve_source)
 from .errors import PhikitError
+from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
 from .package import (finish_manifest, now, publish, staging_dir, write_archive,
-                      write_json, write_runner)
+                      write_json, write_report_html, write_runner)
 from .runner.core import open_session
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
 from .validate import Candidate, effective_thresholds, prepare_reference, run_parity
@@ -64,9 +65,14 @@ class Plan:
 
 
 def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
-              source: str | None = None, out: Path | None = None) -> Plan:
+              source: str | None = None, out: Path | None = None,
+              trust_remote_code: bool = False) -> Plan:
     recipe_path = find_recipe(recipe_ref)
     recipe = load_recipe(recipe_path, source_override=source)
+    # First, before any other check or work: a checkpoint that would run remote code.
+    info = known_info(recipe.source)
+    check_remote_code(info, trust_remote_code, recipe.source)
+    recipe = recipe.model_copy(update={"trust_remote_code": trust_remote_code})
     target_path = find_target(target_ref)
     target = load_target(target_path, set(BACKENDS))
     name = backend or target.backend
@@ -79,7 +85,6 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
         raise PhikitError(f"precision {quant.precision} is not allowed on target {target.name} "
                           f"(allowed: {', '.join(target.precisions)})", file=recipe_path,
                           field="quantization.precision")
-    info = read_model_info(Path(recipe.source)) if Path(recipe.source).is_dir() else None
     reason = be.support(info, target, recipe)
     if reason:
         raise PhikitError(f"{be.name} cannot build this for {target.name}: {reason}",
@@ -89,9 +94,15 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     out = out or Path("dist") / f"{recipe.name}-{target.name}"
     model_desc = (f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}, "
                   f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
+    if info is not None and not Path(recipe.source).is_dir():
+        model_desc += "; published config, re-checked after the download"
+    if info is not None and info.architecture == "Phi3VForCausalLM":
+        model_desc += "; text-only bundle: the image encoder is not converted"
+    if trust_remote_code and info is not None and needs_remote_code(info):
+        model_desc += "; REMOTE CODE trusted (--trust-remote-code)"
     steps = [
         f"source    {recipe.source} ({model_desc})",
-        f"convert   {be.tool}: {be.describe(recipe, target)}",
+        f"convert   {be.tool}: {be.describe(recipe, target, info)}",
         f"validate  {recipe.eval.file.name} (max {recipe.eval.max_tokens} tokens, "
         f"{recipe.eval.max_new_tokens} greedy) vs transformers {recipe.eval.reference_dtype}; "
         "thresholds "
@@ -124,7 +135,9 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, log: Callable[[str
                 "provider": plan.target.execution_provider,
                 "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain(),
                 # what the backend will ask its tool for, phikit's own defaults included
-                "conversion": plan.backend.describe(plan.recipe, plan.target)}
+                "conversion": plan.backend.describe(plan.recipe, plan.target,
+                                                    read_model_info(source_dir)),
+                "revision": getattr(plan.backend, "revision", 1)}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
     final = cache_root() / "artifacts" / key[:32]
     if final.is_dir():
@@ -159,8 +172,9 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
     stage_cb("resolve source")
     source_dir = resolve_source(plan.recipe.source, plan.recipe.revision)
     info = plan.info
-    if info is None:  # a hub checkpoint: the plan could not see its config, check it now
+    if not Path(plan.recipe.source).is_dir():  # a hub checkpoint: check its own config now
         info = read_model_info(source_dir)
+        check_remote_code(info, plan.recipe.trust_remote_code, plan.recipe.source)
         reason = plan.backend.support(info, plan.target, plan.recipe)
         if reason:
             raise PhikitError(f"{plan.backend.name} cannot build this for {plan.target.name}: "
@@ -203,7 +217,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
                          plan.target.runtime.source_builds))
         for extra in plan.target.runtime.extra_locks.get(plan.backend.name, []):
             (stage / extra.file).write_text(resolve_lock(extra.packages, extra.platform))
-        manifest = finish_manifest(stage, {
+        manifest_fields = {
             "name": plan.recipe.name,
             "created": now(),
             "recipe": plan.recipe.model_dump(mode="json"),
@@ -221,7 +235,10 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
             "parity": {"verdict": report["verdict"], "metrics": {
                 k: v for k, v in report["metrics"].items() if not isinstance(v, list)},
                 "checks": report["checks"]},
-        })
+        }
+        # the readable report ships too, hashed like every other file
+        write_report_html(stage, report, manifest_fields)
+        manifest = finish_manifest(stage, manifest_fields)
         passed = report["verdict"] == "pass"
         final = publish(stage, plan.out, passed)
         timings["package"] = time.perf_counter() - t2

@@ -115,8 +115,14 @@ def read_model_info(path: Path) -> ModelInfo:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise PhikitError(f"cannot read: {e}", file=cfg_path) from None
+    return model_info_from_config(cfg, cfg_path)
+
+
+def model_info_from_config(cfg: dict[str, Any], where: Path | str) -> ModelInfo:
+    """From config.json as the checkpoints publish it (transformers 4.x key names)."""
     try:
         heads = int(cfg["num_attention_heads"])
+        rope = cfg.get("rope_scaling") or {}
         return ModelInfo(
             architecture=(cfg.get("architectures") or ["?"])[0],
             model_type=cfg["model_type"],
@@ -127,8 +133,11 @@ def read_model_info(path: Path) -> ModelInfo:
             vocab_size=int(cfg["vocab_size"]),
             max_positions=int(cfg.get("max_position_embeddings", 4096)),
             original_max_positions=int(cfg.get("original_max_position_embeddings")
+                                       or rope.get("original_max_position_embeddings")
                                        or cfg.get("max_position_embeddings", 4096)),
             raw=cfg,
         )
     except KeyError as e:
-        raise PhikitError("missing field", file=cfg_path, field=e.args[0]) from None
+        raise PhikitError("missing field", file=where, field=e.args[0]) from None
+    except (TypeError, ValueError) as e:
+        raise PhikitError(f"bad value: {e}", file=where) from None

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -19,6 +20,8 @@ from .runner.core import BundleError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert, validate, package and run Phi-3 / Phi-3.5 models for devices.")
 console = Console(stderr=True)
+TRUST_HELP = ("let transformers and the converter import and run the Python code a checkpoint "
+              "ships (Phi-3-small, Phi-3/3.5-vision); off by default, read that code first")
 out = Console()
 
 
@@ -40,8 +43,8 @@ def print_checks(report: dict) -> None:
         table.add_column(col)
     for c in report["checks"]:
         op = "<=" if c["kind"] == "max" else ">="
-        table.add_row(c["metric"], f"{c['measured']:.4g}", f"{op} {c['bound']}",
-                      "[green]ok[/]" if c["passed"] else "[red]FAIL[/]", c["detail"])
+        table.add_row(escape(c["metric"]), f"{c['measured']:.4g}", f"{op} {c['bound']}",
+                      "[green]ok[/]" if c["passed"] else "[red]FAIL[/]", escape(c["detail"]))
     m = report["metrics"]
     out.print(table)
     out.print(f"KLD mean {m.get('kld_mean', 0):.4g} median {m.get('kld_median', 0):.4g} "
@@ -64,11 +67,13 @@ def build(
     archive: bool = typer.Option(False, help="also write a deterministic <out>.tar.gz"),
     with_wheels: bool = typer.Option(False, "--with-wheels",
                                      help="carry the lock's wheels (offline installs on device)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Build a bundle: convert, validate against the reference, package."""
     from .build import execute, make_plan
 
-    plan = make_plan(recipe, target, backend=backend, source=source, out=out_dir)
+    plan = make_plan(recipe, target, backend=backend, source=source, out=out_dir,
+                     trust_remote_code=trust_remote_code)
     out.print(f"[bold]plan[/] {plan.recipe.name} -> {plan.target.name} ({plan.backend.name})")
     for step in plan.steps:
         out.print("  " + step)
@@ -95,13 +100,15 @@ def validate(
     threads: Optional[int] = typer.Option(None, help="runtime threads"),
     emulate: Optional[str] = typer.Option(None, help="run the bundle's runtime on an emulated "
                                           "ISA (aarch64: qemu + a Debian bookworm root)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Compare an artifact with the reference. Exit 0 pass, 1 fail, 2 error."""
     from .parity import format_checks
     from .validate import open_candidate, run_parity
 
     candidate = open_candidate(path, reference, recipe, {"threads": threads} if threads else None,
-                               emulate=emulate, log=lambda s: console.print(s, markup=False))
+                               emulate=emulate, log=lambda s: console.print(s, markup=False),
+                               trust_remote_code=trust_remote_code)
     try:
         with progress_bars() as bars:
             report = run_parity(candidate, bars)
@@ -186,12 +193,90 @@ def doctor() -> None:
 
 
 @app.command("list")
-def list_cmd() -> None:
-    """Recipes and targets shipped with phikit."""
-    from .doctor import list_tables
+def list_cmd(
+    matrix: bool = typer.Option(False, "--matrix", help="the support matrix: family member x "
+                                "backend x precision, from the same checks builds run"),
+    markdown: bool = typer.Option(False, "--markdown", help="with --matrix: Markdown (README)"),
+) -> None:
+    """Recipes and targets shipped with phikit (--matrix: what each backend supports)."""
+    from .doctor import list_tables, matrix_table
 
-    for table in list_tables():
+    if matrix and markdown:
+        from .family import matrix_markdown
+
+        print(matrix_markdown(), end="")
+        return
+    for table in ([matrix_table()] if matrix else list_tables()):
         out.print(table)
+
+
+@app.command("report")
+def report_cmd(
+    path: Path = typer.Argument(..., help="bundle directory (<name>.failed too) or the JSON "
+                                "`phikit validate --json` wrote"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="write the self-contained HTML report here "
+                                          "(a name ending in .md gets the Markdown summary)"),
+    markdown: bool = typer.Option(False, "--markdown",
+                                  help="print a Markdown summary to stdout (CI job summaries)"),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="write JUnit XML: a test case "
+                                         "per check, prompt and text"),
+) -> None:
+    """Render a parity report as HTML, Markdown or JUnit.
+
+    Exit 0 when the verdict is pass, 1 when fail (CI can gate on it; files are still written).
+
+    Exit 2 when PATH is not a readable bundle or report.
+    """
+    from .report import (bundle_facts, junit_xml, load_report, render_html, render_markdown,
+                         write_text_atomic)
+
+    loaded = load_report(path)
+    report, manifest, name = loaded.report, loaded.manifest, loaded.name
+    if output is not None:
+        as_markdown = output.suffix.lower() == ".md"
+        write_text_atomic(output, render_markdown(report, manifest, name) if as_markdown
+                          else render_html(report, manifest, name))
+        console.print(f"wrote {output}", markup=False, highlight=False)
+    if junit is not None:
+        write_text_atomic(junit, junit_xml(report, name))
+        console.print(f"wrote {junit}", markup=False, highlight=False)
+    if markdown:
+        sys.stdout.write(render_markdown(report, manifest, name))
+    elif output is None and junit is None:
+        facts = bundle_facts(report, manifest, name)
+        out.print(" · ".join([name, *(f"{k} {facts[k]}" for k in (
+            "backend", "precision", "target", "runtime"))]), markup=False, highlight=False)
+        print_checks(report)
+    if report["verdict"] != "pass":
+        raise typer.Exit(1)
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Path = typer.Argument(..., help="bundle directory or report JSON (A)"),
+    b: Path = typer.Argument(..., help="bundle directory or report JSON (B), same source model"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="also write a side-by-side HTML page here"),
+) -> None:
+    """Two bundles of one model side by side: metrics, per band, sizes, generations."""
+    from rich.text import Text
+
+    from .report import compare_html, compare_notes, compare_rows, load_report, write_text_atomic
+
+    first, second = load_report(a), load_report(b)
+    table = Table(title="compare", title_justify="left")
+    for col in ("", f"A: {first.name}", f"B: {second.name}", "B − A"):
+        table.add_column(Text(col))
+    for row in compare_rows(first, second):
+        table.add_row(*map(Text, row))  # Text: band names such as kld_mean[past_window] are
+        # not rich markup
+    out.print(table)
+    for note in compare_notes(first, second):
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+    if output is not None:
+        write_text_atomic(output, compare_html(first, second))
+        console.print(f"wrote {output}", markup=False, highlight=False)
 
 
 def main() -> None:

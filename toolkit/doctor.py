@@ -79,3 +79,17 @@ def list_tables() -> list[Table]:
         targets.add_row(t.name, t.device, ", ".join(t.allowed_backends()), t.execution_provider,
                         ", ".join(t.precisions), f"{t.platform.os}/{t.platform.arch}")
     return [recipes, targets]
+
+
+def matrix_table() -> Table:
+    from .family import matrix_rows, support_matrix
+
+    header, rows, notes = matrix_rows(support_matrix())
+    table = Table(title="support matrix († needs --trust-remote-code)", title_justify="left",
+                  caption="\n".join(f"[{n}] {r}" for n, r in sorted(
+                      notes.items(), key=lambda kv: int(kv[0]))), caption_justify="left")
+    for col in header:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    return table

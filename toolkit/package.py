@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .report import render_html, write_text_atomic
 from .runner.core import BUNDLE_FORMAT, IGNORED_PARTS, MANIFEST, bundle_files, sha256_file
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
@@ -43,6 +44,14 @@ def write_runner(bundle: Path, runtime_module: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_report_html(bundle: Path, report: dict[str, Any], manifest: dict[str, Any]) -> Path:
+    """report.html: the parity report a person reads, next to parity.json. Written before
+    finish_manifest so it is hashed like every other file; it cannot list those hashes itself."""
+    path = bundle / "report.html"
+    write_text_atomic(path, render_html(report, manifest, manifest.get("name")))
+    return path
 
 
 def drop_runtime_caches(bundle: Path) -> None:

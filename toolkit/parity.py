@@ -6,7 +6,25 @@ Metrics
   top1             share of positions where both pick the same most likely token
   ppl_ratio        candidate perplexity / reference perplexity on the actual next tokens
   greedy_match     tokens generated greedily before the first divergence, per prompt
-  token_agreement  share of eval rows the candidate tokenizes exactly like the reference
+  token_agreement  share of eval rows the candidate tokenizes exactly like the reference, and
+                   (teacher-forced texts) decodes back to the reference's text
+  eos_agreement    share of prompts whose generation stops where the candidate model itself
+                   predicts an EOS of the reference, and never runs through one
+  decode_agreement share of prompts whose generated tokens are, at every step, what the same
+                   runtime's full forward pass over the same tokens ranks first (to within a
+                   near-tie): the decode path (KV cache, positions of generated tokens) must
+                   compute the model the teacher-forced metrics measured. greedy_match cannot
+                   see a decode-only bug once quantization drift ends agreement with the
+                   reference after a few tokens; this compares the candidate with itself, so
+                   quantization does not mask it. Not checked for a generation that crosses
+                   LongRoPE's original length: there the model itself (transformers included)
+                   rotates the cached tokens with other factors than a full pass over the result
+
+Position bands: where the checkpoint has a sliding window or LongRoPE (the reference records
+both as landmarks), KLD and top-1 are also measured before and past each landmark, and greedy
+generation separately for prompts longer than it. Each band with enough positions must meet the
+KLD-mean and top-1 thresholds on its own: a converter that ignores the window or the long
+factors is wrong only there, and the average over all positions would hide it.
 """
 
 from __future__ import annotations
@@ -29,7 +47,82 @@ CHECKS = [
     ("ppl_ratio_max", "ppl_ratio", "max"),
     ("greedy_match_mean_min", "greedy_match_mean", "min"),
     ("token_agreement_min", "token_agreement", "min"),
+    ("eos_agreement_min", "eos_agreement", "min"),
+    ("decode_agreement_min", "decode_agreement", "min"),
 ]
+# A generated token agrees with the full forward pass when its log-prob there is within this of
+# the best token's: a near-tie, which decode (one token, KV cache) and full-sequence kernels may
+# round either way (bf16 logits in [16, 32) are 0.125 apart; an OpenVINO int8 bundle measured
+# gaps up to 0.0625 on tiny-phi3; a decode position off by one measured up to 0.65).
+DECODE_TOLERANCE = 0.25
+
+
+MIN_BAND_POSITIONS = 32  # fewer positions than this: reported, not checked
+BAND_CHECKS = [("kld_mean_max", "kld_mean", "max"), ("top1_min", "top1", "min")]
+
+
+def position_bands(landmarks: dict[str, int]) -> list[tuple[str, str, int, int | None]]:
+    """(name, description, first position, end or None) for each side of each landmark."""
+    bands = []
+    if "sliding_window" in landmarks:
+        w = landmarks["sliding_window"]
+        bands += [("before_window", f"positions < {w}: inside the sliding window", 0, w),
+                  ("past_window", f"positions >= {w}: the window slides", w, None)]
+    if "original_length" in landmarks:
+        o = landmarks["original_length"]
+        bands += [("before_original", f"positions < {o}: inside LongRoPE's original length", 0,
+                   o),
+                  ("past_original", f"positions >= {o}: past the original length", o, None)]
+    return bands
+
+
+def band_report(landmarks: dict[str, int], klds: list[np.ndarray], top1s: list[np.ndarray],
+                per_text: list[dict], per_prompt: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for name, description, lo, hi in position_bands(landmarks):
+        kld = np.concatenate([k[lo:hi] for k in klds]) if klds else np.zeros(0)
+        top1 = np.concatenate([t[lo:hi] for t in top1s]) if top1s else np.zeros(0)
+        band: dict[str, Any] = {"name": name, "description": description, "start": lo,
+                                "end": hi, "positions": int(kld.size),
+                                "checked": bool(kld.size >= MIN_BAND_POSITIONS)}
+        if kld.size:
+            worst_i = max(range(len(klds)), key=lambda i: float(klds[i][lo:hi].mean())
+                          if klds[i][lo:hi].size else -1.0)
+            seg = klds[worst_i][lo:hi]
+            band.update({"kld_mean": float(kld.mean()), "kld_p99": float(np.percentile(kld, 99)),
+                         "top1": float(top1.mean()),
+                         "worst": {"id": per_text[worst_i]["id"],
+                                   "kld_mean": float(seg.mean()),
+                                   "position": lo + int(seg.argmax())}})
+        # generation: prompts that already reach past the landmark before decoding starts
+        if hi is None:
+            long_prompts = [p for p in per_prompt if p["prompt_tokens"] >= lo]
+            band["prompts"] = len(long_prompts)
+            if long_prompts:
+                band["greedy_match_mean"] = float(np.mean([p["match"] for p in long_prompts]))
+        out.append(band)
+    return out
+
+
+def band_checks(bands: list[dict], thresholds: Thresholds) -> list[dict[str, Any]]:
+    checks = []
+    for band in bands:
+        if not band["checked"]:
+            continue
+        for field, key, kind in BAND_CHECKS:
+            bound = getattr(thresholds, field)
+            if bound is None:
+                continue
+            value = band[key]
+            ok = value <= bound if kind == "max" else value >= bound
+            w = band["worst"]
+            detail = "" if ok else (
+                f"{band['description']} ({band['positions']} positions): worst text "
+                f"{w['id']!r}, mean KLD {w['kld_mean']:.4f} there, largest at position "
+                f"{w['position']}")
+            checks.append({"metric": f"{key}[{band['name']}]", "measured": value,
+                           "bound": bound, "kind": kind, "passed": bool(ok), "detail": detail})
+    return checks
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -62,17 +155,69 @@ def common_prefix(a, b) -> int:
 def _mismatch(session: Session, row_id: str, cand: list[int], ref: list[int]) -> dict[str, Any]:
     """Where the candidate's tokenizer first differs, with the text pieces on both sides."""
     i = common_prefix(cand, ref)
-    return {"id": row_id, "first_difference": i,
+    return {"id": row_id, "kind": "encode", "first_difference": i,
             "reference_tokens": ref[i:i + 4], "candidate_tokens": cand[i:i + 4],
             "context": session.detokenize(ref[max(0, i - 4):i + 4])}
+
+
+def _decode_mismatch(row_id: str, cand: str, ref: str) -> dict[str, Any]:
+    """The reference's token ids decoded by the candidate's tokenizer differ from the text."""
+    i = common_prefix(cand, ref)
+    return {"id": row_id, "kind": "decode", "first_difference": i, "reference_tokens": [],
+            "candidate_tokens": [], "context": f"{ref[max(0, i - 12):i + 12]!r} decoded as "
+                                               f"{cand[max(0, i - 12):i + 12]!r}"}
+
+
+def _eos_problem(session: Session, prompt: list[int], cand: list[int], own_logp: np.ndarray,
+                 eos: set[int], max_new_tokens: int) -> str | None:
+    """Did generation run through an EOS, or stop on a token the model does not end with?
+    own_logp: the candidate's teacher-forced log-probs over prompt + cand."""
+    through = [t for t in cand if t in eos]
+    if through:
+        return (f"generated EOS token {through[0]} ({session.detokenize([through[0]])!r}) and "
+                "kept going: the runtime does not stop on it")
+    if len(cand) < max_new_tokens and eos:
+        predicted = int(np.argmax(own_logp[-1]))
+        if predicted not in eos:
+            return (f"stopped after {len(cand)} tokens although the model's own next token is "
+                    f"{predicted} ({session.detokenize([predicted])!r}), not one of the EOS ids "
+                    f"{sorted(eos)}: the runtime's EOS set is wrong")
+    return None
+
+
+def _decode_problem(session: Session, prompt: list[int], cand: list[int],
+                    own_logp: np.ndarray) -> str | None:
+    """Is every generated token what the same runtime's full forward pass over the same tokens
+    ranks first (within DECODE_TOLERANCE)? Each step is judged on the candidate's own prefix, so
+    one disagreement does not cascade."""
+    if not cand:
+        return None
+    n = len(prompt)
+    rows = own_logp[n - 1:n - 1 + len(cand)]
+    gaps = rows.max(axis=-1) - rows[np.arange(len(cand)), cand]
+    bad = np.flatnonzero(gaps > DECODE_TOLERANCE)
+    if not bad.size:
+        return None
+    i = int(bad[0])
+    best = int(rows[i].argmax())
+    return (f"generated token {i + 1} is {cand[i]} ({session.detokenize([cand[i]])!r}), but the "
+            f"same runtime's full forward pass over the same tokens ranks {best} "
+            f"({session.detokenize([best])!r}) {gaps[i]:.2f} nats higher ({bad.size} of "
+            f"{len(cand)} steps disagree): generation computes something else than the model "
+            "the teacher-forced metrics measured (KV cache, positions of generated tokens)")
 
 
 def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thresholds,
              max_new_tokens: int, progress=None) -> dict[str, Any]:
     rows = {r.id: r for r in evalset.rows}
     kld_all, top1_all, ref_nll, cand_nll = [], [], [], []
-    per_text, tokenizer_mismatches = [], []
-    for t in ref.texts:
+    per_text, tokenizer_mismatches, eos_problems, decode_problems = [], [], [], []
+    original = ref.meta.get("landmarks", {}).get("original_length")
+    decode_checked = 0
+    decoded = ref.meta.get("decoded") or [None] * len(ref.texts)
+    bos = ref.meta.get("bos_token_id")
+    eos = set(ref.meta.get("eos_token_ids", []))
+    for t, ref_text in zip(ref.texts, decoded):
         ids = t.ids.tolist()
         cand_logp = log_softmax(np.asarray(session.logits(ids)))
         if cand_logp.shape[0] != len(ids):
@@ -88,6 +233,10 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
         cand_tok = session.tokenize(rows[t.id].value)[: len(ids)]
         if cand_tok != ids:
             tokenizer_mismatches.append(_mismatch(session, t.id, cand_tok, ids))
+        elif ref_text is not None:
+            cand_text = session.detokenize(ids[1:] if ids and ids[0] == bos else ids)
+            if cand_text.strip() != ref_text.strip():  # runtimes differ on the leading space
+                tokenizer_mismatches.append(_decode_mismatch(t.id, cand_text, ref_text))
         worst = int(kld.argmax())
         per_text.append({"id": t.id, "tokens": len(ids), "kld_mean": float(kld.mean()),
                          "kld_max": float(kld.max()), "kld_max_position": worst,
@@ -107,7 +256,19 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
         cand = list(session.generate(prompt, Sampling(max_new_tokens=max_new_tokens)))
         ref_ids = p.greedy_ids.tolist()
         match = common_prefix(cand, ref_ids)
-        per_prompt.append({"id": p.id, "match": match, "candidate_ids": cand,
+        # one teacher-forced pass over prompt + generation serves both self-consistency checks
+        own_logp = log_softmax(np.asarray(session.logits(prompt + cand)))
+        problem = _eos_problem(session, prompt, cand, own_logp, eos, max_new_tokens)
+        if problem:
+            eos_problems.append({"id": p.id, "problem": problem})
+        if original is None or not len(prompt) <= original < len(prompt) + len(cand):
+            decode_checked += 1
+            problem = _decode_problem(session, prompt, cand, own_logp)
+            if problem:
+                decode_problems.append({"id": p.id, "problem": problem})
+        per_prompt.append({"id": p.id, "match": match, "prompt_tokens": len(prompt),
+                           "candidate_ids": cand, "reference_ids": ref_ids,
+                           "common_text": session.detokenize(ref_ids[:match]),
                            "reference_tokens": len(ref_ids),
                            "candidate_tokens": len(cand), "exact": cand == ref_ids,
                            "reference_text": session.detokenize(ref_ids),
@@ -137,7 +298,13 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
                         "greedy_exact": float(np.mean([p["exact"] for p in per_prompt]))})
     n_rows = len(ref.texts) + len(ref.prompts)
     metrics["token_agreement"] = 1.0 - len(tokenizer_mismatches) / n_rows if n_rows else 1.0
+    if per_prompt:
+        metrics["eos_agreement"] = 1.0 - len(eos_problems) / len(per_prompt)
+    if decode_checked:
+        metrics["decode_agreement"] = 1.0 - len(decode_problems) / decode_checked
+        metrics["decode_checked_prompts"] = decode_checked
 
+    bands = band_report(ref.meta.get("landmarks", {}), kld_all, top1_all, per_text, per_prompt)
     checks = []
     for field, key, kind in CHECKS:
         bound = getattr(thresholds, field)
@@ -146,17 +313,23 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
         value = metrics[key]
         ok = value <= bound if kind == "max" else value >= bound
         checks.append({"metric": key, "measured": value, "bound": bound, "kind": kind,
-                       "passed": bool(ok), "detail": "" if ok else _symptom(key, per_text,
-                                                                            per_prompt,
-                                                                            tokenizer_mismatches)})
+                       "passed": bool(ok),
+                       "detail": "" if ok else _symptom(key, per_text, per_prompt,
+                                                        tokenizer_mismatches, eos_problems,
+                                                        decode_problems)})
+    checks += band_checks(bands, thresholds)
     return {
         "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
         "checks": checks,
         "metrics": metrics,
+        "bands": bands,
+        "landmarks": ref.meta.get("landmarks", {}),
         "thresholds": thresholds.model_dump(),
         "texts": per_text,
         "prompts": per_prompt,
         "tokenizer_mismatches": tokenizer_mismatches,
+        "eos_problems": eos_problems,
+        "decode_problems": decode_problems,
         # the round-trip of the reference's token ids through the candidate's tokenizer
         "tokenizer": {"rows": n_rows, "identical": n_rows - len(tokenizer_mismatches),
                       "chat_rows": sum(1 for p in ref.prompts if rows[p.id].kind == "messages")},
@@ -167,7 +340,8 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
     }
 
 
-def _symptom(metric: str, per_text: list, per_prompt: list, mismatches: list) -> str:
+def _symptom(metric: str, per_text: list, per_prompt: list, mismatches: list,
+             eos_problems: list, decode_problems: list) -> str:
     """Where a failed metric is worst, so a person knows where to look."""
     if metric.startswith("kld") or metric in ("top1", "ppl_ratio"):
         worst = max(per_text, key=lambda t: t["kld_mean"])
@@ -180,9 +354,16 @@ def _symptom(metric: str, per_text: list, per_prompt: list, mismatches: list) ->
                 f"{worst['reference_text'][:60]!r} vs candidate {worst['candidate_text'][:60]!r}")
     if metric == "token_agreement":
         m = mismatches[0]
+        if m["kind"] == "decode":
+            return (f"{len(mismatches)} rows tokenized or decoded differently; first: {m['id']!r}"
+                    f" decodes differently at character {m['first_difference']}: "
+                    f"{m['context']}")
         return (f"{len(mismatches)} rows tokenized differently; first: {m['id']!r} at token "
                 f"{m['first_difference']} in {m['context']!r}: reference {m['reference_tokens']}"
                 f" vs candidate {m['candidate_tokens']}")
+    if metric in ("eos_agreement", "decode_agreement"):
+        problems = eos_problems if metric == "eos_agreement" else decode_problems
+        return f"{len(problems)} prompts; first: {problems[0]['id']!r} " + problems[0]["problem"]
     return ""
 
 

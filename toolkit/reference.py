@@ -22,7 +22,7 @@ from .checkpoint import cache_root, checkpoint_digest
 from .evalset import EvalRow, EvalSet
 
 TOP_K = 256
-SETTINGS_VERSION = 1  # bump when what is stored changes
+SETTINGS_VERSION = 3  # bump when what is stored changes (2: landmarks, 3: decoded texts)
 
 
 @dataclass
@@ -69,6 +69,23 @@ def prompt_ids(tokenizer, row: EvalRow) -> list[int]:
     return tokenizer(row.value)["input_ids"]
 
 
+def position_landmarks(config) -> dict[str, int]:
+    """Positions where a converter's long-context handling starts to matter: the sliding window
+    (attention stops seeing the oldest tokens) and, with LongRoPE, the original length (past it
+    the long factors apply). Those past max_position_embeddings cannot be reached."""
+    limit = getattr(config, "max_position_embeddings", None) or 1 << 62
+    marks = {}
+    window = getattr(config, "sliding_window", None)
+    if window and window < limit:
+        marks["sliding_window"] = int(window)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    original = (getattr(config, "original_max_position_embeddings", None)
+                or rope.get("original_max_position_embeddings"))
+    if rope.get("rope_type", rope.get("type")) == "longrope" and original and original < limit:
+        marks["original_length"] = int(original)
+    return marks
+
+
 def _save(path: Path, ref: Reference) -> None:
     arrays = {}
     for i, t in enumerate(ref.texts):
@@ -96,13 +113,15 @@ def _load(path: Path) -> Reference:
 
 
 def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
-                      progress=None, dtype: str = "float32") -> Reference:
+                      progress=None, dtype: str = "float32",
+                      trust_remote_code: bool = False) -> Reference:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code)
     model.eval()
     try:
         gen_cfg = GenerationConfig.from_pretrained(str(checkpoint))
@@ -110,7 +129,7 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
     except OSError:
         eos = model.config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    texts, prompts = [], []
+    texts, prompts, decoded = [], [], []
     with torch.inference_mode():
         for row in evalset.texts:
             ids = tokenizer(row.value)["input_ids"][:max_tokens]
@@ -118,6 +137,7 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
             logp = torch.log_softmax(logits, dim=-1)
             top = torch.topk(logp, TOP_K, dim=-1)
             nxt = logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            decoded.append(tokenizer.decode(ids, skip_special_tokens=True))
             texts.append(TextRef(row.id, np.asarray(ids, np.int32), top.indices.numpy().astype(
                 np.int32), top.values.numpy().astype(np.float32), nxt.numpy().astype(np.float32)))
             if progress:
@@ -135,12 +155,15 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
             if progress:
                 progress()
     meta = {"engine": "transformers", "dtype": dtype, "device": "cpu",
-            "eos_token_ids": eos_ids, "seconds": round(time.perf_counter() - start, 2)}
+            "eos_token_ids": eos_ids, "landmarks": position_landmarks(model.config),
+            "bos_token_id": tokenizer.bos_token_id, "decoded": decoded,
+            "seconds": round(time.perf_counter() - start, 2)}
     return Reference(texts, prompts, meta)
 
 
 def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
-                    progress_factory=None, dtype: str = "float32") -> tuple[Reference, bool]:
+                    progress_factory=None, dtype: str = "float32",
+                    trust_remote_code: bool = False) -> tuple[Reference, bool]:
     """(reference, was_cached). `progress_factory()` makes a per-row callback, only when the
     reference has to be computed."""
     digest = checkpoint_digest(checkpoint)
@@ -152,7 +175,8 @@ def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # corrupt entry: recompute
     ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
-                            progress_factory() if progress_factory else None, dtype)
+                            progress_factory() if progress_factory else None, dtype,
+                            trust_remote_code)
     gc.collect()  # the transformers model is garbage now; free it before the candidate loads
     ref.meta.update({"checkpoint_sha256": digest, "key": key})
     _save(path, ref)

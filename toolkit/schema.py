@@ -63,6 +63,10 @@ class Thresholds(Strict):
     ppl_ratio_max: float | None = Field(None, ge=1)
     greedy_match_mean_min: float | None = Field(None, ge=0)
     token_agreement_min: float | None = Field(1.0, ge=0, le=1)
+    # greedy generation must stop where the model says EOS, and only there
+    eos_agreement_min: float | None = Field(1.0, ge=0, le=1)
+    # generation must compute what the teacher-forced pass measured (parity.py decode_agreement)
+    decode_agreement_min: float | None = Field(1.0, ge=0, le=1)
 
 
 class Recipe(Strict):
@@ -70,6 +74,8 @@ class Recipe(Strict):
     description: str = ""
     source: str = Field(description="HF hub id (org/name) or local checkpoint directory")
     revision: str | None = None
+    # Set only by --trust-remote-code (load_recipe refuses it in a file): running code shipped
+    # with a checkpoint must be the decision of whoever runs phikit, not of a recipe.
     trust_remote_code: bool = False
     context_length: int | None = Field(None, ge=16, description="tokens the bundle serves "
                                        "(KV cache size); default: the model's maximum")
@@ -193,6 +199,11 @@ def _existing_file(yaml_path: Path, root: yaml.Node | None, loc: tuple, value: P
 def load_recipe(path: str | Path, *, source_override: str | None = None) -> Recipe:
     path = Path(path)
     data, root = _read_yaml(path)
+    if isinstance(data, dict) and "trust_remote_code" in data:
+        raise PhikitError("cannot be set in a recipe: pass --trust-remote-code on the command "
+                          "line (running a checkpoint's own code is the user's decision)",
+                          file=path, line=_line(root, ("trust_remote_code",)),
+                          field="trust_remote_code")
     recipe = _validate(path, Recipe, data, root)
     quant = recipe.quantization
     if quant.calibration is not None:

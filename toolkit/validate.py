@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backends import detect_backend, get_backend
-from .checkpoint import resolve_source
+from .checkpoint import read_model_info, resolve_source
+from .family import check_remote_code
 from .errors import PhikitError
 from .evalset import load_evalset
 from .parity import evaluate
@@ -37,7 +38,17 @@ class Candidate:
 
 def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
                    options: dict[str, Any] | None = None, emulate: str | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> Candidate:
+                   log: Callable[[str], None] = lambda s: None,
+                   trust_remote_code: bool = False) -> Candidate:
+    candidate = _open_candidate(path, reference, recipe_path, options, emulate, log)
+    # whatever the bundle's manifest says: only this command line can trust remote code
+    candidate.recipe = candidate.recipe.model_copy(update={"trust_remote_code": trust_remote_code})
+    return candidate
+
+
+def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
+                    options: dict[str, Any] | None, emulate: str | None,
+                    log: Callable[[str], None]) -> Candidate:
     path = Path(path)
     if not path.is_dir():
         raise PhikitError("not a directory", file=path)
@@ -47,7 +58,7 @@ def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
                               file=path)
         from .emulate import EmulatedSession
 
-        native = open_candidate(path, reference, recipe_path, options)
+        native = _open_candidate(path, reference, recipe_path, options, None, log)
         return Candidate(EmulatedSession(path, emulate, log), native.recipe, native.source,
                          f"bundle, emulated {emulate}", native.session, native.exact_tokenizer)
     if (path / "manifest.json").is_file():
@@ -98,13 +109,15 @@ def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int]
     Phi-3-mini: 7.6 GB of bf16 reference, then the candidate)."""
     evalset = load_evalset(recipe.eval.file, recipe.eval.limit)
     checkpoint = resolve_source(source, recipe.revision)
+    check_remote_code(read_model_info(checkpoint), recipe.trust_remote_code, source)
     n = len(evalset.rows)
     start = time.perf_counter()
     ref, cached = load_or_compute(checkpoint, evalset, recipe.eval.max_tokens,
                                   recipe.eval.max_new_tokens,
                                   (lambda: progress(f"reference (transformers "
                                                     f"{recipe.eval.reference_dtype})", n))
-                                  if progress else None, recipe.eval.reference_dtype)
+                                  if progress else None, recipe.eval.reference_dtype,
+                                  recipe.trust_remote_code)
     return PreparedReference(ref, evalset, cached, time.perf_counter() - start)
 
 
@@ -121,8 +134,11 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
         report = evaluate(candidate.session, ref, evalset, thresholds,
                           recipe.eval.max_new_tokens,
                           progress("candidate", n) if progress else None)
-    except ValueError as e:
-        raise PhikitError(f"the candidate cannot run the eval set: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a runtime's own error (onnxruntime, openvino, ...)
+        # The artifact, not phikit, failed on a row: say so in one line, never a traceback.
+        message = " ".join(str(e).split())
+        raise PhikitError(f"the candidate runtime failed on the eval set ({type(e).__name__}): "
+                          f"{message[:600]}") from None
     report["reference"].update({"cached": cached, "source": candidate.source})
     report["timing"] = {"reference_seconds": round(ref_seconds, 2),
                         "candidate_seconds": round(time.perf_counter() - start, 2)}
@@ -139,6 +155,11 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
         notes.append("this backend converted the tokenizer, so every eval row (plain and "
                      "chat-formatted) must tokenize exactly like the reference: "
                      f"{report['tokenizer']['identical']} of {report['tokenizer']['rows']} did")
+    for band in report.get("bands", []):
+        if band["end"] is None and not band["checked"]:
+            notes.append(f"the eval set reaches {band['description'].split(':')[0]} at only "
+                         f"{band['positions']} positions: behaviour there is reported, not "
+                         "checked (add longer texts to the eval set)")
     report["notes"] = notes
     return report
 

@@ -37,8 +37,9 @@ class Backend(Protocol):
                 log: Callable[[str], None]) -> None:
         """Write the artifact into `out` (an empty directory) with the backend's own tool."""
 
-    def describe(self, recipe: Recipe, target: Target) -> str:
-        """One plan line: what the tool will be asked to do with this recipe."""
+    def describe(self, recipe: Recipe, target: Target, info: ModelInfo | None = None) -> str:
+        """One plan line: what the tool will be asked to do with this recipe (and model, when
+        its config is known: some defaults depend on it)."""
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         """Options for the runner module (threads, execution provider, ...)."""

@@ -111,9 +111,35 @@ class GgufBackend:
         if info is not None:
             if info.architecture not in ARCHITECTURES:
                 return f"the pinned llama.cpp converter does not map {info.architecture}"
-            if quant.calibration is not None and info.architecture != "Phi3ForCausalLM":
-                return ("phikit's importance matrix maps dense Phi-3 layers only "
-                        f"({info.architecture} has expert tensors)")
+            return self.model_support(info, recipe)
+        return None
+
+    @staticmethod
+    def model_support(info: ModelInfo, recipe: Recipe) -> str | None:
+        """What llama.cpp computes differently from the model as trained (measured on fp32
+        tiny fixtures against transformers; llama.cpp sources named as pinned)."""
+        if info.architecture == "PhiMoEForCausalLM":
+            return ("llama.cpp runs PhiMoE through its Phi-3 graph: RMSNorm where PhiMoE has "
+                    "LayerNorm, renormalized top-2 softmax routing instead of sparsemixer, and "
+                    "the derived attention factor instead of the published mscale "
+                    "(src/models/phi3.cpp): KLD 0.12-0.86 on an fp32 tiny PhiMoE")
+        if recipe.quantization.calibration is not None and info.architecture != "Phi3ForCausalLM":
+            return ("phikit's importance matrix maps dense Phi-3 layers only "
+                    f"({info.architecture} has expert tensors)")
+        if info.longrope:
+            return ("llama.cpp picks LongRoPE's long or short factors by context size (n_ctx > "
+                    f"{info.original_max_positions} -> long factors for every position, even "
+                    "of short prompts; src/llama-model.cpp), not by sequence length as the "
+                    "model was trained: KLD 0.075 on short texts of an fp32 tiny LongRoPE Phi-3")
+        window = info.raw.get("sliding_window")
+        if window and window < info.max_positions:
+            cap = int(window) + 1
+            need = max(recipe.context_length or info.max_positions, recipe.eval.max_tokens)
+            if need > cap:
+                return (f"llama.cpp disables Phi-3's sliding window (src/models/phi3.cpp), so "
+                        f"past {window} tokens attention would see the whole context: a GGUF "
+                        f"bundle serves at most {cap} tokens; set context_length (and "
+                        f"eval.max_tokens) <= {cap} (this recipe needs {need})")
         return None
 
     def recognizes(self, path: Path) -> bool:
@@ -183,7 +209,7 @@ class GgufBackend:
                  f"llama.cpp's quantizer ({ftype})", out_file,
                  cwd=Path(__file__).resolve().parents[2])
 
-    def describe(self, recipe: Recipe, target: Target) -> str:
+    def describe(self, recipe: Recipe, target: Target, info: ModelInfo | None = None) -> str:
         ftype = self.file_type(recipe)
         how = (f"{ftype} (llama.cpp type; from {recipe.quantization.precision}, block "
                f"{recipe.quantization.block_size})" if ftype else

@@ -11,7 +11,7 @@ from ..errors import PhikitError
 from ..schema import Recipe, Target
 from .common import describe_quantization, first_import_error, run_tool, versions
 
-ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
+ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM", "Phi3SmallForCausalLM"}
 GROUP_SIZES = {32, 64, 128}
 BITS = {"int4": 4, "int8": 8}
 DTYPES = {"fp16": "float16", "fp32": "float32"}
@@ -45,6 +45,8 @@ class MlxBackend:
         if quant.calibration is not None:
             return ("mlx_lm convert quantizes without calibration data; this recipe asks for "
                     "data-aware quantization (quantization.calibration)")
+        if info is not None and info.architecture == "Phi3VForCausalLM":
+            return "mlx-lm is text-only: Phi3V's image model is mlx-vlm's, which phikit does not drive"
         if info is not None and info.architecture not in ARCHITECTURES:
             return f"mlx-lm has no model class for {info.architecture}"
         return None
@@ -59,6 +61,8 @@ class MlxBackend:
         quant = recipe.quantization
         cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source),
                "--mlx-path", str(out)]
+        if recipe.trust_remote_code:
+            cmd.append("--trust-remote-code")
         if quant.precision in BITS:
             # MLX's affine quantization always stores a scale and a bias per group, so the
             # recipe's `symmetric` does not apply (the plan says so).
@@ -76,7 +80,7 @@ class MlxBackend:
         run_tool(cmd, log, "mlx_lm convert", out / "config.json")
         (out / "README.md").unlink(missing_ok=True)  # mlx-lm's hub card, not part of the model
 
-    def describe(self, recipe: Recipe, target: Target) -> str:
+    def describe(self, recipe: Recipe, target: Target, info: ModelInfo | None = None) -> str:
         return describe_quantization(recipe, target)
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:

@@ -8,19 +8,37 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import ModelInfo
+from ..checkpoint import ModelInfo, read_model_info
 from ..schema import Recipe, Target
 from .common import describe_quantization, first_import_error, run_tool, versions
 
 # Architectures whose published config the 0.18 builder converts, as it names them.
-ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
+# Phi3V: without exclude_embeds the builder writes the language model with its embeddings as a
+# plain "phi3" text model (builder.py create_model) - a text-only bundle; images are dropped.
+ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM", "Phi3SmallForCausalLM",
+                 "Phi3VForCausalLM"}
+MOE_REFUSAL = (
+    "ONNX Runtime GenAI 0.18's builder stops on PhiMoE with 'The longrope RoPE style is not "
+    "currently supported' (its Phi3MoELongRoPEModel lacks Phi3MiniLongRoPEModel's LongRoPE "
+    "set-up) after forcing --execution_provider cuda; patched past that (and past its "
+    "transformers-4 module names), ONNX Runtime's CPU MoE/QMoE kernels ignore PhiMoE's "
+    "sparsemixer routing (use_sparse_mixer): KLD 0.09-0.64 on an fp32 tiny PhiMoE")
 # Execution providers the builder targets, as phikit target files name them.
 PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 
 
+def reachable_window(info: ModelInfo | None) -> int | None:
+    """The sliding window, when a sequence can be longer than it."""
+    window = info.raw.get("sliding_window") if info else None
+    return int(window) if window and int(window) < info.max_positions else None
+
+
 class OnnxBackend:
     name = "onnx"
+    # Bumped when phikit asks the builder for something different with the same recipe, so
+    # cached conversions made before are not reused (2: sliding window, LongRoPE lm_head).
+    revision = 2
     runtime_module = "ortgenai"
     tool = "onnxruntime_genai.models.builder"
     exact_tokenizer = False  # the checkpoint's tokenizer files are used as they are
@@ -47,12 +65,18 @@ class OnnxBackend:
         if info.head_size % 16:
             return (f"head size {info.head_size} is not a multiple of 16 "
                     "(ORT GroupQueryAttention kernels need it)")
+        if info.architecture == "PhiMoEForCausalLM":
+            return MOE_REFUSAL
+        if info.architecture == "Phi3SmallForCausalLM" and target.execution_provider != "cuda":
+            return ("Phi-3-small's block-sparse attention becomes ONNX Runtime's SparseAttention "
+                    "operator, which has a CUDA kernel only")
         return None
 
     def recognizes(self, path: Path) -> bool:
         return (path / "genai_config.json").is_file()
 
-    def extra_options(self, recipe: Recipe, target: Target) -> dict[str, object]:
+    def extra_options(self, recipe: Recipe, target: Target,
+                      info: ModelInfo | None = None) -> dict[str, object]:
         """The builder's --extra_options: the recipe's fields, phikit's measured CPU defaults,
         then the recipe's raw `quantization.options.onnx.extra_options` (which win).
 
@@ -72,15 +96,47 @@ class OnnxBackend:
                 level = 4
             if level is not None:
                 extra["accuracy_level"] = level
-        if target.execution_provider == "cpu":
+        # LongRoPE: with a pruned lm_head the runner gets each position's logits one token at
+        # a time, so positions before the original length keep the short factors in the KV
+        # cache, while transformers' (and this graph's) full-sequence forward rotates all of
+        # them with the long factors: keep the lm_head so teacher-forced logits come from one
+        # prefill, as the reference computes them.
+        if target.execution_provider == "cpu" and not (info and info.longrope):
             extra["prune_lm_head"] = "true"
+        if reachable_window(info):
+            # with layer_types (see _staged_source) the builder gives GroupQueryAttention its
+            # local_window_size; its windowed KV cache would cap every cache at window + 16 and
+            # fail on longer runs, so the full cache is kept and the window lives in attention
+            extra["windowed_kv_cache"] = "false"
+        if recipe.trust_remote_code:  # the builder's own switch for AutoConfig/AutoTokenizer
+            extra["hf_remote"] = "true"
         extra.update(quant.options.get(self.name, {}).get("extra_options", {}))
         return extra
 
+    @staticmethod
+    def _staged_source(source: Path, info: ModelInfo, staged: Path) -> Path:
+        """The 0.18 builder windows only the layers its config marks `sliding_attention` in
+        `layer_types`, which Phi-3's published config has no field for: without it every
+        attention node gets local_window_size -1 (the window silently dropped) while
+        genai_config still caps the KV cache at the window, so runs past window + 16 tokens
+        fail. A copy of the checkpoint (links to its files) whose config.json says every layer
+        is windowed, as the Phi-3 architecture is, gives the builder what it keys on."""
+        window = reachable_window(info)
+        if window is None:
+            return source
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for item in source.iterdir():
+            if item.name != "config.json":
+                (staged / item.name).symlink_to(item.resolve())
+        config = dict(info.raw, layer_types=["sliding_attention"] * info.num_layers)
+        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return staged
+
     def builder_command(self, source: Path, out: Path, recipe: Recipe, target: Target,
-                        cache_dir: Path) -> list[str]:
+                        cache_dir: Path, info: ModelInfo | None = None) -> list[str]:
         quant = recipe.quantization
-        extra = self.extra_options(recipe, target)
+        extra = self.extra_options(recipe, target, info)
         cmd = [sys.executable, "-m", self.tool, "-i", str(source), "-o", str(out),
                "-p", BUILDER_PRECISION[quant.precision],
                "-e", PROVIDERS[target.execution_provider], "-c", str(cache_dir)]
@@ -91,11 +147,15 @@ class OnnxBackend:
     def convert(self, source: Path, out: Path, recipe: Recipe, target: Target,
                 log: Callable[[str], None]) -> None:
         cache_dir = out.parent / f"{out.name}.hf-cache"
-        cmd = self.builder_command(source, out, recipe, target, cache_dir)
+        info = read_model_info(source)
+        staged = self._staged_source(source, info, out.parent / f"{out.name}.source")
+        cmd = self.builder_command(staged, out, recipe, target, cache_dir, info)
         try:
             run_tool(cmd, log, "the ONNX Runtime GenAI builder", out / "genai_config.json")
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
+            if staged != source:
+                shutil.rmtree(staged, ignore_errors=True)
         self._tune(out, target, recipe)
 
     def _tune(self, out: Path, target: Target, recipe: Recipe) -> None:
@@ -113,9 +173,12 @@ class OnnxBackend:
             cfg.setdefault("search", {})["max_length"] = recipe.context_length
         path.write_text(json.dumps(cfg, indent=4) + "\n")
 
-    def describe(self, recipe: Recipe, target: Target) -> str:
-        extra = self.extra_options(recipe, target)
-        tuned = [f"{k}={extra[k]}" for k in ("accuracy_level", "prune_lm_head") if k in extra]
+    def describe(self, recipe: Recipe, target: Target, info: ModelInfo | None = None) -> str:
+        extra = self.extra_options(recipe, target, info)
+        tuned = [f"{k}={extra[k]}" for k in ("accuracy_level", "prune_lm_head",
+                                              "windowed_kv_cache") if k in extra]
+        if reachable_window(info):
+            tuned.append(f"layer_types: sliding_attention (window {reachable_window(info)})")
         return describe_quantization(recipe, target) + (f", {', '.join(tuned)}" if tuned else "")
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:

@@ -54,8 +54,11 @@ class OpenVinoBackend:
             return "ratio / AWQ / scale estimation apply to int4 only"
         if target.device not in DEVICES:
             return f"no OpenVINO device for {target.device!r}"
+        if info is not None and info.architecture == "Phi3VForCausalLM":
+            return ("optimum-intel exports Phi3V as image-text-to-text (OpenVINO GenAI's "
+                    "VLMPipeline); phikit's OpenVINO runner and validator are text-only")
         if info is not None and info.architecture not in ARCHITECTURES:
-            return f"optimum-intel's Phi-3 export does not cover {info.architecture}"
+            return f"optimum-intel has no OpenVINO export config for {info.architecture}"
         return None
 
     def recognizes(self, path: Path) -> bool:
@@ -65,6 +68,8 @@ class OpenVinoBackend:
         quant = recipe.quantization
         cmd = ["optimum-cli", "export", "openvino", "-m", str(source),
                "--task", "text-generation-with-past", "--weight-format", quant.precision]
+        if recipe.trust_remote_code:
+            cmd.append("--trust-remote-code")
         if quant.precision in ("int4", "int8"):
             if quant.symmetric:
                 cmd.append("--sym")
@@ -94,7 +99,7 @@ class OpenVinoBackend:
             raise PhikitError("optimum-intel wrote no openvino_tokenizer.xml (is "
                               "openvino-tokenizers installed?)")
 
-    def describe(self, recipe: Recipe, target: Target) -> str:
+    def describe(self, recipe: Recipe, target: Target, info: ModelInfo | None = None) -> str:
         return describe_quantization(recipe, target)
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:

@@ -4,11 +4,24 @@ Copied into bundles beside core.py; imports only mlx, mlx_lm (which brings its H
 and numpy. On Apple silicon it runs on Metal; on Linux `mlx[cpu]` runs the same code on the CPU
 (a correctness path: about 200x slower than Metal).
 Options: seed handling only; MLX picks its device itself.
+
+mlx-lm 0.31.3 computes three Phi-3-family traits differently from the model as trained (and as
+transformers, the reference, computes it); measured on fp32 tiny fixtures, KLD up to 0.5. The
+runner corrects them when it loads a model, with mlx-lm's own building blocks:
+  sliding window    phi3.py / phimoe.py build their mask without `window_size`: attention sees
+                    the whole context (create_attention_mask has the parameter; it is passed)
+  LongRoPE          SuScaledRoPE always rotates with the long factors; the short factors (and
+                    short mscale) apply while the sequence is within the original length
+  PhiMoE routing    top-2 softmax over the router logits instead of PhiMoE's sparsemixer
+With the corrections the same fixtures match transformers to KLD <= 2e-8. `mlx_lm generate
+--model DIR` on the bundle's model directory runs without them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -16,9 +29,74 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm import load
 from mlx_lm.generate import generate_step
+from mlx_lm.models import base as mlx_base
+from mlx_lm.models import phi3 as mlx_phi3
+from mlx_lm.models import phimoe as mlx_phimoe
+from mlx_lm.models.rope_utils import SuScaledRoPE
 from mlx_lm.sample_utils import make_sampler
 
 from .core import check_length, generation_eos
+
+
+def _use_window(window: int | None) -> None:
+    """The mask function phi3 / phimoe call, with this model's window (None: plain causal).
+    Module-level, so it is set again before every forward of this session."""
+    mask = (functools.partial(mlx_base.create_attention_mask, window_size=window) if window
+            else mlx_base.create_attention_mask)
+    mlx_phi3.create_attention_mask = mlx_phimoe.create_attention_mask = mask
+
+
+def _su_rope_init(self, dims, base=10000.0, max_position_embeddings=131072,
+                  original_max_position_embeddings=4096, short_factor=1.0, long_factor=1.0,
+                  short_mscale=None, long_mscale=None):
+    _SU_INIT(self, dims, base, max_position_embeddings, original_max_position_embeddings,
+             short_factor, long_factor, short_mscale, long_mscale)
+    freqs = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    factor = max_position_embeddings / original_max_position_embeddings
+    derived = 1.0 if factor <= 1.0 else math.sqrt(
+        1 + math.log(factor) / math.log(original_max_position_embeddings))
+    self._phikit_short = (mx.array(short_factor, dtype=mx.float32) * freqs,
+                          short_mscale or derived)
+    self._phikit_long = (self._freqs, self._scale)
+
+
+def _su_rope_call(self, x, offset=0):
+    """Short factors while the running length (cached + new tokens) is within the original
+    length, as transformers' dynamic LongRoPE update decides (max position id + 1)."""
+    short = int(offset) + x.shape[-2] <= self.original_max_position_embeddings
+    self._freqs, self._scale = self._phikit_short if short else self._phikit_long
+    return _SU_CALL(self, x, offset)
+
+
+def _sparsemixer_top2(scores: mx.array, jitter_eps: float) -> tuple[mx.array, mx.array]:
+    """PhiMoE's sparsemixer at inference (top-2): each expert's weight is a softmax over the
+    logits within `2 * jitter_eps` (relative) of that expert's logit, the first expert masked
+    out for the second pick. Returns (weights [.., 2], indices [.., 2])."""
+    neg_inf = mx.array(-mx.inf, dtype=scores.dtype)
+    weights, indices, masked_scores = [], [], scores
+    for _ in range(2):
+        top = mx.max(masked_scores, axis=-1, keepdims=True)
+        index = mx.argmax(masked_scores, axis=-1, keepdims=True)
+        factor = mx.maximum(mx.abs(scores), top)
+        within = mx.where((top - scores) / factor > 2 * jitter_eps, neg_inf, masked_scores)
+        weights.append(mx.take_along_axis(mx.softmax(within, axis=-1, precise=True), index, -1))
+        indices.append(index)
+        masked_scores = mx.where(mx.arange(scores.shape[-1]) == index, neg_inf, masked_scores)
+    return mx.concatenate(weights, axis=-1), mx.concatenate(indices, axis=-1)
+
+
+def _phimoe_block_call(self, x: mx.array) -> mx.array:
+    weights, indices = _sparsemixer_top2(self.gate(x).astype(mx.float32),
+                                         getattr(self, "phikit_jitter_eps", 0.01))
+    y = self.switch_mlp(x, mx.stop_gradient(indices))
+    return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+_SU_INIT, _SU_CALL = SuScaledRoPE.__init__, SuScaledRoPE.__call__
+if not hasattr(SuScaledRoPE, "_phikit_corrected"):  # once per process
+    SuScaledRoPE.__init__, SuScaledRoPE.__call__ = _su_rope_init, _su_rope_call
+    SuScaledRoPE._phikit_corrected = True
+    mlx_phimoe.PhiMoESparseMoeBlock.__call__ = _phimoe_block_call
 
 REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -31,6 +109,13 @@ class MlxSession:
                              f"{', '.join(missing) or '*.safetensors'})")
         self.model, self.tokenizer = load(str(model_dir))
         config = json.loads((model_dir / "config.json").read_text())
+        window = config.get("sliding_window")
+        self.window = int(window) if window and window < config.get(
+            "max_position_embeddings", 1 << 62) else None
+        for layer in getattr(self.model, "layers", None) or self.model.model.layers:
+            moe = getattr(layer, "block_sparse_moe", None)
+            if moe is not None:
+                moe.phikit_jitter_eps = float(config.get("router_jitter_noise", 0.01))
         self.eos_token_ids = (generation_eos(model_dir, config.get("eos_token_id"))
                               or tuple(sorted(self.tokenizer.eos_token_ids)))
         self.context_length = int(config.get("max_position_embeddings", 4096))
@@ -48,6 +133,7 @@ class MlxSession:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         check_length(len(ids), self.context_length)
+        _use_window(self.window)
         out = self.model(mx.array([list(ids)]))[0].astype(mx.float32)
         return np.array(out)
 
@@ -59,6 +145,7 @@ class MlxSession:
                                top_k=sampling.top_k or 0)
         stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
         max_new = max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))
+        _use_window(self.window)
         for token, _ in generate_step(mx.array(list(ids)), self.model, max_tokens=max_new,
                                       sampler=sampler):
             token = int(token)
@@ -70,6 +157,9 @@ class MlxSession:
         device = str(mx.default_device())
         notes = ["measured with MLX's CPU backend; the Metal path is not exercised here"] \
             if "cpu" in device.lower() else []
+        if self.window or any(isinstance(m, SuScaledRoPE) for _, m in self.model.named_modules()):
+            notes.append("phikit's runner corrects mlx-lm's sliding window / LongRoPE short "
+                         "factors / PhiMoE routing (toolkit/runner/mlx_rt.py)")
         return {"runtime": "mlx-lm", "version": mx.__version__, "device": device,
                 "quantization": self.quantization, "context_length": self.context_length,
                 "notes": notes}
