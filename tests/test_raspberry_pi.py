@@ -41,7 +41,7 @@ def test_memory_budget_refuses_with_both_numbers(tmp_path):
     proc = phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", target, "--dry-run")
     assert proc.returncode == 2
     message = " ".join(proc.stderr.split())
-    assert "needs about 21 MB" in message and "KV cache 16 MB at 4096 tokens" in message
+    assert "needs about 13 MB" in message and "KV cache 8 MB at 2048 tokens" in message
     assert "memory budget is 10 MB" in message
 
 
