@@ -82,7 +82,7 @@ bench-full: install
 fixture: install
 	$(PY) fixtures/make_tiny_phi3.py --steps 350
 	$(PY) fixtures/make_tiny_phi3.py --member tiny-phi3-longrope --steps 277
-	$(PY) fixtures/make_tiny_phi3.py --member tiny-phi3-gqa --steps 60
+	$(PY) fixtures/make_tiny_phi3.py --member tiny-phi3-gqa --steps 150
 	$(PY) fixtures/make_tiny_phi3.py --member tiny-phimoe --steps 120
 	$(PY) fixtures/make_tiny_phi3.py --long-context-evalset evalsets/phi3-long-context.jsonl
 
