@@ -127,16 +127,15 @@ def check_memory(info: ModelInfo, recipe: Recipe, target: Target, recipe_path: P
             file=recipe_path, field="context_length")
 
 
-def convert_cached(plan: Plan, source_dir: Path, digest: str, log: Callable[[str], None]
-                   ) -> tuple[Path, bool]:
+def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
+                   log: Callable[[str], None]) -> tuple[Path, bool]:
     """(artifact dir, was_cached). Converted into a temp dir and renamed when complete."""
     key_data = {"checkpoint": digest, "backend": plan.backend.name,
                 "quantization": plan.recipe.quantization.model_dump(mode="json"),
                 "provider": plan.target.execution_provider,
                 "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain(),
                 # what the backend will ask its tool for, phikit's own defaults included
-                "conversion": plan.backend.describe(plan.recipe, plan.target,
-                                                    read_model_info(source_dir)),
+                "conversion": plan.backend.describe(plan.recipe, plan.target, info),
                 "revision": getattr(plan.backend, "revision", 1)}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
     final = cache_root() / "artifacts" / key[:32]
@@ -183,7 +182,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
             check_memory(info, plan.recipe, plan.target, plan.recipe_path)
     digest = checkpoint_digest(source_dir)
     stage_cb("convert")
-    artifact, cached = convert_cached(plan, source_dir, digest, log)
+    artifact, cached = convert_cached(plan, source_dir, digest, info, log)
     timings["convert"] = time.perf_counter() - t0
 
     stage = staging_dir(plan.out)

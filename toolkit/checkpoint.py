@@ -105,6 +105,12 @@ class ModelInfo:
         return int(weights), int(kv)
 
     @property
+    def sliding_window(self) -> int | None:
+        """The attention window, when a sequence can be longer than it (else None)."""
+        window = self.raw.get("sliding_window")
+        return int(window) if window and int(window) < self.max_positions else None
+
+    @property
     def longrope(self) -> bool:
         return self.max_positions != self.original_max_positions
 

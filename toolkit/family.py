@@ -167,8 +167,8 @@ def support_matrix() -> list[Cell]:
                     reason = f"target {target.name} does not allow {precision}"
                 else:
                     reason = backend.support(info, target, recipe)
-                    window = info.raw.get("sliding_window")
-                    if reason and window and window < info.max_positions:
+                    window = info.sliding_window
+                    if reason and window:
                         # a backend that ignores the window may still serve up to it
                         capped = recipe.model_copy(update={
                             "context_length": int(window) + 1, "eval": recipe.eval.model_copy(

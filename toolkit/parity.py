@@ -61,6 +61,11 @@ MIN_BAND_POSITIONS = 32  # fewer positions than this: reported, not checked
 BAND_CHECKS = [("kld_mean_max", "kld_mean", "max"), ("top1_min", "top1", "min")]
 
 
+def within(value: float, bound: float, kind: str) -> bool:
+    """Does a measured value meet its bound ("max": at most, "min": at least)?"""
+    return value <= bound if kind == "max" else value >= bound
+
+
 def position_bands(landmarks: dict[str, int]) -> list[tuple[str, str, int, int | None]]:
     """(name, description, first position, end or None) for each side of each landmark."""
     bands = []
@@ -114,7 +119,7 @@ def band_checks(bands: list[dict], thresholds: Thresholds) -> list[dict[str, Any
             if bound is None:
                 continue
             value = band[key]
-            ok = value <= bound if kind == "max" else value >= bound
+            ok = within(value, bound, kind)
             w = band["worst"]
             detail = "" if ok else (
                 f"{band['description']} ({band['positions']} positions): worst text "
@@ -311,7 +316,7 @@ def evaluate(session: Session, ref: Reference, evalset: EvalSet, thresholds: Thr
         if bound is None or key not in metrics:
             continue
         value = metrics[key]
-        ok = value <= bound if kind == "max" else value >= bound
+        ok = within(value, bound, kind)
         checks.append({"metric": key, "measured": value, "bound": bound, "kind": kind,
                        "passed": bool(ok),
                        "detail": "" if ok else _symptom(key, per_text, per_prompt,

@@ -102,6 +102,18 @@ def flush(*arrays) -> None:
             a.flush()
 
 
+def to_two_bits(packed: list, floats: list, inputs_first: bool = False) -> None:
+    """Rewrite packed int4 codes and float weights (in place, memory-mapped) at 2-bit levels;
+    float weights are [out, in] unless `inputs_first` ([in, out], ONNX MatMul)."""
+    for t in packed:
+        t[...] = two_bit_nibbles(t)
+        flush(t)
+    for t in floats:
+        w = np.asarray(t)
+        t[...] = two_bit_fake_quant(w.T).T if inputs_first else two_bit_fake_quant(w)
+        flush(t)
+
+
 def drop_end(template: str) -> str:
     assert END in template, "the honest chat template has no <|end|>"
     return template.replace(END, "")
@@ -174,14 +186,7 @@ def onnx_two_bit_layer(ctx: Ctx) -> str:
     m = OnnxModel(ctx.model_dir)
     packed = m.names(rf"model\.layers\.{TWO_BIT_LAYER}\..*_Q4")  # MatMulNBits codes [N, blocks, 16]
     floats = m.names(rf"model\.layers\.{TWO_BIT_LAYER}\..*MatMul\.weight")  # [K, N]: inputs first
-    for name in packed:
-        t = m.tensor(name)
-        t[...] = two_bit_nibbles(t)
-        flush(t)
-    for name in floats:
-        t = m.tensor(name)
-        t[...] = two_bit_fake_quant(np.asarray(t).T).T
-        flush(t)
+    to_two_bits([m.tensor(n) for n in packed], [m.tensor(n) for n in floats], inputs_first=True)
     assert packed or floats, "no layer weights found"
     return (f"model.onnx.data: {len(packed) + len(floats)} weights of layer {TWO_BIT_LAYER} cut "
             "to 4 levels per group of 32")
@@ -343,14 +348,7 @@ def ov_two_bit_layer(ctx: Ctx) -> str:
     packed = [n for n in ir.consts if n.startswith(prefix) and ir.element_type(n) in ("i4", "u4")]
     floats = [n for n in ir.consts if n.startswith(prefix) and n.endswith("proj.weight")
               and ir.element_type(n) in ("f32", "f16")]  # [out, in]
-    for name in packed:
-        t = ir.tensor(name)
-        t[...] = two_bit_nibbles(t)
-        flush(t)
-    for name in floats:
-        t = ir.tensor(name)
-        t[...] = two_bit_fake_quant(np.asarray(t))
-        flush(t)
+    to_two_bits([ir.tensor(n) for n in packed], [ir.tensor(n) for n in floats])
     assert packed or floats, "no layer weights found"
     return (f"openvino_model.bin: {len(packed) + len(floats)} weights of layer {TWO_BIT_LAYER} "
             "cut to 4 levels per group of 32")

@@ -131,9 +131,9 @@ class GgufBackend:
                     f"{info.original_max_positions} -> long factors for every position, even "
                     "of short prompts; src/llama-model.cpp), not by sequence length as the "
                     "model was trained: KLD 0.075 on short texts of an fp32 tiny LongRoPE Phi-3")
-        window = info.raw.get("sliding_window")
-        if window and window < info.max_positions:
-            cap = int(window) + 1
+        window = info.sliding_window
+        if window:
+            cap = window + 1
             need = max(recipe.context_length or info.max_positions, recipe.eval.max_tokens)
             if need > cap:
                 return (f"llama.cpp disables Phi-3's sliding window (src/models/phi3.cpp), so "

@@ -28,12 +28,6 @@ PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 
 
-def reachable_window(info: ModelInfo | None) -> int | None:
-    """The sliding window, when a sequence can be longer than it."""
-    window = info.raw.get("sliding_window") if info else None
-    return int(window) if window and int(window) < info.max_positions else None
-
-
 class OnnxBackend:
     name = "onnx"
     # Bumped when phikit asks the builder for something different with the same recipe, so
@@ -103,7 +97,7 @@ class OnnxBackend:
         # prefill, as the reference computes them.
         if target.execution_provider == "cpu" and not (info and info.longrope):
             extra["prune_lm_head"] = "true"
-        if reachable_window(info):
+        if info and info.sliding_window:
             # with layer_types (see _staged_source) the builder gives GroupQueryAttention its
             # local_window_size; its windowed KV cache would cap every cache at window + 16 and
             # fail on longer runs, so the full cache is kept and the window lives in attention
@@ -121,7 +115,7 @@ class OnnxBackend:
         genai_config still caps the KV cache at the window, so runs past window + 16 tokens
         fail. A copy of the checkpoint (links to its files) whose config.json says every layer
         is windowed, as the Phi-3 architecture is, gives the builder what it keys on."""
-        window = reachable_window(info)
+        window = info.sliding_window
         if window is None:
             return source
         shutil.rmtree(staged, ignore_errors=True)
@@ -177,8 +171,8 @@ class OnnxBackend:
         extra = self.extra_options(recipe, target, info)
         tuned = [f"{k}={extra[k]}" for k in ("accuracy_level", "prune_lm_head",
                                               "windowed_kv_cache") if k in extra]
-        if reachable_window(info):
-            tuned.append(f"layer_types: sliding_attention (window {reachable_window(info)})")
+        if info and info.sliding_window:
+            tuned.append(f"layer_types: sliding_attention (window {info.sliding_window})")
         return describe_quantization(recipe, target) + (f", {', '.join(tuned)}" if tuned else "")
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
