@@ -9,8 +9,12 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 LLAMA_CPP_PYTHON := llama_cpp_python-0.3.36
 LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
+# Olive 0.13's ModelBuilder pass (Qualcomm NPU backend) imports a module onnxruntime-genai removed
+# after 0.12; 0.12.2 goes into a directory only the Olive subprocess puts on its path, so the
+# ONNX backend keeps the 0.18 builder.
+OLIVE_GENAI      := $(VENV)/share/phikit/olive-genai
 
-.PHONY: install llama-cpp system-deps demo test test-fast bench bench-full fixture matrix clean
+.PHONY: install llama-cpp olive-genai system-deps demo test test-fast bench bench-full fixture matrix clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +28,7 @@ $(VENV)/.installed: constraints.txt requirements.txt pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps -e .
 	$(MAKE) llama-cpp
+	$(MAKE) olive-genai
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
@@ -38,6 +43,10 @@ llama-cpp:
 	  $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
 	  $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
 	echo "$(LLAMA_CPP_PYTHON) sha256:$(LLAMA_CPP_SHA256)" > $(LLAMA_CPP_DIR)/SOURCE
+
+olive-genai:
+	rm -rf $(OLIVE_GENAI)
+	$(PIP) install -q --no-deps --target $(OLIVE_GENAI) onnxruntime-genai==0.12.2
 
 # Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use.
 # qemu-user-static comes from bookworm-backports (10.x): bookworm's 7.2 segfaults loading

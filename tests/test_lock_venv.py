@@ -24,7 +24,7 @@ def test_bundle_runs_from_its_lock_alone(fixture, lock, request, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    "--require-hashes", "-r", str(bundle / lock)], check=True, timeout=900)
+                    "--no-deps", "--require-hashes", "-r", str(bundle / lock)], check=True, timeout=900)
     for absent in ("torch", "toolkit"):
         probe = subprocess.run([str(py), "-c", f"import {absent}"], capture_output=True,
                                cwd=tmp_path)

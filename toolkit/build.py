@@ -213,9 +213,12 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         (stage / "requirements.lock").write_text(
             resolve_lock(packages, plan.target.platform,
                          stage / "wheels" if with_wheels else None,
-                         plan.target.runtime.source_builds))
+                         plan.target.runtime.source_builds,
+                         plan.target.runtime.without_dependencies))
         for extra in plan.target.runtime.extra_locks.get(plan.backend.name, []):
-            (stage / extra.file).write_text(resolve_lock(extra.packages, extra.platform))
+            (stage / extra.file).write_text(resolve_lock(
+                extra.packages, extra.platform,
+                without_dependencies=plan.target.runtime.without_dependencies))
         manifest_fields = {
             "name": plan.recipe.name,
             "created": now(),

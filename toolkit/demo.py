@@ -3,7 +3,9 @@
 Targets whose device this machine is (generic-cpu, intel-cpu) get every precision. The others
 are built and validated with the same runtime on this machine's CPU where it runs here (intel-gpu:
 the same OpenVINO IR on CPU; apple-metal: MLX's Linux CPU backend; raspberry-pi: the aarch64
-bundle's model on the x86 runtime), one precision each, and the table says where each was measured.
+bundle's model on the x86 runtime; nvidia-cuda: the CUDA graph on the CPU execution provider;
+qualcomm-npu: its W8A16 recipe on Qualcomm's HTP simulator), one precision each, and the table
+says where each was measured.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ PRECISIONS = ("int4", "int8", "fp32")
 # One precision for targets measured off-device: MLX's quantized kernels on Linux CPU take
 # ~5 minutes per tiny-phi3 validation, its fp32 path seconds.
 OFF_DEVICE_PRECISION = {"mlx": "fp32"}
+# Backends whose targets need a recipe of their own: the NPU runs static, calibrated W8A16 graphs
+# (measured on Qualcomm's HTP simulator, which onnxruntime-qnn ships for x86_64 Linux).
+DEMO_RECIPE = {"qnn": "tiny-phi3-w8a16"}
 QUESTION = "What does json.dumps do?"
 
 
@@ -31,6 +36,10 @@ def demo_builds() -> list[tuple[str, str, str]]:
     builds = []
     for _, target, reason in usable_targets():
         if target is None or BACKENDS[target.backend].unavailable():
+            continue
+        if target.backend in DEMO_RECIPE:
+            builds.append((str(RECIPES_DIR / f"{DEMO_RECIPE[target.backend]}.yaml"), target.name,
+                           "Qualcomm's HTP simulator on this CPU (the NPU's backend library)"))
             continue
         if reason is None:
             precisions, where = [p for p in PRECISIONS if p in target.precisions], "this CPU"

@@ -159,9 +159,9 @@ if [ ! -x {venv}/bin/python ] || [ "$(cat {venv}/.lock-sha256 2>/dev/null)" != "
   rm -rf {venv}
   {python} -m venv {venv}
   if [ -d wheels ]; then
-    {venv}/bin/python -m pip install -q --no-index --find-links wheels --require-hashes -r requirements.lock
+    {venv}/bin/python -m pip install -q --no-deps --no-index --find-links wheels --require-hashes -r requirements.lock
   else
-    {venv}/bin/python -m pip install -q --require-hashes -r requirements.lock
+    {venv}/bin/python -m pip install -q --no-deps --require-hashes -r requirements.lock
   fi
   echo "$LOCK_SHA" > {venv}/.lock-sha256
   echo installed

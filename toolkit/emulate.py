@@ -152,8 +152,9 @@ class EmulatedSession:
             inside = f"/opt/phikit/{venv.name}"
             self._chroot(["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
             self._chroot([f"{inside}/bin/python", "-m", "pip", "install", "-q", "--no-index",
-                          "--find-links", f"/opt/phikit/{wheels.name}", "--require-hashes", "-r",
-                          f"/opt/phikit/lock-{lock_sha}.txt"], "pip install (emulated)")
+                          "--find-links", f"/opt/phikit/{wheels.name}", "--no-deps",
+                          "--require-hashes", "-r", f"/opt/phikit/lock-{lock_sha}.txt"],
+                         "pip install (emulated)")
         digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
         copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
         if not copy.exists():

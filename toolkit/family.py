@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import ModelInfo, model_info_from_config, read_model_info
 from .errors import PhikitError
+
+if TYPE_CHECKING:  # schema imports stay local at run time, as elsewhere in this module
+    from .schema import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "models"
@@ -123,7 +126,24 @@ def check_remote_code(info: ModelInfo | None, trusted: bool, source: str) -> Non
 MATRIX_PRECISIONS = ("int4", "int8", "fp32")
 # Each backend is shown on the target a user would pick it for.
 MATRIX_TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal",
-                  "gguf": "ollama"}
+                  "gguf": "ollama", "qnn": "qualcomm-npu"}
+
+
+def matrix_recipe(backend: str, info: ModelInfo, source: str, precision: str,
+                  eval_file: Path) -> Recipe:
+    """The recipe a matrix cell is asked about: the backend's usual form of the precision.
+    The NPU compiles static, calibrated graphs: per-channel weights, calibration text, and a KV
+    cache within the window (Microsoft's Phi-3.5 QNN models serve 4096 tokens at most)."""
+    from .schema import EvalConfig, Quantization, Recipe
+
+    quant, fields = Quantization(precision=precision), {}
+    if backend == "qnn":
+        quant = Quantization(precision=precision, block_size=-1,
+                             calibration=REPO / "evalsets" / "tiny-phi3-calibration.txt")
+        fields["context_length"] = min(info.sliding_window or 4096, info.original_max_positions,
+                                       4096)
+    return Recipe(name="matrix", source=source, quantization=quant,
+                  eval=EvalConfig(file=eval_file), **fields)
 
 
 @dataclass(frozen=True)
@@ -143,7 +163,7 @@ def support_matrix() -> list[Cell]:
     """Every member x backend x precision, answered by the same checks `phikit build` runs."""
     from .backends import BACKENDS
     from .build import TARGETS_DIR
-    from .schema import EvalConfig, Quantization, Recipe, load_target
+    from .schema import load_target
 
     cells = []
     targets = {b: load_target(TARGETS_DIR / f"{t}.yaml", set(BACKENDS))
@@ -159,9 +179,8 @@ def support_matrix() -> list[Cell]:
         for name, backend in BACKENDS.items():
             target = targets[name]
             for precision in MATRIX_PRECISIONS:
-                recipe = Recipe(name="matrix", source=member.hub_id or str(MODELS_DIR / member.name),
-                                quantization=Quantization(precision=precision),
-                                eval=EvalConfig(file=eval_file))
+                recipe = matrix_recipe(name, info, member.hub_id or str(MODELS_DIR / member.name),
+                                       precision, eval_file)
                 cap = None
                 if precision not in target.precisions:
                     reason = f"target {target.name} does not allow {precision}"

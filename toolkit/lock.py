@@ -47,10 +47,11 @@ def pinned_requirements(packages: list[str]) -> list[str]:
     return out
 
 
-def _pip_download(requirements: list[str], platform: Platform, dest: Path) -> None:
+def _pip_download(requirements: list[str], platform: Platform, dest: Path,
+                  no_deps: bool = False) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
            "--only-binary=:all:", "--python-version", platform.python, "--implementation", "cp",
-           "-d", str(dest)]
+           "-d", str(dest)] + (["--no-deps"] if no_deps else [])
     for tag in platform.pip_platforms:
         cmd += ["--platform", tag]
     if CONSTRAINTS.is_file():
@@ -82,17 +83,23 @@ def _source_packages(requirements: list[str], dest: Path) -> list[str]:
     return deps
 
 
+def _named(requirements: list[str], names: list[str]) -> list[str]:
+    wanted = {_canonical(n) for n in names}
+    return [r for r in requirements if _canonical(re.split(r"[=<>!~\[]", r)[0]) in wanted]
+
+
 def resolve_lock(packages: list[str], platform: Platform, wheel_dir: Path | None = None,
-                 source_builds: list[str] = ()) -> str:
+                 source_builds: list[str] = (), without_dependencies: list[str] = ()) -> str:
     """The lock text; wheels land in `wheel_dir` (for bundles that carry them) if given.
-    Packages named in `source_builds` are pinned as source packages (the device compiles them)."""
-    canonical_sources = {_canonical(s) for s in source_builds}
+    Packages named in `source_builds` are pinned as source packages (the device compiles them);
+    those in `without_dependencies` are pinned alone. The lock is the whole closure, so it is
+    installed with --no-deps."""
     requirements = sorted(pinned_requirements(packages))
-    sources = [r for r in requirements if _canonical(re.split(r"[=<>!~\[]", r)[0])
-               in canonical_sources]
-    requirements = [r for r in requirements if r not in sources]
+    sources = _named(requirements, list(source_builds))
+    alone = _named(requirements, list(without_dependencies))
+    requirements = [r for r in requirements if r not in sources and r not in alone]
     constraints = CONSTRAINTS.read_bytes() if CONSTRAINTS.is_file() else b""
-    key = hashlib.sha256(repr((requirements, sources, platform.model_dump(),
+    key = hashlib.sha256(repr((requirements, sources, alone, platform.model_dump(),
                                constraints)).encode())
     cached = cache_root() / "locks" / f"{key.hexdigest()[:32]}.lock"
     if cached.is_file() and wheel_dir is None:
@@ -101,6 +108,8 @@ def resolve_lock(packages: list[str], platform: Platform, wheel_dir: Path | None
         if sources:
             requirements += _source_packages(sources, Path(tmp))
         _pip_download(requirements, platform, Path(tmp))
+        if alone:
+            _pip_download(alone, platform, Path(tmp), no_deps=True)
         lines = []
         files = [*Path(tmp).glob("*.whl"), *Path(tmp).glob("*.tar.gz")]
         for file in sorted(files, key=lambda p: _canonical(p.name)):
@@ -114,11 +123,14 @@ def resolve_lock(packages: list[str], platform: Platform, wheel_dir: Path | None
                 shutil.copy2(file, wheel_dir / file.name)
     header = (f"# phikit runtime lock for {platform.os}/{platform.arch}, CPython {platform.python}\n"
               f"# platforms: {', '.join(platform.pip_platforms)}\n"
-              f"# install: pip install --require-hashes -r requirements.lock\n")
+              f"# install: pip install --no-deps --require-hashes -r requirements.lock\n")
     if sources:
         header += (f"# built from source on the device (no {platform.arch} wheels): "
                    f"{', '.join(sources)}; needs a C/C++ compiler and cmake >= 3.21 "
                    "(Debian: apt install build-essential cmake)\n")
+    if alone:
+        header += (f"# locked without their declared dependencies (unused by the runner): "
+                   f"{', '.join(alone)}\n")
     text = header + "\n".join(lines) + "\n"
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = cached.with_suffix(f".{os.getpid()}.tmp")

@@ -110,6 +110,10 @@ class Runtime(Strict):
     source_builds: list[str] = Field(
         default_factory=list, description="distributions with no wheel for this platform: the "
         "lock pins their source package by sha256 and the device compiles it")
+    without_dependencies: list[str] = Field(
+        default_factory=list, description="distributions locked without their declared "
+        "dependencies, which the runner never imports (tokenizers declares huggingface-hub, "
+        "whose pyyaml has no Windows-on-Arm wheel)")
     threads: int | Literal["auto"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -49,9 +49,10 @@ class Backend(Protocol):
 
 
 def _registry() -> dict[str, Backend]:
-    from . import gguf, mlx, onnx, openvino
+    from . import gguf, mlx, onnx, openvino, qnn
 
-    return {b.name: b for b in (onnx.BACKEND, openvino.BACKEND, mlx.BACKEND, gguf.BACKEND)}
+    return {b.name: b for b in (onnx.BACKEND, openvino.BACKEND, mlx.BACKEND, gguf.BACKEND,
+                                      qnn.BACKEND)}
 
 
 BACKENDS: dict[str, Backend] = _registry()

@@ -23,12 +23,12 @@ def first_import_error(*modules: str) -> str | None:
 
 
 def run_tool(cmd: list[str], log: Callable[[str], None], what: str, expect: Path,
-             cwd: Path | None = None) -> None:
+             cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
     """Run a converter, log its output, and fail with its last lines if it did not produce
     `expect` (a tool can exit 0 without writing anything)."""
     log("$ " + " ".join(cmd))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=cwd)
+                          cwd=cwd, env=env)
     log(proc.stdout)
     if proc.returncode != 0 or not expect.exists():
         tail = "\n".join(proc.stdout.strip().splitlines()[-5:])

@@ -180,8 +180,9 @@ class OnnxBackend:
                 **target.runtime.options}
 
     def toolchain(self) -> dict[str, str]:
-        return versions("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "onnxscript",
-                     "transformers", "torch")
+        # the CUDA builds (-cuda, -gpu) install the same modules under other names
+        return versions("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime",
+                        "onnxruntime-gpu", "onnx", "onnx-ir", "onnxscript", "transformers", "torch")
 
 
 BACKEND = OnnxBackend()

@@ -138,7 +138,7 @@ def _runtime_module(name: str):
         return importlib.import_module(f"{package}.{name}")
     except ImportError as e:
         raise BundleError(f"runtime module {name!r} cannot be imported: {e}. Install the bundle's "
-                          "requirements.lock (pip install --require-hashes -r requirements.lock)") \
+                          "requirements.lock (pip install --no-deps --require-hashes -r requirements.lock)") \
             from None
 
 

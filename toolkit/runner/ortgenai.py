@@ -3,14 +3,22 @@
 Copied into bundles beside core.py. Options (from the bundle manifest or the caller):
   threads: int | "auto"       intra-op threads (ORT GenAI ran on ONE thread by default on
                               2-core Linux: setting it doubles decode speed)
-  execution_provider: "cpu" | "cuda" | ...
+  execution_provider: "cpu" | "cuda" | ...   (default: the one genai_config.json names)
   provider_options: dict      passed to that provider
+
+A model built for another provider (cuda) whose provider cannot start here (no GPU, no CUDA
+build of the runtime) runs on the CPU execution provider when that can run the same graph
+(ONNX Runtime's CPU kernels take the fp16 graphs the builder writes for cuda); info() then says
+which provider produced the figures. When the CPU provider cannot run it either, opening fails
+with "needs CUDA" and both reasons.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +32,55 @@ if hasattr(og, "disable_telemetry_events"):
 
 # Providers that share the CPU EP's config name in genai_config.json.
 _CPU = {"cpu", "CPUExecutionProvider"}
+
+
+def _config_provider(genai: dict[str, Any]) -> str:
+    """The provider genai_config.json names (the builder's `-e`), "cpu" when it names none."""
+    options = genai["model"]["decoder"].get("session_options", {}).get("provider_options", [])
+    return next(iter(options[0]), "cpu") if options else "cpu"
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line, absolute paths cut to their file names (notes stay readable)."""
+    text = str(error).strip()
+    return re.sub(r"(?:/[^\s/:]+)+/([^\s/:]+)", r"\1", text.splitlines()[0]) if text \
+        else type(error).__name__
+
+
+def load_model(model_dir: Path, threads: int, provider: str,
+               provider_options: dict[str, Any] | None = None) -> tuple[Any, str, str | None]:
+    """(og.Model, the provider it runs on, why the requested provider did not start or None).
+
+    ORT GenAI raises RuntimeError from og.Model when a provider cannot start (without the CUDA
+    build: "Cuda interface not available: Failed to load library ..."; with it but no GPU, a
+    CUDA error); the same graph is then tried on the CPU execution provider."""
+    def config(on: str):
+        cfg = og.Config(str(model_dir))
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads}}}}))
+        cfg.clear_providers()  # no provider appended = the CPU execution provider
+        if on not in _CPU:
+            cfg.append_provider(on)
+            for key, value in (provider_options or {}).items():
+                cfg.set_provider_option(on, key, str(value))
+        return cfg
+
+    if provider in _CPU:
+        return og.Model(config(provider)), "cpu", None
+    try:
+        return og.Model(config(provider)), provider, None
+    except RuntimeError as e:
+        reason = _first_line(e)
+    try:
+        model = og.Model(config("cpu"))
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"needs {provider.upper()}: the {provider} execution provider does not start here "
+            f"({reason}) and the CPU execution provider cannot run this graph "
+            f"({_first_line(e)}); run it on a machine with the {provider} provider") from None
+    print(f"[phikit] ONNX Runtime GenAI execution provider {provider} not available here "
+          f"({reason}); running the same graph on the CPU execution provider", file=sys.stderr)
+    return model, "cpu", reason
 
 
 def _template_bos(model_dir: Path) -> int | None:
@@ -51,19 +108,12 @@ class OrtGenaiSession:
     def __init__(self, model_dir: Path, options: dict[str, Any]):
         self.model_dir = model_dir
         genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
-        config = og.Config(str(model_dir))
         threads = options.get("threads", "auto")
         threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads}}}}))
-        provider = options.get("execution_provider", "cpu")
-        if provider not in _CPU:
-            config.clear_providers()
-            config.append_provider(provider)
-            for key, value in (options.get("provider_options") or {}).items():
-                config.set_provider_option(provider, key, str(value))
-        self.threads, self.provider = threads, provider
-        self.model = og.Model(config)
+        self.requested_provider = options.get("execution_provider") or _config_provider(genai)
+        self.model, self.provider, self.fallback_reason = load_model(
+            model_dir, threads, self.requested_provider, options.get("provider_options"))
+        self.threads = threads
         self.tokenizer = og.Tokenizer(self.model)
         eos = genai["model"].get("eos_token_id", [])
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
@@ -129,9 +179,14 @@ class OrtGenaiSession:
             yield token
 
     def info(self) -> dict[str, Any]:
+        notes = [] if self.fallback_reason is None else [
+            f"built for {self.requested_provider}; the {self.requested_provider} execution "
+            f"provider does not start here ({self.fallback_reason}): figures measured with the "
+            "CPU execution provider on the same graph"]
         return {"runtime": "onnxruntime-genai", "version": og.__version__,
-                "execution_provider": self.provider, "threads": self.threads,
-                "context_length": self.context_length}
+                "execution_provider": self.provider,
+                "requested_execution_provider": self.requested_provider,
+                "threads": self.threads, "context_length": self.context_length, "notes": notes}
 
 
 def open_session(model_dir: Path, options: dict[str, Any]) -> OrtGenaiSession:
