@@ -25,8 +25,11 @@ def test_demo_builds_validates_and_answers(tmp_path):
     native = [f"tiny-phi3-{p}-{t}" for p in ("int4", "int8", "fp32")
               for t in ("generic-cpu", "intel-cpu", "ollama")]
     off_device = ["tiny-phi3-int4-intel-gpu", "tiny-phi3-fp32-apple-metal",
-                  "tiny-phi3-int4-raspberry-pi"]
+                  "tiny-phi3-int4-raspberry-pi", "tiny-phi3-int4-nvidia-cuda",
+                  "tiny-phi3-w8a16-qualcomm-npu"]
     assert built == sorted(native + off_device)
     for line in proc.stdout.splitlines():
         if "apple-metal" in line and "pass" in line:
             assert "mlx" in line
+        if "qualcomm-npu" in line and "pass" in line:
+            assert "qnn" in line and "HTP" in line

@@ -137,6 +137,11 @@ def test_validate_records_the_htp_backend_without_fallback(npu_bundle, tmp_path)
     assert all(g["QNNExecutionProvider"] > 0 for g in graphs.values())
     assert report["metrics"]["kld_mean"] < 0.01 and report["metrics"]["top1"] > 0.9
     assert any("simulator" in n for n in report["notes"])
+    # the readable report says where it ran and that nothing could fall back
+    from toolkit.report import bundle_facts
+
+    runtime = bundle_facts(report, None)["runtime"]
+    assert "QNN HTP" in runtime and "CPU fallback off" in runtime, runtime
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def demo_builds() -> list[tuple[str, str, str]]:
             continue
         if target.backend in DEMO_RECIPE:
             builds.append((str(RECIPES_DIR / f"{DEMO_RECIPE[target.backend]}.yaml"), target.name,
-                           "Qualcomm's HTP simulator on this CPU (the NPU's backend library)"))
+                           "Qualcomm's HTP simulator on this CPU"))
             continue
         if reason is None:
             precisions, where = [p for p in PRECISIONS if p in target.precisions], "this CPU"

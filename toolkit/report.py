@@ -171,6 +171,13 @@ def bundle_facts(report: dict[str, Any], manifest: dict[str, Any] | None,
     one (bare artifacts validated with --json have none)."""
     candidate = report.get("candidate") or {}
     runtime = " ".join(str(x) for x in (candidate.get("runtime"), candidate.get("version")) if x)
+    if candidate.get("device") and candidate.get("cpu_fallback") is not None:
+        # runtimes that place nodes on an accelerator say where they ran and whether any could
+        # have fallen back to the CPU (the QNN runner)
+        nodes = candidate.get("nodes_by_provider") or {}
+        placed = ", ".join(f"{n} nodes on {ep}" for ep, n in nodes.items())
+        runtime += (f" on {candidate['device']}, CPU fallback "
+                    f"{'on' if candidate['cpu_fallback'] else 'off'}" + (f", {placed}" if placed else ""))
     return {"name": name or dig(manifest, "name") or "parity report",
             "backend": fmt(dig(manifest, "backend")),
             "precision": fmt(dig(manifest, "recipe", "quantization", "precision")),
