@@ -173,6 +173,28 @@ def test_bundle_runner_generates_on_the_htp(npu_bundle):
     assert proc.stdout.strip()
 
 
+def test_longrope_served_up_to_the_original_length_only():
+    info = read_model_info(REPO / "models" / "tiny-phi3-longrope")
+    info = type(info)(**{**info.__dict__, "raw": {**info.raw, "sliding_window": None}})
+    recipe = load_recipe(REPO / "recipes" / "tiny-phi3-longrope-w8a16.yaml")
+    target = load_target(TARGET, set(BACKENDS))
+    assert QNN.support(info, target, recipe) is None
+    longer = recipe.model_copy(update={"context_length": 128})
+    assert "short-factor rotary cache only" in QNN.support(info, target, longer)
+
+
+@pytest.mark.slow
+def test_longrope_short_factors_kept(dist):
+    """Olive's RemoveRopeMultiCache must keep the SHORT-factor cache (the one LongRoPE uses
+    below the original length): long factors there would give KLD ~0.075."""
+    out = dist / "tiny-phi3-longrope-w8a16-qualcomm-npu"
+    phikit("build", "recipes/tiny-phi3-longrope-w8a16.yaml", "--target", "qualcomm-npu",
+           "--out", out, check=0, timeout=1800)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["metrics"]["kld_mean"] < 0.005
+    assert parity["candidate"]["cpu_fallback"] is False
+
+
 @pytest.mark.slow
 def test_op_the_htp_cannot_run_fails_validation_naming_it(tmp_path):
     out = tmp_path / "block32"

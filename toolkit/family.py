@@ -217,10 +217,10 @@ def matrix_rows(cells: list[Cell]) -> tuple[list[str], list[list[str]], dict[str
             parts = [" ".join(ok) + "".join(f" (≤ {cap} tokens)" for cap in caps)] if ok else []
             for c in refused:
                 key = notes.setdefault(c.reason, str(len(notes) + 1))
-                label = f"[{key}]" if len(refused) == len(mine) else f"{c.precision} [{key}]"
+                label = f"[{key}]" if len(refused) == len(mine) else f"{c.precision} no [{key}]"
                 if label not in parts:
                     parts.append(label)
-            row.append(" ".join(parts) if ok else "no " + " ".join(parts))
+            row.append("; ".join(parts) if ok else "no " + " ".join(parts))
         rows.append(row)
     return header, rows, {v: k for k, v in notes.items()}
 

@@ -91,9 +91,10 @@ class QnnBackend:
         if info.sliding_window and info.sliding_window < recipe.context_length:
             return (f"the static graphs attend over the whole KV cache: context_length "
                     f"{recipe.context_length} must not exceed the sliding window {info.sliding_window}")
-        if info.longrope:
-            return ("LongRoPE: RemoveRopeMultiCache keeps one rotary cache; not yet measured "
-                    "against the reference on a LongRoPE fixture")
+        if info.longrope and recipe.context_length > info.original_max_positions:
+            return (f"LongRoPE: Olive's RemoveRopeMultiCache keeps the short-factor rotary cache "
+                    f"only, so the static graphs serve at most the original length "
+                    f"{info.original_max_positions} (context_length {recipe.context_length})")
         if opts["slices"] > info.num_layers:
             return f"slices {opts['slices']} > {info.num_layers} layers"
         return None
