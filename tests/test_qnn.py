@@ -205,3 +205,21 @@ def test_op_the_htp_cannot_run_fails_validation_naming_it(tmp_path):
     assert "CPU fallback disabled" in text and "MatMul" in text, text
     assert "Traceback" not in text
     assert not out.exists() and not (tmp_path / "block32.failed").exists()
+
+
+@pytest.mark.slow
+def test_htp_and_cpu_ep_agree_on_every_prefill_shape(npu_bundle):
+    """Padded first chunk (QNN pads left, the CPU kernel right), exact chunk, shifted partial
+    chunk: the same graphs on both providers give the same distributions."""
+    from toolkit.parity import log_softmax
+    from toolkit.runner.qnn_rt import QnnSession
+
+    htp = QnnSession(npu_bundle / "model", {"threads": 1})
+    cpu = QnnSession(npu_bundle / "model", {"threads": 1, "execution_provider": "cpu"})
+    assert cpu.info()["execution_provider"] == "CPUExecutionProvider"
+    ids = htp.tokenize((REPO / "evalsets" / "tiny-phi3-calibration.txt").read_text()[:2000])
+    for n in (20, 64, 100):
+        p, q = (log_softmax(s.logits(ids[:n]).astype(np.float64)) for s in (htp, cpu))
+        assert p.shape == (n, 32064)
+        kld = (np.exp(p) * (p - q)).sum(-1)
+        assert kld.mean() < 1e-3, (n, kld.mean())

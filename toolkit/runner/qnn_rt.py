@@ -192,7 +192,8 @@ class QnnSession:
                 elif inp.name == self.spec["seqlens_k"]:
                     feed[inp.name] = np.asarray([[seqlen - 1]], dtype=np.int32)
                 elif inp.name == self.spec["total_sequence_length"]:
-                    feed[inp.name] = np.asarray(seqlen, dtype=np.int32)
+                    # a padded first chunk: the CPU kernel wants the whole chunk counted
+                    feed[inp.name] = np.asarray(max(seqlen, len(tokens)), dtype=np.int32)
                 else:
                     feed[inp.name] = hidden[inp.name]
             hidden = {}
