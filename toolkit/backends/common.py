@@ -51,3 +51,10 @@ def describe_quantization(recipe: Recipe, target: Target) -> str:
     return (f"{quant.precision}, block {quant.block_size}, "
             f"{'symmetric' if quant.symmetric else 'asymmetric'}, provider "
             f"{target.execution_provider}")
+
+
+def provider_runtime_options(target: Target) -> dict:
+    """Runner options of backends whose runtime takes an execution provider (onnx, qnn): the
+    target's threads and provider, then its raw runtime options."""
+    return {"threads": target.runtime.threads, "execution_provider": target.execution_provider,
+            **target.runtime.options}

@@ -10,7 +10,8 @@ from typing import Callable
 
 from ..checkpoint import ModelInfo, read_model_info
 from ..schema import Recipe, Target
-from .common import describe_quantization, first_import_error, run_tool, versions
+from .common import (describe_quantization, first_import_error, provider_runtime_options,
+                     run_tool, versions)
 
 # Architectures whose published config the 0.18 builder converts, as it names them.
 # Phi3V: without exclude_embeds the builder writes the language model with its embeddings as a
@@ -176,8 +177,7 @@ class OnnxBackend:
         return describe_quantization(recipe, target) + (f", {', '.join(tuned)}" if tuned else "")
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
-        return {"threads": target.runtime.threads, "execution_provider": target.execution_provider,
-                **target.runtime.options}
+        return provider_runtime_options(target)
 
     def toolchain(self) -> dict[str, str]:
         # the CUDA builds (-cuda, -gpu) install the same modules under other names

@@ -25,7 +25,7 @@ from typing import Callable
 from ..checkpoint import ModelInfo, read_model_info
 from ..errors import PhikitError
 from ..schema import Recipe, Target
-from .common import first_import_error, run_tool, versions
+from .common import first_import_error, provider_runtime_options, run_tool, versions
 
 OLIVE_GENAI = Path(os.environ.get("PHIKIT_OLIVE_GENAI")
                    or Path(sys.prefix) / "share" / "phikit" / "olive-genai")
@@ -40,7 +40,8 @@ SURGERIES = ["RemoveRopeMultiCache", "AttentionMaskToSequenceLengths",
 
 class QnnBackend:
     name = "qnn"
-    revision = 1
+    # 2: the KV-cache dtype in qnn_pipeline.json is read from the graph
+    revision = 2
     runtime_module = "qnn_rt"
     tool = "olive run (QNN static LLM passes)"
     exact_tokenizer = False  # the checkpoint's tokenizer.json is used as it is
@@ -186,8 +187,7 @@ class QnnBackend:
                 f"provider {target.execution_provider}")
 
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
-        return {"threads": target.runtime.threads, "execution_provider": target.execution_provider,
-                **target.runtime.options}
+        return provider_runtime_options(target)
 
     def toolchain(self) -> dict[str, str]:
         out = versions("olive-ai", "onnxruntime", "onnxruntime-qnn", "onnx", "transformers",

@@ -62,7 +62,7 @@ def fix_shapes(olive_out: Path, out: Path, context_length: int, source: Path,
         if not data.name.startswith(("embeddings", "lm_head")):
             shutil.copyfile(data, out / data.name)
     graphs: dict[str, str] = {}
-    kv_inputs, present_to_past, kv_shape = [], {}, None
+    kv_inputs, present_to_past, kv_shape, kv_dtype = [], {}, None, None
     slices = sorted(k for k in stages if k.startswith("context_"))
     for name, stage in stages.items():
         src = olive_out / stage["filename"]
@@ -80,6 +80,8 @@ def fix_shapes(olive_out: Path, out: Path, context_length: int, source: Path,
             if value.name.startswith("past_key_values.") and value.name not in kv_inputs:
                 kv_inputs.append(value.name)
                 kv_shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+                kv_dtype = onnx.helper.tensor_dtype_to_np_dtype(
+                    value.type.tensor_type.elem_type).name
         for value in model.graph.output:
             if value.name.startswith("present."):
                 present_to_past[value.name] = value.name.replace("present.", "past_key_values.", 1)
@@ -87,7 +89,7 @@ def fix_shapes(olive_out: Path, out: Path, context_length: int, source: Path,
     eos = genai["model"].get("eos_token_id")
     spec = {"format": "phikit-qnn-pipeline/1", "graphs": graphs, "slices": len(slices),
             "chunk": chunk, "context_length": context_length, "kv_inputs": kv_inputs,
-            "kv_shape": kv_shape, "kv_dtype": "float16", "present_to_past": present_to_past,
+            "kv_shape": kv_shape, "kv_dtype": kv_dtype, "present_to_past": present_to_past,
             "seqlens_k": inputs["past_sequence_length"],
             "total_sequence_length": inputs["total_sequence_length"],
             "eos_token_id": eos, "op_affinity": OP_AFFINITY}

@@ -94,6 +94,7 @@ class QnnSession:
         self.provider_options = {str(k): str(v) for k, v in
                                  (options.get("provider_options") or {}).items()}
         self.nodes_on: dict[str, Counter] = {}  # graph -> execution provider -> node count
+        self.qnn = self._qnn_provider() if self.provider == "qnn" else None
         self.graphs = {name: self._open(name) for name in spec["graphs"]}
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         template, self.special = _chat_template(model_dir)
@@ -102,19 +103,24 @@ class QnnSession:
         self.eos_token_ids = generation_eos(model_dir, spec.get("eos_token_id"))
         self.kv_names = spec["kv_inputs"]
         self.kv_shape = spec["kv_shape"]
+        self.kv_dtype = np.dtype(spec.get("kv_dtype", "float16"))
 
     # -- sessions ---------------------------------------------------------------------------
+    def _qnn_provider(self) -> tuple[list, dict[str, str]]:
+        """(QNN EP devices, provider options), worked out once for every graph's session."""
+        options = {"backend_path": _backend_path(self.backend), **self.provider_options}
+        affinity = self.model_dir / self.spec.get("op_affinity", "qnn_op_affinity.json")
+        if affinity.is_file():  # GroupQueryAttention is kept off QNN unless asked for
+            options.setdefault("op_affinity", str(affinity.resolve()))
+        return _register_qnn(), options
+
     def _options(self, fallback: bool, quiet: bool = False) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.log_severity_level = 4 if quiet else 3
         so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-        if self.provider == "qnn":
-            options = {"backend_path": _backend_path(self.backend), **self.provider_options}
-            affinity = self.model_dir / self.spec.get("op_affinity", "qnn_op_affinity.json")
-            if affinity.is_file():  # GroupQueryAttention is kept off QNN unless asked for
-                options.setdefault("op_affinity", str(affinity.resolve()))
-            so.add_provider_for_devices(_register_qnn(), options)
+        if self.qnn is not None:
+            so.add_provider_for_devices(*self.qnn)
             if not fallback:
                 so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         return so
@@ -171,7 +177,7 @@ class QnnSession:
 
     # -- the pipeline -----------------------------------------------------------------------
     def _fresh_cache(self) -> dict[str, np.ndarray]:
-        return {name: np.zeros(self.kv_shape, dtype=np.float16) for name in self.kv_names}
+        return {name: np.zeros(self.kv_shape, dtype=self.kv_dtype) for name in self.kv_names}
 
     def _run(self, kind: str, tokens: list[int], seqlen: int, cache: dict,
              head: str = "all") -> np.ndarray | None:
