@@ -50,16 +50,15 @@ olive-genai:
 
 # Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use.
 # qemu-user-static comes from bookworm-backports (10.x): bookworm's 7.2 segfaults loading
-# onnxruntime 1.32's aarch64 library. binfmt is re-registered so the kernel uses the new binary.
+# onnxruntime 1.32's aarch64 library. scripts/binfmt-aarch64 registers it with or without systemd
+# and fails unless an aarch64 binary really runs.
 system-deps:
 	mirror=$$(awk '/^URIs:/ && !/security/ {print $$2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null); \
 	  test -n "$$mirror" && echo "deb $$mirror bookworm-backports main" > /etc/apt/sources.list.d/phikit-backports.list || true
 	apt-get update -q
 	apt-get install -y -q openssh-server openssh-client binfmt-support debootstrap chromium
 	apt-get install -y -q -t bookworm-backports qemu-user-static || apt-get install -y -q qemu-user-static
-	-mount | grep -q binfmt_misc || mount binfmt_misc -t binfmt_misc /proc/sys/fs/binfmt_misc
-	-update-binfmts --disable qemu-aarch64
-	-update-binfmts --enable qemu-aarch64
+	sh scripts/binfmt-aarch64
 
 demo: install
 	$(VENV)/bin/phikit demo

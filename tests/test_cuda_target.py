@@ -163,6 +163,14 @@ def test_validate_exits_2_with_needs_cuda(monkeypatch, model_dir, capsys):
     from toolkit import cli
 
     monkeypatch.setattr(ortgenai, "og", FakeOg({"cuda": CUDA_MISSING, "cpu": "no CPU kernel"}))
+    # validation runs the runtime in a child process, which the fake cannot reach: open it in
+    # this one (the message and exit code are the CLI's either way)
+    from toolkit import validate
+    from toolkit.runner.core import open_session
+
+    monkeypatch.setattr(validate, "local_session",
+                        lambda module, model_dir, options, runner=None: open_session(
+                            module, model_dir, options))
     monkeypatch.setattr(sys, "argv", ["phikit", "validate", str(model_dir), "--reference",
                                       str(TINY)])
     with pytest.raises(SystemExit) as exc:

@@ -61,7 +61,11 @@ def test_intel_gpu_validated_on_cpu_says_so(dist, tmp_path):
     report = json.loads((out / "parity.json").read_text())
     assert report["candidate"]["requested_device"] == "GPU"
     assert report["candidate"]["device"] == "CPU"
-    assert report["candidate"]["properties"]["INFERENCE_PRECISION_HINT"] == "f16"
+    # the target's f16 hint is for the GPU: the CPU fallback runs at the CPU's own default, and
+    # the report names the precision the compiled model says it executes
+    assert "INFERENCE_PRECISION_HINT" not in report["candidate"]["properties"]
+    assert report["candidate"]["executed_precision"]["inference"] in ("f32", "bf16", "f16")
+    assert any("inference_precision f16 is for GPU" in n for n in report["notes"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["runtime"]["options"]["device"] == "GPU"
 

@@ -25,7 +25,7 @@ from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
 from .package import (finish_manifest, now, publish, staging_dir, write_archive,
                       write_json, write_report_html, write_runner)
-from .runner.core import open_session
+from .remote import local_session
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
 from .validate import Candidate, effective_thresholds, prepare_reference, run_parity
 
@@ -199,11 +199,15 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         stage_cb("validate")
         t1 = time.perf_counter()
         reference = prepare_reference(plan.recipe, str(source_dir), progress)  # before the
-        session = open_session(plan.backend.runtime_module, stage / "model", options)  # candidate
-        report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
-                                      exact_tokenizer=plan.backend.exact_tokenizer),
-                            progress, reference)
-        del session
+        # candidate; which runs in a child process from the staged runner code (what ships)
+        session = local_session(plan.backend.runtime_module, stage / "model", options,
+                                runner=stage)
+        try:
+            report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
+                                          exact_tokenizer=plan.backend.exact_tokenizer),
+                                progress, reference)
+        finally:
+            session.close()
         timings["validate"] = time.perf_counter() - t1
 
         stage_cb("package")

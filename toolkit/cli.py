@@ -6,9 +6,10 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -91,6 +92,17 @@ def build(
     out.print(f"[green]bundle[/] {result.bundle}")
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as YAML (true, 4, f32, [a, b])."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise PhikitError(f"expected KEY=VALUE, got {text!r}", field="--option")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
 @app.command()
 def validate(
     path: Path = typer.Argument(..., help="phikit bundle or bare artifact directory"),
@@ -98,23 +110,28 @@ def validate(
     recipe: Optional[Path] = typer.Option(None, help="recipe for thresholds and eval set"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report here"),
     threads: Optional[int] = typer.Option(None, help="runtime threads"),
+    option: list[str] = typer.Option([], "--option", help="runtime option KEY=VALUE over the "
+                                     "bundle's (repeatable), e.g. extra_buffer_types=false"),
     emulate: Optional[str] = typer.Option(None, help="run the bundle's runtime on an emulated "
-                                          "ISA (aarch64: qemu + a Debian bookworm root)"),
+                                          "CPU: aarch64 (qemu + a Debian bookworm root) or "
+                                          "x86-64-v3 (qemu's AVX2-only Haswell model)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Compare an artifact with the reference. Exit 0 pass, 1 fail, 2 error."""
     from .parity import format_checks
     from .validate import open_candidate, run_parity
 
-    candidate = open_candidate(path, reference, recipe, {"threads": threads} if threads else None,
+    overrides = dict(parse_option(o) for o in option)
+    if threads:
+        overrides["threads"] = threads
+    candidate = open_candidate(path, reference, recipe, overrides or None,
                                emulate=emulate, log=lambda s: console.print(s, markup=False),
                                trust_remote_code=trust_remote_code)
     try:
         with progress_bars() as bars:
             report = run_parity(candidate, bars)
     finally:
-        if hasattr(candidate.session, "close"):
-            candidate.session.close()
+        candidate.close()
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     print_checks(report)

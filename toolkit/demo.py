@@ -13,13 +13,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from .backends import BACKENDS
 from .build import RECIPES_DIR, execute, make_plan
 from .doctor import usable_targets
+from .errors import PhikitError
 from .package import bundle_size
-from .runner.core import Sampling, chat_ids, open_bundle
+from .remote import RemoteSession, RuntimeCrashed, rpc_command
+from .runner.core import Sampling, chat_ids
 
 PRECISIONS = ("int4", "int8", "fp32")
 # One precision for targets measured off-device: MLX's quantized kernels on Linux CPU take
@@ -54,11 +57,16 @@ def demo_builds() -> list[tuple[str, str, str]]:
 
 
 def answer(bundle: Path, question: str = QUESTION) -> tuple[str, float]:
-    session, _ = open_bundle(bundle)
-    ids = chat_ids(session, [{"role": "user", "content": question}])
-    start, tokens = time.perf_counter(), list(session.generate(ids, Sampling(max_new_tokens=48)))
-    seconds = time.perf_counter() - start
-    return session.detokenize(tokens), len(tokens) / seconds if seconds else 0.0
+    """The bundle's answer through its own runner, in a child process like validation's."""
+    session = RemoteSession(rpc_command(bundle=bundle), runtime=bundle.name)
+    try:
+        ids = chat_ids(session, [{"role": "user", "content": question}])
+        start = time.perf_counter()
+        tokens = list(session.generate(ids, Sampling(max_new_tokens=48)))
+        seconds = time.perf_counter() - start
+        return session.detokenize(tokens), len(tokens) / seconds if seconds else 0.0
+    finally:
+        session.close()
 
 
 def run_demo(out_dir: Path, out, console, progress_bars) -> int:
@@ -69,19 +77,29 @@ def run_demo(out_dir: Path, out, console, progress_bars) -> int:
                          else "right")
     failures = 0
     for recipe, target, where in demo_builds():
-        plan = make_plan(recipe, target, out=out_dir / f"{Path(recipe).stem}-{target}")
-        console.print(f"[bold]{plan.recipe.name} -> {target}[/]")
-        with progress_bars() as bars:
-            result = execute(plan, progress=bars,
-                             stage_cb=lambda s: console.print(f"  [cyan]> {s}[/]"))
+        plan = make_plan(recipe, target)
+        plan.out = out_dir / f"{Path(recipe).stem}-{plan.target.name}"
+        console.print(f"[bold]{plan.recipe.name} -> {plan.target.name}[/]")
+        try:
+            with progress_bars() as bars:
+                result = execute(plan, progress=bars,
+                                 stage_cb=lambda s: console.print(f"  [cyan]> {s}[/]"))
+            text, rate = answer(result.bundle) if result.passed else ("", 0.0)
+        except PhikitError as e:
+            # one target's runtime crashing (or refusing) is that row's result, not the demo's end
+            failures += 1
+            verdict = "[red]CRASHED[/]" if isinstance(e, RuntimeCrashed) else "[red]ERROR[/]"
+            out.print(f"  [red]{escape(str(e))}[/]")
+            table.add_row(plan.target.name, plan.backend.name,
+                          plan.recipe.quantization.precision, "-", "-", "-", "-", "-", verdict,
+                          where)
+            continue
         m = result.report["metrics"]
-        rate = 0.0
         if result.passed:
-            text, rate = answer(result.bundle)
-            out.print(f"  [dim]{QUESTION}[/] -> {text.strip()[:200]!r}")
+            out.print(f"  [dim]{QUESTION}[/] -> {escape(repr(text.strip()[:200]))}")
         else:
             failures += 1
-        table.add_row(target, plan.backend.name, plan.recipe.quantization.precision,
+        table.add_row(plan.target.name, plan.backend.name, plan.recipe.quantization.precision,
                       f"{bundle_size(result.bundle) / 1e6:.1f} MB", f"{m['kld_mean']:.4f}",
                       f"{m['top1']:.3f}", f"{m['greedy_match_mean']:.1f}", f"{rate:.0f}",
                       "[green]pass[/]" if result.passed else "[red]FAIL[/]", where)

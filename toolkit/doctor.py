@@ -10,6 +10,7 @@ from rich.table import Table
 from .backends import BACKENDS
 from .build import RECIPES_DIR, TARGETS_DIR
 from .errors import PhikitError
+from .runner.core import host_cpu
 from .schema import load_recipe, load_target
 
 
@@ -45,11 +46,17 @@ def doctor_table() -> tuple[Table, bool]:
     for col in ("kind", "name", "status", "why"):
         table.add_column(col)
     ok = True
+    cpu = host_cpu()
+    table.add_row("cpu", cpu["model"], cpu["class"],
+                  f"{cpu['cores']} cores; " + (" ".join(cpu["features"]) or "no features of note"))
     for name, backend in sorted(BACKENDS.items()):
         reason = backend.unavailable()
         ok &= reason is None
         table.add_row("backend", name, "[green]usable[/]" if not reason else "[red]no[/]",
                       reason or backend.tool)
+        if reason is None:
+            for note in backend.host_notes(cpu):
+                table.add_row("", "", "[cyan]on this CPU[/]", note)
     for path, target, reason in usable_targets():
         if target is None:
             ok = False

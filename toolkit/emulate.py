@@ -1,7 +1,12 @@
-"""Parity on the target ISA: the bundle's runtime runs in an arm64 Debian root under qemu user-mode
-emulation, the parity engine on the host talks to it through toolkit/runner/rpc.py.
+"""Parity on another CPU: the bundle's runtime runs under qemu user-mode emulation and the parity
+engine on the host talks to it through toolkit/runner/rpc.py (toolkit/remote.py's seam).
 
-Why: the aarch64 int4 kernels are not the x86 ones, so x86 parity does not prove Pi parity.
+  aarch64    in an arm64 Debian root: the aarch64 int4 kernels are not the x86 ones, so x86
+             parity does not prove Pi parity.
+  x86-64-v3  this machine's venv under `qemu-x86_64 -cpu Haswell`: an AVX2-only CPU (a typical
+             laptop or older desktop), so ONNX Runtime, OpenVINO and llama.cpp dispatch to their
+             AVX2 kernels instead of this host's AVX-512 / AMX ones. About 40x slower.
+
 The root (Debian bookworm, as Raspberry Pi OS) is made once with debootstrap and cached under
 $PHIKIT_CACHE/emulation; venvs are keyed by the lock's sha256. Needs root, debootstrap,
 qemu-user-static and binfmt_misc (`make system-deps` installs them). qemu 7.2 (bookworm) crashes
@@ -11,7 +16,6 @@ bookworm-backports runs it.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -19,17 +23,20 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-
-import numpy as np
+from typing import Callable
 
 from .checkpoint import cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .runner.core import Sampling, read_manifest, verify_bundle
+from .remote import RPC, RemoteSession, rpc_command
+from .runner.core import read_manifest, verify_bundle
 from .schema import Platform
 
-ARCHES = {"aarch64": {"debian": "arm64", "qemu": "qemu-aarch64"}}
+# aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
+# class of this ISA (this machine's venv, a CPU model without AVX-512 / AMX / AVX512-FP16).
+ARCHES = {"aarch64": {"debian": "arm64", "qemu": "qemu-aarch64"},
+          "x86-64-v3": {"qemu": "qemu-x86_64", "cpu": "Haswell-noTSX",
+                        "description": "AVX2-only x86-64 (qemu's Haswell model, no AVX-512)"}}
 
 
 def debian_mirror() -> str:
@@ -45,7 +52,6 @@ def debian_mirror() -> str:
             if line.startswith("deb ") and "security" not in line:
                 return line.split()[1]
     raise PhikitError("no Debian mirror found in /etc/apt; set PHIKIT_DEBIAN_MIRROR")
-RPC = Path(__file__).resolve().parent / "runner" / "rpc.py"
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 # Environment inside the root: Debian's paths, nothing from the host.
 ROOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root",
@@ -64,16 +70,28 @@ def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
 
 
 def ensure_binfmt(arch: str) -> None:
-    entry = Path("/proc/sys/fs/binfmt_misc") / ARCHES[arch]["qemu"]
-    if not entry.exists() and Path("/usr/sbin/update-binfmts").exists():
-        if not Path("/proc/sys/fs/binfmt_misc/register").exists():
-            subprocess.run(["mount", "binfmt_misc", "-t", "binfmt_misc",
-                            "/proc/sys/fs/binfmt_misc"], capture_output=True)
-        subprocess.run(["update-binfmts", "--enable", ARCHES[arch]["qemu"]], capture_output=True)
+    """qemu-aarch64 registered with binfmt_misc: through update-binfmts where its database knows
+    it, else from systemd-binfmt's binfmt.d line (qemu-user-static 10 registers only there)."""
+    qemu = ARCHES[arch]["qemu"]
+    root = Path("/proc/sys/fs/binfmt_misc")
+    entry = root / qemu
+    if not entry.exists():
+        if not (root / "register").exists():
+            subprocess.run(["mount", "binfmt_misc", "-t", "binfmt_misc", str(root)],
+                           capture_output=True)
+        if shutil.which("update-binfmts"):
+            subprocess.run(["update-binfmts", "--enable", qemu], capture_output=True)
+        conf = Path("/usr/lib/binfmt.d") / f"{qemu}.conf"
+        if not entry.exists() and conf.is_file():
+            line = next((ln for ln in conf.read_text().splitlines()
+                         if ln.strip() and not ln.startswith("#")), "")
+            try:
+                (root / "register").write_text(line)
+            except OSError:
+                pass
     if not entry.exists() or "enabled" not in entry.read_text():
-        raise PhikitError(f"{arch} emulation needs qemu-user-static and binfmt_misc "
-                          f"(apt-get install qemu-user-static binfmt-support; "
-                          f"update-binfmts --enable {ARCHES[arch]['qemu']})")
+        raise PhikitError(f"{arch} emulation needs qemu-user-static registered with binfmt_misc "
+                          "(as root: apt-get install qemu-user-static; sh scripts/binfmt-aarch64)")
 
 
 def ensure_root(arch: str, log: Callable[[str], None]) -> Path:
@@ -116,112 +134,95 @@ class _Mounts:
         self.points = []
 
 
-class EmulatedSession:
-    """A runner Session whose every call runs in the emulated root."""
+def emulated_session(bundle: Path, arch: str,
+                     log: Callable[[str], None] = lambda s: None) -> RemoteSession:
+    """A runner Session for `bundle` whose every call runs on the emulated CPU."""
+    if arch not in ARCHES:
+        raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
+                          field="--emulate")
+    manifest = verify_bundle(bundle, read_manifest(bundle))
+    if arch == "x86-64-v3":
+        return _x86_session(bundle, manifest)
+    return _aarch64_session(bundle, manifest, arch, log)
 
-    def __init__(self, bundle: Path, arch: str, log: Callable[[str], None] = lambda s: None):
-        if arch not in ARCHES:
-            raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
-                              field="--emulate")
-        manifest = verify_bundle(bundle, read_manifest(bundle))
-        platform = Platform.model_validate(manifest["target"]["platform"])
-        if platform.arch not in (arch, "arm64"):
-            raise PhikitError(f"{bundle}: built for {platform.arch}, not {arch}; its lock "
-                              "cannot install in the emulated root")
-        compiled = sorted(set(manifest["target"]["runtime"].get("source_builds", []))
-                          & set(manifest["runtime"]["packages"]))
-        if compiled:
-            raise PhikitError(f"{bundle}: its runtime ({', '.join(compiled)}) is compiled on the "
-                              "device; compiling it under qemu user mode is not supported "
-                              "(validate it on this machine's ISA instead)", field="--emulate")
-        ensure_binfmt(arch)
-        start = time.perf_counter()
-        self.root = ensure_root(arch, log)
-        lock_text = (bundle / "requirements.lock").read_text()
-        lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()[:16]
-        work = self.root / "opt" / "phikit"
-        venv = work / f"venv-{lock_sha}"
-        if not (venv / "bin" / "python").exists():
-            wheels = work / f"wheels-{lock_sha}"
-            if (bundle / "wheels").is_dir():
-                shutil.copytree(bundle / "wheels", wheels, dirs_exist_ok=True)
-            else:
-                resolve_lock(manifest["runtime"]["packages"], platform, wheels)
-            (work / f"lock-{lock_sha}.txt").write_text(lock_text)
-            log("installing the bundle's aarch64 wheels in the emulated root")
-            inside = f"/opt/phikit/{venv.name}"
-            self._chroot(["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
-            self._chroot([f"{inside}/bin/python", "-m", "pip", "install", "-q", "--no-index",
-                          "--find-links", f"/opt/phikit/{wheels.name}", "--no-deps",
-                          "--require-hashes", "-r", f"/opt/phikit/lock-{lock_sha}.txt"],
-                         "pip install (emulated)")
-        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
-        copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
-        if not copy.exists():
-            shutil.copytree(bundle, copy.with_name(copy.name + ".tmp"), dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__", ".venv"))
-            copy.with_name(copy.name + ".tmp").rename(copy)
-        shutil.copy2(RPC, work / "rpc.py")
-        self.setup_seconds = time.perf_counter() - start
-        self.mounts = _Mounts(self.root)
-        self.proc = subprocess.Popen(
-            [CHROOT, str(self.root), f"/opt/phikit/{venv.name}/bin/python", "/opt/phikit/rpc.py",
-             f"/opt/phikit/bundles/{copy.name}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=ROOT_ENV)
-        attrs = self._call("attrs")
-        self.eos_token_ids = tuple(attrs["eos_token_ids"])
-        self.context_length = int(attrs["context_length"])
-        self.remote_info = self._call("info")
 
-    def _chroot(self, cmd: list[str], what: str) -> None:
-        mounts = _Mounts(self.root)
-        try:
-            _run([CHROOT, str(self.root), *cmd], what, env=ROOT_ENV)
-        finally:
-            mounts.close()
+def _x86_session(bundle: Path, manifest: dict) -> RemoteSession:
+    spec = ARCHES["x86-64-v3"]
+    platform = Platform.model_validate(manifest["target"]["platform"])
+    if platform.arch != "x86_64":
+        raise PhikitError(f"{bundle}: built for {platform.arch}; x86-64-v3 emulation runs "
+                          "x86_64 bundles", field="--emulate")
+    qemu = shutil.which(spec["qemu"])
+    if qemu is None:
+        raise PhikitError(f"{spec['qemu']} is not installed (apt-get install qemu-user)",
+                          field="--emulate")
+    return RemoteSession([qemu, "-cpu", spec["cpu"], *rpc_command(bundle=bundle)],
+                         runtime=manifest["runtime"]["module"],
+                         label=f"{manifest['runtime']['module']} (emulated x86-64-v3)",
+                         extra_info={"emulated_arch": "x86-64-v3", "emulator": "qemu-user",
+                                     "emulated_cpu": f"{spec['cpu']}: {spec['description']}"})
 
-    def _call(self, op: str, *args) -> Any:
-        self.proc.stdin.write(json.dumps({"op": op, "args": list(args)}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read()[-2000:]
-            raise PhikitError(f"the emulated runtime stopped:\n{err}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise ValueError(reply["error"])
-        return reply["ok"]
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._call("tokenize", text, add_special_tokens)
+def _aarch64_session(bundle: Path, manifest: dict, arch: str,
+                     log: Callable[[str], None]) -> RemoteSession:
+    platform = Platform.model_validate(manifest["target"]["platform"])
+    if platform.arch not in (arch, "arm64"):
+        raise PhikitError(f"{bundle}: built for {platform.arch}, not {arch}; its lock "
+                          "cannot install in the emulated root")
+    compiled = sorted(set(manifest["target"]["runtime"].get("source_builds", []))
+                      & set(manifest["runtime"]["packages"]))
+    if compiled:
+        raise PhikitError(f"{bundle}: its runtime ({', '.join(compiled)}) is compiled on the "
+                          "device; compiling it under qemu user mode is not supported "
+                          "(validate it on this machine's ISA instead)", field="--emulate")
+    ensure_binfmt(arch)
+    start = time.perf_counter()
+    root = ensure_root(arch, log)
+    lock_text = (bundle / "requirements.lock").read_text()
+    lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()[:16]
+    work = root / "opt" / "phikit"
+    venv = work / f"venv-{lock_sha}"
+    if not (venv / "bin" / "python").exists():
+        wheels = work / f"wheels-{lock_sha}"
+        if (bundle / "wheels").is_dir():
+            shutil.copytree(bundle / "wheels", wheels, dirs_exist_ok=True)
+        else:
+            resolve_lock(manifest["runtime"]["packages"], platform, wheels)
+        (work / f"lock-{lock_sha}.txt").write_text(lock_text)
+        log("installing the bundle's aarch64 wheels in the emulated root")
+        inside = f"/opt/phikit/{venv.name}"
+        _chroot(root, ["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
+        _chroot(root, [f"{inside}/bin/python", "-m", "pip", "install", "-q", "--no-index",
+                       "--find-links", f"/opt/phikit/{wheels.name}", "--no-deps",
+                       "--require-hashes", "-r", f"/opt/phikit/lock-{lock_sha}.txt"],
+                "pip install (emulated)")
+    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
+    copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
+    if not copy.exists():
+        shutil.copytree(bundle, copy.with_name(copy.name + ".tmp"), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", ".venv"))
+        copy.with_name(copy.name + ".tmp").rename(copy)
+    shutil.copy2(RPC, work / "rpc.py")
+    setup_seconds = time.perf_counter() - start
+    mounts = _Mounts(root)
+    cmd = [CHROOT, str(root), *rpc_command(bundle=Path(f"/opt/phikit/bundles/{copy.name}"),
+                                           python=f"/opt/phikit/{venv.name}/bin/python",
+                                           rpc="/opt/phikit/rpc.py")]
+    try:
+        return RemoteSession(cmd, runtime=manifest["runtime"]["module"],
+                             label=f"{manifest['runtime']['module']} (emulated {arch})",
+                             env=ROOT_ENV, cleanup=mounts.close,
+                             extra_info={"emulated_arch": arch, "emulator": "qemu-user",
+                                         "root": "Debian bookworm arm64",
+                                         "setup_seconds": round(setup_seconds, 1)})
+    except BaseException:
+        mounts.close()
+        raise
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._call("detokenize", list(map(int, ids)))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self._call("render_chat", messages)
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        r = self._call("logits", list(map(int, ids)))
-        return np.frombuffer(base64.b64decode(r["b64"]), dtype=np.float32).reshape(r["shape"])
-
-    def generate(self, ids: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        yield from self._call("generate", list(map(int, ids)), {
-            "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
-            "stop_token_ids": list(sampling.stop_token_ids)})
-
-    def info(self) -> dict[str, Any]:
-        return {**self.remote_info, "emulated_arch": "aarch64", "emulator": "qemu-user",
-                "root": "Debian bookworm arm64"}
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.mounts.close()
-
+def _chroot(root: Path, cmd: list[str], what: str) -> None:
+    mounts = _Mounts(root)
+    try:
+        _run([CHROOT, str(root), *cmd], what, env=ROOT_ENV)
+    finally:
+        mounts.close()

@@ -701,6 +701,8 @@ def provenance_section(report: dict[str, Any], manifest: dict[str, Any] | None) 
               ("Eval set", key_value_table([("file", evalset.get("file")),
                                             ("sha256", evalset.get("sha256"))], True), True),
               ("Toolchain", key_value_table(scalars(dig(manifest, "toolchain"))), True),
+              ("Host (the CPU behind these figures)",
+               key_value_table(scalars(report.get("host"))), True),
               ("Reference", key_value_table(scalars(reference)), False),
               ("Candidate", key_value_table(scalars(report.get("candidate"))), False),
               ("Timing", key_value_table(scalars(report.get("timing"))), False)]

@@ -19,7 +19,8 @@ from .errors import PhikitError
 from .evalset import load_evalset
 from .parity import evaluate
 from .reference import load_or_compute
-from .runner.core import BundleError, Session, open_session, read_manifest, verify_bundle
+from .remote import local_session
+from .runner.core import BundleError, Session, host_cpu, read_manifest, verify_bundle
 from .schema import Recipe, Thresholds, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,11 @@ class Candidate:
     kind: str  # "bundle" or "bare <backend>"
     native: Session | None = None  # with emulation: the same bundle on this machine's ISA
     exact_tokenizer: bool = False  # the backend converted the tokenizer: every row must match
+
+    def close(self) -> None:
+        for session in (self.session, self.native):
+            if session is not None and hasattr(session, "close"):
+                session.close()
 
 
 def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
@@ -56,11 +62,16 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         if not (path / "manifest.json").is_file():
             raise PhikitError("--emulate needs a phikit bundle (its lock says what to install)",
                               file=path)
-        from .emulate import EmulatedSession
+        from .emulate import emulated_session
 
         native = _open_candidate(path, reference, recipe_path, options, None, log)
-        return Candidate(EmulatedSession(path, emulate, log), native.recipe, native.source,
-                         f"bundle, emulated {emulate}", native.session, native.exact_tokenizer)
+        try:
+            session = emulated_session(path, emulate, log)
+        except BaseException:
+            native.close()
+            raise
+        return Candidate(session, native.recipe, native.source, f"bundle, emulated {emulate}",
+                         native.session, native.exact_tokenizer)
     if (path / "manifest.json").is_file():
         try:
             manifest = verify_bundle(path, read_manifest(path))
@@ -72,8 +83,9 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         if recipe_path is not None:
             recipe = load_recipe(recipe_path, source_override=recipe.source)
         runtime = manifest["runtime"]
-        session = open_session(runtime["module"], path / manifest["model_dir"],
-                               {**runtime.get("options", {}), **(options or {})})
+        # the bundle's own runner code, in a child process (a crashing runtime is an error)
+        session = local_session(runtime["module"], path / manifest["model_dir"],
+                                {**runtime.get("options", {}), **(options or {})}, runner=path)
         return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle",
                          exact_tokenizer=get_backend(manifest["backend"]).exact_tokenizer)
     backend = detect_backend(path)
@@ -81,7 +93,7 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "
                           "hub id) to compare against", file=path)
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, source_override=reference)
-    session = open_session(backend.runtime_module, path, options or {})
+    session = local_session(backend.runtime_module, path, options or {})
     return Candidate(session, recipe, reference, f"bare {backend.name}",
                      exact_tokenizer=backend.exact_tokenizer)
 
@@ -134,6 +146,8 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
         report = evaluate(candidate.session, ref, evalset, thresholds,
                           recipe.eval.max_new_tokens,
                           progress("candidate", n) if progress else None)
+    except PhikitError:
+        raise  # e.g. the runtime's process crashed: already one line
     except Exception as e:  # noqa: BLE001 - a runtime's own error (onnxruntime, openvino, ...)
         # The artifact, not phikit, failed on a row: say so in one line, never a traceback.
         message = " ".join(str(e).split())
@@ -143,12 +157,14 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
     report["timing"] = {"reference_seconds": round(ref_seconds, 2),
                         "candidate_seconds": round(time.perf_counter() - start, 2)}
     report["artifact"] = candidate.kind
+    report["host"] = host_summary()
     info = report["candidate"]
     notes = list(info.get("notes", []))  # each runtime says where its figures come from
     if candidate.native is not None:
         report["emulation"] = compare_native(candidate, ref, report)
         notes.append(f"measured on emulated {info.get('emulated_arch')} (qemu user mode, "
-                     f"{info.get('root')}); greedy tokens match this machine's run of the same "
+                     f"{info.get('root') or info.get('emulated_cpu')}); greedy tokens match this "
+                     "machine's run of the same "
                      f"bundle for {report['emulation']['greedy_match_vs_native_mean']:.1f} tokens "
                      "on average")
     if candidate.exact_tokenizer:
@@ -167,6 +183,14 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
     return report
 
 
+def host_summary() -> dict:
+    """The machine that ran the parity engine (and, unless emulated, the candidate): what a
+    figure needs to be traced to the hardware that produced it."""
+    cpu = host_cpu()
+    return {"cpu": cpu["model"], "cpu_class": cpu["class"], "cpu_features": cpu["features"],
+            "cores": cpu["cores"], "os": cpu["os"], "machine": cpu["machine"]}
+
+
 def compare_native(candidate: Candidate, ref, report: dict[str, Any]) -> dict[str, Any]:
     """Greedy continuations of the emulated runtime vs the same bundle on this machine: the ARM
     kernels are not the x86 ones, so report how far they agree (metrics, not bit-equality)."""
@@ -180,8 +204,9 @@ def compare_native(candidate: Candidate, ref, report: dict[str, Any]) -> dict[st
         rows.append({"id": p.id, "match": common_prefix(native, emulated["candidate_ids"]),
                      "native_tokens": len(native)})
     matches = [r["match"] for r in rows]
-    return {"arch": candidate.session.info().get("emulated_arch"),
-            "setup_seconds": round(getattr(candidate.session, "setup_seconds", 0.0), 1),
+    info = candidate.session.info()
+    return {"arch": info.get("emulated_arch"), "cpu": info.get("emulated_cpu"),
+            "setup_seconds": info.get("setup_seconds", 0.0),
             "greedy_match_vs_native_mean": sum(matches) / len(matches) if matches else 0.0,
             "greedy_match_vs_native_min": min(matches, default=0), "prompts": rows,
-            "native_metrics_note": "run `phikit validate` without --emulate for x86 figures"}
+            "native_metrics_note": "run `phikit validate` without --emulate for this machine's figures"}

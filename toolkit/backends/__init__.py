@@ -47,6 +47,10 @@ class Backend(Protocol):
     def toolchain(self) -> dict[str, str]:
         """Versions of the tools that produced the artifact, for the manifest."""
 
+    def host_notes(self, cpu: dict) -> list[str]:
+        """What this host's CPU (runner.core.host_cpu()) changes for this backend's runtime:
+        a protection or fallback in force, a precision the CPU cannot honour (phikit doctor)."""
+
 
 def _registry() -> dict[str, Backend]:
     from . import gguf, mlx, onnx, openvino, qnn

@@ -222,6 +222,11 @@ class GgufBackend:
         return {"threads": target.runtime.threads, "context_length": recipe.context_length,
                 **target.runtime.options}
 
+    def host_notes(self, cpu: dict) -> list[str]:
+        from ..runner.llamacpp_rt import extra_buffer_types  # noqa: PLC0415 - imports llama_cpp
+
+        return [f"extra buffer types (Q4_0 repack, AMX) {extra_buffer_types('auto', cpu)[1]}"]
+
     def toolchain(self) -> dict[str, str]:
         source = llama_cpp_dir() / "SOURCE"
         out = versions("llama-cpp-python", "sentencepiece", "transformers", "torch")

@@ -86,6 +86,10 @@ class MlxBackend:
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return dict(target.runtime.options)
 
+    def host_notes(self, cpu: dict) -> list[str]:
+        return [] if cpu["machine"] in ("arm64", "aarch64") else [
+            "MLX's Linux CPU backend (slow for quantized kernels; Metal only on macOS)"]
+
     def toolchain(self) -> dict[str, str]:
         return versions("mlx-lm", "mlx", "transformers")
 

@@ -179,6 +179,9 @@ class OnnxBackend:
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return provider_runtime_options(target)
 
+    def host_notes(self, cpu: dict) -> list[str]:
+        return [f"CPU execution provider kernels for {cpu['class']}"]
+
     def toolchain(self) -> dict[str, str]:
         # the CUDA builds (-cuda, -gpu) install the same modules under other names
         return versions("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime",

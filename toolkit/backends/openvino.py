@@ -111,6 +111,13 @@ class OpenVinoBackend:
             options["inference_precision"] = "f32"
         return options
 
+    def host_notes(self, cpu: dict) -> list[str]:
+        fp16 = "avx512_fp16" in cpu["features"]
+        return [("f16 hints run in fp16 here (AVX512-FP16)" if fp16 else
+                 "f16 hints fall back to f32 here (no native fp16)"),
+                "a GPU target without a GPU runs on CPU at the CPU's default precision "
+                "(its f16 hint is dropped; the report names the executed precision)"]
+
     def toolchain(self) -> dict[str, str]:
         return versions("optimum-intel", "optimum", "openvino", "openvino-genai",
                      "openvino-tokenizers", "nncf", "transformers", "torch")

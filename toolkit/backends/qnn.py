@@ -189,6 +189,10 @@ class QnnBackend:
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return provider_runtime_options(target)
 
+    def host_notes(self, cpu: dict) -> list[str]:
+        return [] if cpu["machine"] in ("arm64", "aarch64") else [
+            "Qualcomm's HTP simulator (x86_64): figures are the simulator's, not a device's"]
+
     def toolchain(self) -> dict[str, str]:
         out = versions("olive-ai", "onnxruntime", "onnxruntime-qnn", "onnx", "transformers",
                        "torch", "datasets")

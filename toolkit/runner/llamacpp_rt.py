@@ -4,6 +4,11 @@ numpy and jinja2 (which llama-cpp-python itself depends on).
 Copied into bundles beside core.py. Options:
   threads: int | "auto"        llama.cpp threads for decode and batch (auto = the device's cores)
   context_length: int | None   KV cache size; default: the model's training context
+  extra_buffer_types: "auto" | true | false
+                               llama.cpp's extra weight buffer types (the CPU repack of Q4_0 for
+                               AVX2/NEON, and AMX where llama.cpp was compiled with it). "auto":
+                               off on CPUs with AMX, whose buffer type crashes llama_decode
+                               (ggml-org/llama.cpp#20824, ollama/ollama#17205), on elsewhere.
 
 Prompt tokenization follows transformers, not llama.cpp's defaults, because that is what the
 model was trained on: Phi-3's special tokens carry `rstrip: true` in tokenizer.json (transformers
@@ -25,7 +30,41 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .core import check_length, generation_eos
+from .core import check_length, generation_eos, host_cpu
+
+AMX_CRASH = ("llama.cpp's AMX buffer type crashes llama_decode on AMX CPUs "
+             "(ggml-org/llama.cpp#20824, ollama/ollama#17205); extra_buffer_types: false avoids it")
+
+
+def extra_buffer_types(option: Any, cpu: dict[str, Any]) -> tuple[bool, str]:
+    """(use llama.cpp's extra buffer types?, why) for the option and this CPU."""
+    if option in (None, "auto"):
+        if cpu["class"] == "amx":
+            return False, "off: this CPU has AMX (ggml-org/llama.cpp#20824)"
+        return True, "on (auto: no AMX on this CPU)"
+    if isinstance(option, str):
+        option = option.strip().lower() in ("1", "true", "on", "yes")
+    return bool(option), ("on" if option else "off") + " (set by the bundle or the caller)"
+
+
+def _load(path: Path, use_extra_bufts: bool, **kwargs) -> llama_cpp.Llama:
+    """llama_cpp.Llama with use_extra_bufts set: its constructor takes no such argument and
+    fills llama_model_params from llama_model_default_params(), so that is wrapped while it
+    runs (and restored at once)."""
+    if use_extra_bufts:
+        return llama_cpp.Llama(str(path), **kwargs)
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), **kwargs)
+    finally:
+        llama_cpp.llama_model_default_params = default
 
 
 def _strip_patterns(model_dir: Path) -> list[tuple[re.Pattern, str]]:
@@ -54,8 +93,13 @@ class LlamaCppSession:
         threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
         # n_ctx 0 = the model's training context (llama.cpp's convention)
         n_ctx = int(options.get("context_length") or 0)
-        self.llm = llama_cpp.Llama(str(files[0]), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+        cpu = host_cpu()
+        self.extra_bufts, self.extra_bufts_why = extra_buffer_types(
+            options.get("extra_buffer_types", "auto"), cpu)
+        # what a crash of this process most likely is, for the parent's one-line error
+        self.known_crash = AMX_CRASH if self.extra_bufts and cpu["class"] == "amx" else None
+        self.llm = _load(files[0], self.extra_bufts, n_ctx=n_ctx, n_batch=512,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
         self.context_length = self.llm.n_ctx()
         self.meta = self.llm.metadata
         self.threads = threads
@@ -144,6 +188,7 @@ class LlamaCppSession:
         return {"runtime": "llama.cpp (llama-cpp-python)", "version": llama_cpp.__version__,
                 "file": self.file.name, "file_type": file_type, "threads": self.threads,
                 "context_length": self.context_length,
+                "extra_buffer_types": self.extra_bufts_why,
                 "system": llama_cpp.llama_print_system_info().decode().strip()}
 
 

@@ -4,7 +4,12 @@ Copied into bundles beside core.py; imports only openvino, openvino_genai and nu
 Options:
   device: "CPU" | "GPU" | "NPU" (falls back to CPU with a visible message when absent)
   threads: int | "auto"
-  inference_precision: e.g. "f32" / "f16" (INFERENCE_PRECISION_HINT)
+  inference_precision: e.g. "f32" / "f16" (INFERENCE_PRECISION_HINT) for `device`. When that
+             device is absent and the session falls back to CPU, a lower-than-f32 hint is NOT
+             passed on: it was chosen for the GPU, and the CPU plugin honours f16 only where the
+             CPU computes fp16 natively (AVX512-FP16), where LLMPipeline then generated token 0
+             for most prompts of the intel-gpu bundle. The CPU runs at its own default (what the
+             intel-cpu bundle validates), and info() reports the precision it executed.
   cache_dir: compiled-model cache (CACHE_DIR), relative to the model dir; name it under
              ".cache/" so bundle verification ignores it
 """
@@ -71,8 +76,14 @@ class OpenVinoSession:
         threads = options.get("threads", "auto")
         if threads not in (None, "auto", 0):
             props["INFERENCE_NUM_THREADS"] = int(threads)
-        if options.get("inference_precision"):
-            props["INFERENCE_PRECISION_HINT"] = options["inference_precision"]
+        self.notes: list[str] = []
+        hint = options.get("inference_precision")
+        if hint and self.device != self.requested_device and str(hint).lower() != "f32":
+            self.notes.append(f"the target's inference_precision {hint} is for "
+                              f"{self.requested_device}; on the {self.device} fallback the "
+                              "plugin's default precision was used (see executed_precision)")
+        elif hint:
+            props["INFERENCE_PRECISION_HINT"] = hint
         if options.get("cache_dir"):
             props["CACHE_DIR"] = str(model_dir / options["cache_dir"])
         self.props = props
@@ -82,7 +93,7 @@ class OpenVinoSession:
         # request, compiled only when logits() is first called (a device that only generates
         # or serves never pays for a second compiled copy).
         self.core, self.ir = core, core.read_model(str(model_dir / "openvino_model.xml"))
-        self.request = None
+        self.request = self.compiled = None
         gen = self.pipe.get_generation_config()
         self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
         config = json.loads((model_dir / "config.json").read_text())
@@ -107,7 +118,7 @@ class OpenVinoSession:
         arr = np.asarray([ids], dtype=np.int64)
         inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
         if self.request is None:
-            compiled = self.core.compile_model(self.ir, self.device, self.props)
+            compiled = self._compiled()
             self.request, self.logits_port = (compiled.create_infer_request(),
                                               compiled.output("logits"))
             self.input_names = {i.get_any_name() for i in compiled.inputs}
@@ -118,6 +129,24 @@ class OpenVinoSession:
         self.request.reset_state()  # stateful IR: the KV cache lives in the request
         out = self.request.infer(inputs)
         return np.asarray(out[self.logits_port], dtype=np.float32)[0]
+
+    def _compiled(self):
+        if self.compiled is None:
+            self.compiled = self.core.compile_model(self.ir, self.device, self.props)
+        return self.compiled
+
+    def executed_precision(self) -> dict[str, str]:
+        """What the plugin compiled the IR to compute in, asked of the compiled model (not
+        assumed from the hint): the hint is honoured only where the device supports it."""
+        out = {}
+        for key, name in (("INFERENCE_PRECISION_HINT", "inference"),
+                          ("KV_CACHE_PRECISION", "kv_cache")):
+            try:
+                value = self._compiled().get_property(key)
+                out[name] = value.to_string() if hasattr(value, "to_string") else str(value)
+            except RuntimeError:  # property unknown to this plugin / version
+                pass
+        return out
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
@@ -163,11 +192,12 @@ class OpenVinoSession:
     def info(self) -> dict[str, Any]:
         notes = [] if self.device == self.requested_device else [
             f"measured on {self.device}: the target's {self.requested_device} is not present on "
-            f"this machine; the same model files ran on {self.device}"]
+            f"this machine; the same model files ran on {self.device}, so nothing here says how "
+            f"{self.requested_device} computes them"]
         return {"runtime": "openvino", "version": ov.__version__, "device": self.device,
                 "requested_device": self.requested_device,
-                "properties": self.props, "context_length": self.context_length,
-                "notes": notes}
+                "properties": self.props, "executed_precision": self.executed_precision(),
+                "context_length": self.context_length, "notes": notes + self.notes}
 
 
 def open_session(model_dir: Path, options: dict[str, Any]) -> OpenVinoSession:

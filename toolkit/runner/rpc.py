@@ -1,52 +1,100 @@
-"""A bundle's Session served over stdin/stdout as JSON lines (standard library + the runtime).
+"""A runner Session served over stdin/stdout (standard library + the runtime).
 
-Used to run the parity engine on the host against a runtime that runs elsewhere, e.g. inside an
-emulated aarch64 root: `python rpc.py BUNDLE_DIR`. One request per line:
-  {"op": "tokenize" | "detokenize" | "render_chat" | "logits" | "generate" | "info" | "attrs",
-   "args": [...]}
-One reply per line: {"ok": result} or {"error": message}. Logits travel as base64 float32.
+The parity engine never loads a candidate runtime in its own process: it starts this file in a
+child (natively, under qemu-user for another CPU class or ISA, or inside an emulated root) and
+calls the Session through it, so a runtime that segfaults, aborts or is OOM-killed takes only the
+child down. Start it as
+  python rpc.py --bundle DIR                         a phikit bundle (its own phikit_runner)
+  python rpc.py --runner DIR --module M --model-dir D [--package P] [--options JSON]
+                                                     a runtime module from DIR/P (P defaults to
+                                                     phikit_runner), e.g. a bundle being staged
+Protocol (binary pipes, one JSON object per line):
+  request   {"op": "tokenize" | "detokenize" | "render_chat" | "logits" | "generate" | "info",
+             "args": [...]}
+  replies   {"ok": result} | {"error": message}; `generate` first sends {"token": id} per token;
+            `logits` replies {"ok": {"shape": [n, vocab], "nbytes": N}} followed by N raw bytes
+            of little-endian float32.
+  The first line the child writes (unasked) is the hello: {"ok": {"eos_token_ids", "context_length",
+  "known_crash"}} once the session is open, or {"error": why} when it cannot open.
+Anything the runtime prints to stdout is moved to stderr: stdout carries only the protocol.
 """
 
 from __future__ import annotations
 
-import base64
+import argparse
+import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 
-def main() -> int:
-    bundle = Path(sys.argv[1])
-    sys.path.insert(0, str(bundle))
-    from phikit_runner.core import Sampling, open_bundle  # the bundle's own runner code
+def _open(args: argparse.Namespace):
+    if args.bundle is not None:
+        sys.path.insert(0, str(args.bundle))
+        core = importlib.import_module("phikit_runner.core")
+        session, _ = core.open_bundle(args.bundle, allow_failed=True)
+        return core, session
+    sys.path.insert(0, str(args.runner))
+    core = importlib.import_module(f"{args.package}.core")
+    return core, core.open_session(args.module, args.model_dir, json.loads(args.options))
 
-    session, _ = open_bundle(bundle, allow_failed=True)
-    out = sys.stdout
-    for line in sys.stdin:
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rpc.py")
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--runner", type=Path)
+    ap.add_argument("--package", default="phikit_runner")
+    ap.add_argument("--module")
+    ap.add_argument("--model-dir", type=Path)
+    ap.add_argument("--options", default="{}")
+    args = ap.parse_args(argv)
+    # the protocol gets its own descriptor; fd 1 (what native libraries print to) becomes stderr
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def send(obj) -> None:
+        out.write(json.dumps(obj, default=str).encode() + b"\n")
+        out.flush()
+
+    try:
+        core, session = _open(args)
+    except Exception as e:  # noqa: BLE001 - the parent reports it as "cannot open"
+        # the runner's own BundleError already names the model dir and the runtime
+        send({"error": str(e) if type(e).__name__ == "BundleError" else
+              f"cannot open the model: {type(e).__name__}: {e}"})
+        return 2
+    send({"ok": {"eos_token_ids": list(session.eos_token_ids),
+                 "context_length": session.context_length,
+                 "known_crash": getattr(session, "known_crash", None)}})
+    for line in sys.stdin.buffer:
         request = json.loads(line)
-        op, args = request["op"], request.get("args", [])
+        op, params = request["op"], request.get("args", [])
         try:
             if op == "logits":
-                import numpy as np
+                import numpy as np  # every runtime brings numpy
 
-                arr = np.ascontiguousarray(session.logits(args[0]), dtype=np.float32)
-                result = {"shape": list(arr.shape),
-                          "b64": base64.b64encode(arr.tobytes()).decode()}
-            elif op == "generate":
-                result = list(session.generate(args[0], Sampling(**args[1])))
+                arr = np.ascontiguousarray(session.logits(params[0]), dtype="<f4")
+                send({"ok": {"shape": list(arr.shape), "nbytes": arr.nbytes}})
+                out.write(memoryview(arr).cast("B"))
+                out.flush()
+                continue
+            if op == "generate":
+                n = 0
+                for token in session.generate(params[0], core.Sampling(**params[1])):
+                    send({"token": int(token)})
+                    n += 1
+                result = n
             elif op == "info":
                 result = session.info()
-            elif op == "attrs":
-                result = {"eos_token_ids": list(session.eos_token_ids),
-                          "context_length": session.context_length}
             elif op in ("tokenize", "detokenize", "render_chat"):
-                result = getattr(session, op)(*args)
+                result = getattr(session, op)(*params)
             else:
                 raise ValueError(f"unknown op {op!r}")
-            out.write(json.dumps({"ok": result}) + "\n")
+            send({"ok": result})
         except Exception as e:  # noqa: BLE001 - reported to the caller, who decides
-            out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
-        out.flush()
+            send({"error": f"{type(e).__name__}: {e}"})
     return 0
 
 

@@ -1,0 +1,204 @@
+"""Any x86-64 machine: a crashing runtime is an error (never phikit's death), CPU-specific
+protections are chosen from the host's features, aarch64 emulation registers on a fresh machine,
+and bundles validate as an AVX2-only CPU would run them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, build_bundle, phikit, small_recipe
+from toolkit.runner.core import host_cpu
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+flags\t\t: fpu sse sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni amx_bf16 avx512_fp16 amx_tile amx_int8
+"""
+ZEN4 = """model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16
+"""
+RASPBERRY_PI_5 = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+"""
+
+
+def test_host_cpu_classes_and_features_of_note():
+    spr = host_cpu(SAPPHIRE_RAPIDS)
+    assert spr["class"] == "amx" and spr["model"] == "Intel(R) Xeon(R) Platinum 8488C"
+    assert {"amx_int8", "avx512_fp16", "avx512_vnni", "avx_vnni"} <= set(spr["features"])
+    zen4 = host_cpu(ZEN4)
+    assert zen4["class"] == "avx512" and "avx512_fp16" not in zen4["features"]
+    assert host_cpu("flags : sse avx avx2 fma\n")["class"] == "avx2"
+    assert {"asimd", "asimdhp", "asimddp"} <= set(host_cpu(RASPBERRY_PI_5)["features"])
+    here = host_cpu()
+    assert here["model"] and here["class"] in ("amx", "avx512", "avx2", "x86_64", "arm64")
+
+
+def test_llama_cpp_extra_buffer_types_off_only_where_amx_crashes():
+    from toolkit.runner.llamacpp_rt import extra_buffer_types
+
+    assert extra_buffer_types("auto", host_cpu(SAPPHIRE_RAPIDS)) == (
+        False, "off: this CPU has AMX (ggml-org/llama.cpp#20824)")
+    assert extra_buffer_types("auto", host_cpu(ZEN4))[0] is True
+    assert extra_buffer_types(None, host_cpu(ZEN4))[0] is True
+    assert extra_buffer_types(False, host_cpu(ZEN4))[0] is False
+    assert extra_buffer_types("true", host_cpu(SAPPHIRE_RAPIDS))[0] is True
+
+
+def test_doctor_names_the_cpu_and_what_it_changes():
+    proc = phikit("doctor", check=0)
+    text = " ".join(proc.stdout.split())
+    assert host_cpu()["model"].split()[0] in text
+    assert "extra buffer types" in text and "f16 hints" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binfmt_misc registration needs root")
+def test_binfmt_script_registers_aarch64_from_scratch():
+    """What `make system-deps` runs: with the registration removed (a fresh machine without
+    systemd), the script registers qemu-aarch64 again and proves an aarch64 binary runs."""
+    if not Path("/usr/lib/binfmt.d/qemu-aarch64.conf").is_file():
+        pytest.skip("qemu-user-static 10 is not installed (make system-deps)")
+    entry = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if entry.exists():
+        entry.write_text("-1")  # unregister
+    assert not entry.exists()
+    proc = subprocess.run(["sh", str(REPO / "scripts" / "binfmt-aarch64")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "aarch64 binaries run" in proc.stdout
+    assert entry.read_text().startswith("enabled")
+
+
+# --- a runtime that crashes ---------------------------------------------------------------------
+
+CRASHING_TAIL = '''
+
+# --- phikit test stand-in: the ONNX runtime above, except that logits() raises SIGSEGV ---------
+class _Crashing:
+    def __init__(self, inner):
+        self.inner = inner
+        self.eos_token_ids, self.context_length = inner.eos_token_ids, inner.context_length
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def logits(self, ids):
+        import signal
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+_real_open_session = open_session
+
+
+def open_session(model_dir, options):
+    return _Crashing(_real_open_session(model_dir, options))
+'''
+# self-contained like every runtime module (a bundle ships core.py + one runtime module)
+SEGV_RT = (REPO / "toolkit" / "runner" / "ortgenai.py").read_text() + CRASHING_TAIL
+
+
+def segv_bundle(int4_bundle: Path, where: Path) -> Path:
+    """The honest ONNX bundle with its runtime module replaced by SEGV_RT, rehashed."""
+    from toolkit.package import finish_manifest
+
+    bundle = where / "segv-bundle"
+    shutil.copytree(int4_bundle, bundle)
+    (bundle / "phikit_runner" / "segv_rt.py").write_text(SEGV_RT)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["runtime"]["module"] = "segv_rt"
+    (bundle / "manifest.json").unlink()
+    for key in ("format", "phikit", "files"):
+        manifest.pop(key)
+    finish_manifest(bundle, manifest)
+    return bundle
+
+
+@pytest.mark.slow
+def test_runtime_segfault_is_exit_2_with_one_line(int4_bundle, tmp_path):
+    bundle = segv_bundle(int4_bundle, tmp_path)
+    proc = phikit("validate", bundle, "--recipe", small_recipe(tmp_path, limit=2))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    error = " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert "segv_rt runtime crashed (SIGSEGV)" in error
+    assert "during validation, while computing logits for" in error
+
+
+@pytest.mark.slow
+def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch):
+    """A stand-in backend (the ONNX one under another name, with SEGV_RT as its runtime) among
+    real demo rows: the demo finishes, its table shows the crashed row and every other row."""
+    from rich.console import Console
+
+    import toolkit.demo as demo
+    import toolkit.package as package
+    from toolkit.backends import BACKENDS
+    from toolkit.backends.onnx import BACKEND as ONNX
+
+    runner = tmp_path / "runner"
+    shutil.copytree(REPO / "toolkit" / "runner", runner)
+    (runner / "segv_rt.py").write_text(SEGV_RT)
+    monkeypatch.setattr(package, "RUNNER_DIR", runner)
+
+    class Standin(type(ONNX)):
+        name, runtime_module = "segv-standin", "segv_rt"
+
+    monkeypatch.setitem(BACKENDS, "segv-standin", Standin())
+    target = tmp_path / "segv-cpu.yaml"
+    target.write_text((REPO / "targets" / "generic-cpu.yaml").read_text()
+                      .replace("name: generic-cpu", "name: segv-cpu")
+                      .replace("backend: onnx", "backend: segv-standin")
+                      .replace("backends: [onnx, gguf]", "backends: [segv-standin]")
+                      .replace("    onnx: [", "    segv-standin: ["))
+    recipe = str(small_recipe(tmp_path, limit=6))
+    monkeypatch.setattr(demo, "demo_builds", lambda: [
+        (recipe, "generic-cpu", "this CPU"), (recipe, str(target), "this CPU"),
+        (recipe, "intel-cpu", "this CPU")])
+    text = io.StringIO()
+    console = Console(file=text, width=250)
+    from toolkit.cli import progress_bars
+
+    code = demo.run_demo(tmp_path / "dist", console, console, progress_bars)
+    shown = text.getvalue()
+    assert code == 1, shown
+    rows = [line for line in shown.splitlines() if line.startswith("│")]
+    assert any("segv-cpu" in r and "CRASHED" in r for r in rows), shown
+    assert sum("pass" in r for r in rows) == 2, shown
+    assert "segv_rt runtime crashed (SIGSEGV)" in " ".join(shown.split())
+    assert not (tmp_path / "dist" / f"{Path(recipe).stem}-segv-cpu").exists()
+
+
+# --- an AVX2-only CPU ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_int4_bundle(dist) -> Path:
+    return build_bundle(dist, "int4", "ollama")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
+                    reason="needs qemu-user (make system-deps installs it)")
+@pytest.mark.parametrize("fixture", ["int4_bundle", "ov_int4_bundle", "gguf_int4_bundle"],
+                         ids=["onnx", "openvino", "gguf"])
+def test_validates_as_an_avx2_only_cpu_runs_it(fixture, request, tmp_path):
+    bundle = request.getfixturevalue(fixture)
+    report_path = tmp_path / "r.json"
+    proc = phikit("validate", bundle, "--emulate", "x86-64-v3", "--recipe",
+                  small_recipe(tmp_path, limit=3), "--json", report_path, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(report_path.read_text())
+    assert report["candidate"]["emulated_arch"] == "x86-64-v3"
+    assert "Haswell" in report["candidate"]["emulated_cpu"]
+    assert report["emulation"]["prompts"] and report["host"]["cpu"] == host_cpu()["model"]
+    print(f"\n{fixture} as x86-64-v3: KLD {report['metrics']['kld_mean']:.5f}, greedy match "
+          f"vs this CPU {report['emulation']['greedy_match_vs_native_mean']:.1f}, "
+          f"{report['timing']}")
