@@ -45,6 +45,10 @@ PHIKIT = {f"{b}-{p}": (b, p, {}) for b in ("onnx", "openvino", "gguf") for p in 
 PHIKIT["onnx-int4-builder"] = ("onnx", "int4", {
     "accuracy_level": 0, "options": {"onnx": {"extra_options": {"prune_lm_head": "false"}}}})
 PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", {"options": {"gguf": {"type": "Q4_K_M"}}})
+# What the AMX protection costs: llama.cpp's extra buffer types (the Q4_0 repack) turned off, as
+# the gguf runner does by default on AMX CPUs (ggml-org/llama.cpp#20824)
+PHIKIT["gguf-int4-no-extra-bufts"] = ("gguf", "int4", {})
+RUNTIME_OVERRIDES = {"gguf-int4-no-extra-bufts": {"extra_buffer_types": False}}
 PEERS = ("torch-bf16", "llamacpp-Q4_0", "llamacpp-Q8_0")
 PROMPTS = (128, 1024)
 DECODE = 64
@@ -115,8 +119,9 @@ def open_engine(engine: str, artifact: Path):
     if engine.startswith("llamacpp-"):
         return LlamaCppPeer(artifact / "model.gguf")
     backend, precision, overrides = PHIKIT[engine]
-    options = BACKENDS[backend].runtime_options(target_for(backend),
-                                                bench_recipe(precision, overrides))
+    options = {**BACKENDS[backend].runtime_options(target_for(backend),
+                                                   bench_recipe(precision, overrides)),
+               **RUNTIME_OVERRIDES.get(engine, {})}
     return open_session(BACKENDS[backend].runtime_module, artifact, options)
 
 

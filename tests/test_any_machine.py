@@ -91,7 +91,7 @@ class _Crashing:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def logits(self, ids):
+    def CRASHING_METHOD(self, *args):
         import signal
         os.kill(os.getpid(), signal.SIGSEGV)
 
@@ -102,17 +102,22 @@ _real_open_session = open_session
 def open_session(model_dir, options):
     return _Crashing(_real_open_session(model_dir, options))
 '''
-# self-contained like every runtime module (a bundle ships core.py + one runtime module)
-SEGV_RT = (REPO / "toolkit" / "runner" / "ortgenai.py").read_text() + CRASHING_TAIL
 
 
-def segv_bundle(int4_bundle: Path, where: Path) -> Path:
-    """The honest ONNX bundle with its runtime module replaced by SEGV_RT, rehashed."""
+def segv_runtime(method: str = "logits") -> str:
+    """A stand-in runtime module: ONNX's, except that `method` kills the process (SIGSEGV).
+    Self-contained like every runtime module (a bundle ships core.py + one runtime module)."""
+    return ((REPO / "toolkit" / "runner" / "ortgenai.py").read_text()
+            + CRASHING_TAIL.replace("CRASHING_METHOD", method))
+
+
+def segv_bundle(int4_bundle: Path, where: Path, method: str = "logits") -> Path:
+    """The honest ONNX bundle with its runtime module replaced by segv_runtime(), rehashed."""
     from toolkit.package import finish_manifest
 
     bundle = where / "segv-bundle"
     shutil.copytree(int4_bundle, bundle)
-    (bundle / "phikit_runner" / "segv_rt.py").write_text(SEGV_RT)
+    (bundle / "phikit_runner" / "segv_rt.py").write_text(segv_runtime(method))
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["runtime"]["module"] = "segv_rt"
     (bundle / "manifest.json").unlink()
@@ -146,7 +151,7 @@ def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch
 
     runner = tmp_path / "runner"
     shutil.copytree(REPO / "toolkit" / "runner", runner)
-    (runner / "segv_rt.py").write_text(SEGV_RT)
+    (runner / "segv_rt.py").write_text(segv_runtime())
     monkeypatch.setattr(package, "RUNNER_DIR", runner)
 
     class Standin(type(ONNX)):
@@ -175,6 +180,28 @@ def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch
     assert sum("pass" in r for r in rows) == 2, shown
     assert "segv_rt runtime crashed (SIGSEGV)" in " ".join(shown.split())
     assert not (tmp_path / "dist" / f"{Path(recipe).stem}-segv-cpu").exists()
+
+
+@pytest.mark.slow
+def test_server_outlives_a_crashing_runtime(int4_bundle, tmp_path):
+    """run.py serve runs the runtime in a worker process: a crash fails that request (HTTP 500
+    naming the signal) and the next request gets a new worker; the server never goes down."""
+    import http.client
+    import sys
+
+    from test_server import free_port, raw_post, server
+
+    bundle = segv_bundle(int4_bundle, tmp_path, method="generate")
+    port = free_port()
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    with server([sys.executable, str(bundle / "run.py"), "serve"], port) as proc:
+        for _ in range(2):  # the second request is served by a restarted worker
+            status, reply = raw_post(port, body.encode())
+            assert status == 500, reply
+            assert "segv_rt runtime crashed (SIGSEGV)" in reply["error"]["message"]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200 and proc.poll() is None
 
 
 # --- an AVX2-only CPU ---------------------------------------------------------------------------

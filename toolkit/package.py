@@ -37,7 +37,7 @@ def write_runner(bundle: Path, runtime_module: str) -> None:
     pkg = bundle / "phikit_runner"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""phikit bundle runner (standard library + one runtime)."""\n')
-    for name in ("core.py", "server.py", f"{runtime_module}.py"):
+    for name in ("core.py", "server.py", "rpc.py", "worker.py", f"{runtime_module}.py"):
         shutil.copy2(RUNNER_DIR / name, pkg / name)
     (bundle / "run.py").write_text(RUN_PY)
 

@@ -198,7 +198,10 @@ def open_session(runtime: str, model_dir: Path, options: dict[str, Any] | None =
 
 
 def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
-                overrides: dict[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
+                overrides: dict[str, Any] | None = None,
+                worker: bool = False) -> tuple[Session, dict[str, Any]]:
+    """The bundle's Session; with worker=True the runtime runs in a child process (worker.py)
+    that is started again after a crash, so a server outlives its runtime."""
     manifest = verify_bundle(root) if verify else read_manifest(root)
     verdict = manifest.get("parity", {}).get("verdict")
     if verdict != "pass" and not allow_failed:
@@ -206,6 +209,16 @@ def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
                           "validation (use --allow-failed to run it anyway)")
     runtime = manifest["runtime"]
     options = {**runtime.get("options", {}), **(overrides or {})}
+    if worker:
+        from .worker import WorkerOpenError, WorkerSession, rpc_command
+
+        root = Path(root).resolve()
+        cmd = rpc_command(runner=root, module=runtime["module"],
+                          model_dir=root / manifest["model_dir"], options=options)
+        try:
+            return WorkerSession(cmd, label=runtime["module"], restart=True), manifest
+        except WorkerOpenError as e:
+            raise BundleError(str(e)) from None
     return open_session(runtime["module"], root / manifest["model_dir"], options), manifest
 
 
@@ -291,6 +304,10 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="serve: address (loopback by default)")
     ap.add_argument("--port", type=int, default=8000, help="serve: port")
     ap.add_argument("--api-key", help="serve: require 'Authorization: Bearer KEY'")
+    ap.add_argument("--in-process", action="store_true",
+                    help="serve: run the runtime in the server's process (by default it runs "
+                         "in a child that a crash restarts: the request fails with HTTP 500, "
+                         "the server stays up)")
     return ap
 
 
@@ -305,7 +322,8 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
             return 0
         overrides = {"threads": args.threads} if args.threads else {}
         session, manifest = open_bundle(args.bundle, allow_failed=args.allow_failed,
-                                        overrides=overrides)
+                                        overrides=overrides, worker=args.command == "serve"
+                                        and not args.in_process)
         sampling = Sampling(max_new_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         if args.command == "serve":

@@ -11,7 +11,8 @@ child down. Start it as
 Protocol (binary pipes, one JSON object per line):
   request   {"op": "tokenize" | "detokenize" | "render_chat" | "logits" | "generate" | "info",
              "args": [...]}
-  replies   {"ok": result} | {"error": message}; `generate` first sends {"token": id} per token;
+  replies   {"ok": result} | {"error": message}; `generate` first sends {"token": id} per token
+            and waits for a line `next` (go on) or `stop` (close the runtime's generator);
             `logits` replies {"ok": {"shape": [n, vocab], "nbytes": N}} followed by N raw bytes
             of little-endian float32.
   The first line the child writes (unasked) is the hello: {"ok": {"eos_token_ids", "context_length",
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     send({"ok": {"eos_token_ids": list(session.eos_token_ids),
                  "context_length": session.context_length,
                  "known_crash": getattr(session, "known_crash", None)}})
-    for line in sys.stdin.buffer:
+    stdin = sys.stdin.buffer
+
+    def handle(line: bytes) -> None:
+        """One request; a generate also serves the requests its caller makes between tokens
+        (a server detokenizes as it streams) until that caller says next or stop."""
         request = json.loads(line)
         op, params = request["op"], request.get("args", [])
         try:
@@ -79,12 +84,17 @@ def main(argv: list[str] | None = None) -> int:
                 send({"ok": {"shape": list(arr.shape), "nbytes": arr.nbytes}})
                 out.write(memoryview(arr).cast("B"))
                 out.flush()
-                continue
+                return
             if op == "generate":
-                n = 0
-                for token in session.generate(params[0], core.Sampling(**params[1])):
+                n, tokens = 0, session.generate(params[0], core.Sampling(**params[1]))
+                for token in tokens:
                     send({"token": int(token)})
                     n += 1
+                    while (word := stdin.readline().strip()) not in (b"next", b"stop", b""):
+                        handle(word)
+                    if word != b"next":  # stop: the caller has enough (a client left)
+                        tokens.close()  # the runtime stops now
+                        break
                 result = n
             elif op == "info":
                 result = session.info()
@@ -95,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             send({"ok": result})
         except Exception as e:  # noqa: BLE001 - reported to the caller, who decides
             send({"error": f"{type(e).__name__}: {e}"})
+
+    while line := stdin.readline():
+        handle(line)
     return 0
 
 

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 from .core import Sampling, Session, TextStream, chat_ids
+from .worker import WorkerCrashed
 
 MAX_BODY = 1 << 20  # bytes
 DRAIN_LIMIT = 16 << 20  # bodies up to this size are read and dropped before the 413
@@ -165,6 +166,10 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 self._send_json(e.status, e.body())
             except (BrokenPipeError, ConnectionResetError):
                 pass
+            except WorkerCrashed as e:  # the next request starts a new runtime process
+                sys.stderr.write(f"[phikit serve] {e}; restarting it for the next request\n")
+                self._send_json(500, ApiError(500, f"{e}; it is restarted for the next "
+                                              "request", kind="server_error").body())
             except Exception as e:  # noqa: BLE001 - never a stack trace to the client
                 sys.stderr.write(f"[phikit serve] internal error: {e!r}\n")
                 self._send_json(500, ApiError(500, "internal server error",
@@ -237,6 +242,13 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
             try:
                 for piece in pieces:
                     event({"content": piece})  # raises BrokenPipeError if the client left
+            except WorkerCrashed as e:  # headers are sent: the error goes in the stream
+                sys.stderr.write(f"[phikit serve] {e}; restarting it for the next request\n")
+                error = ApiError(500, f"{e}; it is restarted for the next request",
+                                 kind="server_error").body()
+                self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
+                self.wfile.flush()
+                return
             finally:
                 pieces.close()  # stops the runtime's generator: frees the model for the queue
             event({}, gen.finish_reason)
