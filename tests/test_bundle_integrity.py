@@ -27,6 +27,7 @@ def test_verify_ok(bundle):
     manifest = verify_bundle(bundle)
     assert set(manifest["files"]) == {"model/weights.bin", "model/config.json", "run.py",
                                       "phikit_runner/__init__.py", "phikit_runner/core.py",
+                                      "phikit_runner/cli.py",
                                       "phikit_runner/server.py", "phikit_runner/rpc.py",
                                       "phikit_runner/worker.py", "phikit_runner/ortgenai.py"}
 

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from conftest import REPO, phikit
-from toolkit.family import MATRIX_TARGETS, support_matrix
+from toolkit.backends import BACKENDS
+from toolkit.family import support_matrix
 
 FIXTURES = ("tiny-phi3-longrope", "tiny-phi3-gqa", "tiny-phimoe")
 # MLX's quantized kernels on Linux CPU take over 25 minutes for one validation of this eval set
@@ -21,7 +22,7 @@ CELLS = [c for c in support_matrix() if c.member in FIXTURES and c.precision == 
 # the fixture's recipe (448-token texts past a 47-token window) asks beyond: refused for it
 SUPPORTED = [(c.member, c.backend) for c in CELLS if c.supported and not c.context_cap]
 # qnn's cells are asked with its own recipe form (per channel, calibration, a KV cache within
-# the window; family.matrix_recipe), not the family recipes built here: tests/test_qnn.py checks
+# the window; its matrix_form), not the family recipes built here: tests/test_qnn.py checks
 # its refusals, through the CLI for the LongRoPE fixture.
 REFUSED = [(c.member, c.backend, c.reason or f"serves at most {c.context_cap} tokens")
            for c in CELLS if (not c.supported or c.context_cap) and c.backend != "qnn"]
@@ -37,7 +38,7 @@ def test_every_fixture_is_in_the_matrix():
 def test_supported_member_passes_in_every_band(member, backend, dist):
     precision = PRECISION.get(backend, "int4")
     out = dist / f"{member}-{precision}-{backend}"
-    phikit("build", f"recipes/{member}-{precision}.yaml", "--target", MATRIX_TARGETS[backend],
+    phikit("build", f"recipes/{member}-{precision}.yaml", "--target", BACKENDS[backend].home_target,
            "--backend", backend, "--out", out, check=0, timeout=2400)
     report_path = out.parent / f"{out.name}.json"
     phikit("validate", out, "--json", report_path, check=0, timeout=2400)
@@ -63,7 +64,7 @@ def test_supported_member_passes_in_every_band(member, backend, dist):
 @pytest.mark.parametrize("member, backend, reason", REFUSED, ids=lambda v: str(v)[:40])
 def test_refused_cell_fails_before_conversion_with_its_reason(member, backend, reason,
                                                               tmp_path):
-    proc = phikit("build", f"recipes/{member}-int4.yaml", "--target", MATRIX_TARGETS[backend],
+    proc = phikit("build", f"recipes/{member}-int4.yaml", "--target", BACKENDS[backend].home_target,
                   "--backend", backend, "--out", tmp_path / "b", check=2)
     assert reason[:60] in " ".join(proc.stderr.split())
     assert not (tmp_path / "b").exists()

@@ -25,13 +25,11 @@ from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
 from .package import (finish_manifest, now, publish, staging_dir, write_archive,
                       write_json, write_report_html, write_runner)
+from .paths import RECIPES_DIR, TARGETS_DIR
 from .remote import local_session
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
 from .validate import Candidate, effective_thresholds, prepare_reference, run_parity
 
-REPO = Path(__file__).resolve().parent.parent
-TARGETS_DIR = REPO / "targets"
-RECIPES_DIR = REPO / "recipes"
 
 
 def find_target(ref: str) -> Path:
@@ -136,7 +134,7 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
                 "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain(),
                 # what the backend will ask its tool for, phikit's own defaults included
                 "conversion": plan.backend.describe(plan.recipe, plan.target, info),
-                "revision": getattr(plan.backend, "revision", 1)}
+                "revision": plan.backend.revision}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
     final = cache_root() / "artifacts" / key[:32]
     if final.is_dir():

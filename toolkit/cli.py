@@ -145,7 +145,7 @@ def validate(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
     """Generate with a bundle (same options as BUNDLE/run.py: --prompt, --chat, --max-tokens...)."""
-    from .runner.core import main as runner_main
+    from .runner.cli import main as runner_main
 
     raise typer.Exit(runner_main(["generate", "--bundle", str(bundle), *ctx.args],
                                  prog="phikit run"))
@@ -154,7 +154,7 @@ def run(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle dire
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
     """OpenAI-compatible server for a bundle (--host 127.0.0.1 --port 8000 [--api-key KEY])."""
-    from .runner.core import main as runner_main
+    from .runner.cli import main as runner_main
 
     raise typer.Exit(runner_main(["serve", "--bundle", str(bundle), *ctx.args],
                                  prog="phikit serve"))

@@ -17,37 +17,34 @@ from rich.markup import escape
 from rich.table import Table
 
 from .backends import BACKENDS
-from .build import RECIPES_DIR, execute, make_plan
+from .build import execute, make_plan
 from .doctor import usable_targets
 from .errors import PhikitError
+from .paths import RECIPES_DIR
 from .package import bundle_size
 from .remote import RemoteSession, RuntimeCrashed, rpc_command
-from .runner.core import Sampling, chat_ids
+from .runner.core import Sampling, chat_ids, host_cpu
 
 PRECISIONS = ("int4", "int8", "fp32")
-# One precision for targets measured off-device: MLX's quantized kernels on Linux CPU take
-# ~5 minutes per tiny-phi3 validation, its fp32 path seconds.
-OFF_DEVICE_PRECISION = {"mlx": "fp32"}
-# Backends whose targets need a recipe of their own: the NPU runs static, calibrated W8A16 graphs
-# (measured on Qualcomm's HTP simulator, which onnxruntime-qnn ships for x86_64 Linux).
-DEMO_RECIPE = {"qnn": "tiny-phi3-w8a16"}
 QUESTION = "What does json.dumps do?"
 
 
 def demo_builds() -> list[tuple[str, str, str]]:
     """(recipe path, target name, where it is measured) for every target whose backend runs here."""
     builds = []
+    cpu = host_cpu()
     for _, target, reason in usable_targets():
-        if target is None or BACKENDS[target.backend].unavailable():
+        backend = BACKENDS[target.backend] if target is not None else None
+        if backend is None or backend.unavailable():
             continue
-        if target.backend in DEMO_RECIPE:
-            builds.append((str(RECIPES_DIR / f"{DEMO_RECIPE[target.backend]}.yaml"), target.name,
-                           "Qualcomm's HTP simulator on this CPU"))
+        if backend.demo_recipe:  # a target that needs a recipe of its own (the NPU's W8A16)
+            where = (backend.host_notes(cpu) or ["this CPU"])[0]
+            builds.append((str(RECIPES_DIR / f"{backend.demo_recipe}.yaml"), target.name, where))
             continue
         if reason is None:
             precisions, where = [p for p in PRECISIONS if p in target.precisions], "this CPU"
         else:
-            wanted = OFF_DEVICE_PRECISION.get(target.backend, "int4")
+            wanted = backend.off_device_precision
             precisions = [wanted] if wanted in target.precisions else target.precisions[:1]
             where = (f"this CPU, not the target's {target.platform.os}/{target.platform.arch} "
                      f"{target.device}")

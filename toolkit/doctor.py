@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .backends import BACKENDS
-from .build import RECIPES_DIR, TARGETS_DIR
+from .paths import RECIPES_DIR, TARGETS_DIR
 from .errors import PhikitError
 from .runner.core import host_cpu
 from .schema import load_recipe, load_target

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import ModelInfo, model_info_from_config, read_model_info
 from .errors import PhikitError
+from .paths import EVALSETS_DIR, MODELS_DIR, REPO, TARGETS_DIR
 
 if TYPE_CHECKING:  # schema imports stay local at run time, as elsewhere in this module
     from .schema import Recipe
 
-REPO = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO / "models"
 
 _MINI = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072,
          "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -124,25 +123,16 @@ def check_remote_code(info: ModelInfo | None, trusted: bool, source: str) -> Non
 # --- the support matrix --------------------------------------------------------------------
 
 MATRIX_PRECISIONS = ("int4", "int8", "fp32")
-# Each backend is shown on the target a user would pick it for.
-MATRIX_TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal",
-                  "gguf": "ollama", "qnn": "qualcomm-npu"}
 
 
-def matrix_recipe(backend: str, info: ModelInfo, source: str, precision: str,
+def matrix_recipe(backend, info: ModelInfo, source: str, precision: str,
                   eval_file: Path) -> Recipe:
-    """The recipe a matrix cell is asked about: the backend's usual form of the precision.
-    The NPU compiles static, calibrated graphs: per-channel weights, calibration text, and a KV
-    cache within the window (Microsoft's Phi-3.5 QNN models serve 4096 tokens at most)."""
+    """The recipe a matrix cell is asked about: the backend's usual form of the precision
+    (its matrix_form hook)."""
     from .schema import EvalConfig, Quantization, Recipe
 
-    quant, fields = Quantization(precision=precision), {}
-    if backend == "qnn":
-        quant = Quantization(precision=precision, block_size=-1,
-                             calibration=REPO / "evalsets" / "tiny-phi3-calibration.txt")
-        fields["context_length"] = min(info.sliding_window or 4096, info.original_max_positions,
-                                       4096)
-    return Recipe(name="matrix", source=source, quantization=quant,
+    quant, fields = backend.matrix_form(info, precision)
+    return Recipe(name="matrix", source=source, quantization=Quantization(**quant),
                   eval=EvalConfig(file=eval_file), **fields)
 
 
@@ -162,13 +152,13 @@ class Cell:
 def support_matrix() -> list[Cell]:
     """Every member x backend x precision, answered by the same checks `phikit build` runs."""
     from .backends import BACKENDS
-    from .build import TARGETS_DIR
     from .schema import load_target
 
     cells = []
-    targets = {b: load_target(TARGETS_DIR / f"{t}.yaml", set(BACKENDS))
-               for b, t in MATRIX_TARGETS.items()}
-    eval_file = REPO / "evalsets" / "tiny-phi3.jsonl"
+    # each backend is shown on the target a user would pick it for
+    targets = {name: load_target(TARGETS_DIR / f"{b.home_target}.yaml", set(BACKENDS))
+               for name, b in BACKENDS.items()}
+    eval_file = EVALSETS_DIR / "tiny-phi3.jsonl"
     for member in MEMBERS:
         try:
             info = member.info()
@@ -179,7 +169,7 @@ def support_matrix() -> list[Cell]:
         for name, backend in BACKENDS.items():
             target = targets[name]
             for precision in MATRIX_PRECISIONS:
-                recipe = matrix_recipe(name, info, member.hub_id or str(MODELS_DIR / member.name),
+                recipe = matrix_recipe(backend, info, member.hub_id or str(MODELS_DIR / member.name),
                                        precision, eval_file)
                 cap = None
                 if precision not in target.precisions:
@@ -205,7 +195,7 @@ def matrix_rows(cells: list[Cell]) -> tuple[list[str], list[list[str]], dict[str
 
     notes: dict[str, str] = {}
     remote = {m.name for m in MEMBERS if _safe_remote(m)}
-    header = ["member", "trait"] + [f"{b} ({MATRIX_TARGETS[b]})" for b in BACKENDS]
+    header = ["member", "trait"] + [f"{n} ({b.home_target})" for n, b in BACKENDS.items()]
     rows = []
     for member in MEMBERS:
         row = [member.name + (" †" if member.name in remote else ""), member.trait]

@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from phikit_runner.core import main  # noqa: E402
+from phikit_runner.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
@@ -37,7 +37,8 @@ def write_runner(bundle: Path, runtime_module: str) -> None:
     pkg = bundle / "phikit_runner"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""phikit bundle runner (standard library + one runtime)."""\n')
-    for name in ("core.py", "server.py", "rpc.py", "worker.py", f"{runtime_module}.py"):
+    for name in ("core.py", "cli.py", "server.py", "rpc.py", "worker.py",
+                 f"{runtime_module}.py"):
         shutil.copy2(RUNNER_DIR / name, pkg / name)
     (bundle / "run.py").write_text(RUN_PY)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PhikitError
+from .paths import REPO
 from .runner.worker import RPC, WorkerSession, rpc_command
 
 __all__ = ["RPC", "RemoteSession", "RuntimeCrashed", "local_session", "rpc_command"]
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 class RuntimeCrashed(PhikitError):

@@ -19,12 +19,12 @@ from .errors import PhikitError
 from .evalset import load_evalset
 from .parity import evaluate
 from .reference import load_or_compute
+from .paths import RECIPES_DIR
 from .remote import local_session
 from .runner.core import BundleError, Session, host_cpu, read_manifest, verify_bundle
 from .schema import Recipe, Thresholds, load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RECIPE = REPO / "recipes" / "tiny-phi3-int4.yaml"
+DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
 
 
 @dataclass

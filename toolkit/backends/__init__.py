@@ -3,7 +3,9 @@
 A backend answers: can it run here (`unavailable`), does it support this model x target x
 precision (`support`), does a directory hold its artifact (`recognizes`), convert with the real
 tool (`convert`), and which runner module + options the bundle uses (`runtime_module`,
-`runtime_options`). Adding a backend = one module here + one in toolkit/runner + one line below.
+`runtime_options`). Adding a backend = one module here + one in toolkit/runner + one line below; every fact about it
+(home target, matrix recipe form, demo recipe, ...) is a member of its class, never an
+`if name == ...` elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ class Backend(Protocol):
     # True when the backend writes the tokenizer into its own format (GGUF): then any row the
     # candidate tokenizes differently is a conversion defect, and validation requires all rows.
     exact_tokenizer: bool
+    home_target: str  # the target a user picks it for (support matrix, planted defects)
+    # Defaults for the members below: common.BackendDefaults.
+    revision: int  # part of the conversion cache key
+    demo_recipe: str | None  # `phikit demo` builds this recipe for its targets, if set
+    off_device_precision: str  # the demo's precision where this CPU is not the target's device
+
+    def matrix_form(self, info: ModelInfo, precision: str) -> tuple[dict, dict]:
+        """(Quantization fields, Recipe fields) of the backend's usual recipe for a precision."""
 
     def unavailable(self) -> str | None:
         """None when the converter and runtime import here, else why not."""

@@ -8,8 +8,26 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import Recipe, Target
+
+
+class BackendDefaults:
+    """Defaults for the facts every backend carries (backends/__init__.py's Protocol); a
+    backend overrides what differs for it, so no other module names a backend."""
+
+    revision = 1  # bump to rebuild cached conversions after a change of the backend's output
+    demo_recipe: str | None = None  # recipes/<name>.yaml: the demo's recipe, if it needs its own
+    off_device_precision = "int4"  # the demo's one precision where this CPU is not the device
+
+    def matrix_form(self, info: ModelInfo, precision: str) -> tuple[dict, dict]:
+        """(Quantization fields, Recipe fields) of this backend's usual recipe for `precision`:
+        what a support-matrix cell asks support() about."""
+        return {"precision": precision}, {}
+
+    def host_notes(self, cpu: dict) -> list[str]:
+        return []
 
 
 def first_import_error(*modules: str) -> str | None:

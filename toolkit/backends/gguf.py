@@ -24,7 +24,7 @@ from typing import Callable
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import Recipe, Target
-from .common import first_import_error, run_tool, versions
+from .common import BackendDefaults, first_import_error, run_tool, versions
 
 # Architectures whose published config the pinned converter maps (class name -> gguf-py arch).
 ARCHITECTURES = {"Phi3ForCausalLM": "PHI3", "PhiMoEForCausalLM": "PHIMOE"}
@@ -49,8 +49,9 @@ def llama_cpp_dir() -> Path:
                 or Path(sys.prefix) / "share" / "phikit" / "llama.cpp")
 
 
-class GgufBackend:
+class GgufBackend(BackendDefaults):
     name = "gguf"
+    home_target = "ollama"
     runtime_module = "llamacpp_rt"
     tool = "llama.cpp convert_hf_to_gguf.py + llama_model_quantize"
     # phikit writes the tokenizer into the GGUF (and a tokenizer.model when the checkpoint has

@@ -9,7 +9,7 @@ from typing import Callable
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import Recipe, Target
-from .common import describe_quantization, first_import_error, run_tool, versions
+from .common import BackendDefaults, describe_quantization, first_import_error, run_tool, versions
 
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM", "Phi3SmallForCausalLM"}
 GROUP_SIZES = {32, 64, 128}
@@ -18,8 +18,11 @@ DTYPES = {"fp16": "float16", "fp32": "float32"}
 PRESETS = {"mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"}
 
 
-class MlxBackend:
+class MlxBackend(BackendDefaults):
     name = "mlx"
+    home_target = "apple-metal"
+    # off the Mac the demo runs MLX's Linux CPU backend, whose quantized kernels are slow
+    off_device_precision = "fp32"
     runtime_module = "mlx_rt"
     tool = "mlx_lm convert"
     exact_tokenizer = False  # the checkpoint's tokenizer files are used as they are

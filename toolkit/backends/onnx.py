@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..checkpoint import ModelInfo, read_model_info
 from ..schema import Recipe, Target
-from .common import (describe_quantization, first_import_error, provider_runtime_options,
+from .common import (BackendDefaults, describe_quantization, first_import_error, provider_runtime_options,
                      run_tool, versions)
 
 # Architectures whose published config the 0.18 builder converts, as it names them.
@@ -29,8 +29,9 @@ PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 
 
-class OnnxBackend:
+class OnnxBackend(BackendDefaults):
     name = "onnx"
+    home_target = "generic-cpu"
     # Bumped when phikit asks the builder for something different with the same recipe, so
     # cached conversions made before are not reused (2: sliding window, LongRoPE lm_head).
     revision = 2

@@ -15,7 +15,7 @@ from typing import Callable
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import Recipe, Target
-from .common import describe_quantization, first_import_error, run_tool, versions
+from .common import BackendDefaults, describe_quantization, first_import_error, run_tool, versions
 
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
@@ -27,8 +27,9 @@ FLAGS = {"ratio": "--ratio", "all_layers": "--all-layers", "backup_precision": "
 DATA_AWARE = {"awq", "scale_estimation", "gptq"}
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(BackendDefaults):
     name = "openvino"
+    home_target = "intel-cpu"
     runtime_module = "openvino_rt"
     tool = "optimum-cli export openvino"
     exact_tokenizer = False  # optimum-intel converts the tokenizer; its drift is reported, not fatal

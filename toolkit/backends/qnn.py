@@ -24,8 +24,9 @@ from typing import Callable
 
 from ..checkpoint import ModelInfo, read_model_info
 from ..errors import PhikitError
+from ..paths import EVALSETS_DIR
 from ..schema import Recipe, Target
-from .common import first_import_error, provider_runtime_options, run_tool, versions
+from .common import BackendDefaults, first_import_error, provider_runtime_options, run_tool, versions
 
 OLIVE_GENAI = Path(os.environ.get("PHIKIT_OLIVE_GENAI")
                    or Path(sys.prefix) / "share" / "phikit" / "olive-genai")
@@ -38,8 +39,11 @@ SURGERIES = ["RemoveRopeMultiCache", "AttentionMaskToSequenceLengths",
              "SimplifiedLayerNormToL2Norm"]
 
 
-class QnnBackend:
+class QnnBackend(BackendDefaults):
     name = "qnn"
+    home_target = "qualcomm-npu"
+    # the NPU runs static, calibrated W8A16 graphs (measured on Qualcomm's HTP simulator)
+    demo_recipe = "tiny-phi3-w8a16"
     # 2: the KV-cache dtype in qnn_pipeline.json is read from the graph
     revision = 2
     runtime_module = "qnn_rt"
@@ -189,9 +193,18 @@ class QnnBackend:
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return provider_runtime_options(target)
 
+    def matrix_form(self, info: ModelInfo, precision: str) -> tuple[dict, dict]:
+        """The NPU compiles static, calibrated graphs: per-channel weights, calibration text,
+        and a KV cache within the window and the original length (Microsoft's Phi-3.5 QNN
+        models serve 4096 tokens at most)."""
+        return ({"precision": precision, "block_size": -1,
+                 "calibration": EVALSETS_DIR / "tiny-phi3-calibration.txt"},
+                {"context_length": min(info.sliding_window or 4096, info.original_max_positions,
+                                       4096)})
+
     def host_notes(self, cpu: dict) -> list[str]:
         return [] if cpu["machine"] in ("arm64", "aarch64") else [
-            "Qualcomm's HTP simulator (x86_64): figures are the simulator's, not a device's"]
+            "Qualcomm's HTP simulator on this CPU"]
 
     def toolchain(self) -> dict[str, str]:
         out = versions("olive-ai", "onnxruntime", "onnxruntime-qnn", "onnx", "transformers",

@@ -8,13 +8,10 @@ A runtime module (ortgenai.py, ...) exposes `open_session(model_dir, options) ->
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -246,112 +243,3 @@ class TextStream:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(done):]
-
-
-def stream_reply(session: Session, prompt_ids: list[int], sampling: Sampling,
-                 out=sys.stdout) -> tuple[str, int, float]:
-    """Generate and print as tokens arrive; returns (text, tokens, seconds)."""
-    stream, parts, n = TextStream(session), [], 0
-    start = time.perf_counter()
-    for token in session.generate(prompt_ids, sampling):
-        n += 1
-        piece = stream.push(token)
-        parts.append(piece)
-        out.write(piece)
-        out.flush()
-    return "".join(parts), n, time.perf_counter() - start
-
-
-def _report_speed(n: int, seconds: float) -> None:
-    rate = n / seconds if seconds > 0 else 0.0
-    print(f"\n[{n} tokens, {seconds:.2f} s, {rate:.1f} tok/s]", file=sys.stderr)
-
-
-def chat_loop(session: Session, sampling: Sampling, system: str | None) -> None:
-    messages = [{"role": "system", "content": system}] if system else []
-    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        ids = chat_ids(session, messages)
-        text, n, seconds = stream_reply(session, ids, sampling)
-        _report_speed(n, seconds)
-        messages.append({"role": "assistant", "content": text})
-
-
-def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="Run a phikit bundle.")
-    ap.add_argument("command", nargs="?", choices=["generate", "verify", "serve"],
-                    default="generate")
-    ap.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent.parent,
-                    help="bundle directory (default: the one this runner sits in)")
-    ap.add_argument("--prompt", help="prompt text; with --chat-format it is sent as a user turn")
-    ap.add_argument("--chat", action="store_true", help="interactive chat")
-    ap.add_argument("--raw", action="store_true", help="send --prompt as plain text, no chat template")
-    ap.add_argument("--system", help="system message for chat prompts")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--threads", type=int, help="override the bundle's thread count")
-    ap.add_argument("--allow-failed", action="store_true", help="run a bundle that failed parity")
-    ap.add_argument("--host", default="127.0.0.1", help="serve: address (loopback by default)")
-    ap.add_argument("--port", type=int, default=8000, help="serve: port")
-    ap.add_argument("--api-key", help="serve: require 'Authorization: Bearer KEY'")
-    ap.add_argument("--in-process", action="store_true",
-                    help="serve: run the runtime in the server's process (by default it runs "
-                         "in a child that a crash restarts: the request fails with HTTP 500, "
-                         "the server stays up)")
-    return ap
-
-
-def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
-    args = build_parser(prog).parse_args(argv)
-    # Runtimes must not phone home from a device; the runtime modules also switch theirs off.
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        if args.command == "verify":
-            manifest = verify_bundle(args.bundle)
-            print(f"ok: {len(manifest['files'])} files match {MANIFEST}")
-            return 0
-        overrides = {"threads": args.threads} if args.threads else {}
-        session, manifest = open_bundle(args.bundle, allow_failed=args.allow_failed,
-                                        overrides=overrides, worker=args.command == "serve"
-                                        and not args.in_process)
-        sampling = Sampling(max_new_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        if args.command == "serve":
-            from .server import serve
-
-            serve(session, manifest["name"], args.host, args.port, args.api_key)
-            return 0
-        if args.chat:
-            chat_loop(session, sampling, args.system)
-            return 0
-        if args.prompt is None:
-            print(f"{prog}: give --prompt TEXT or --chat", file=sys.stderr)
-            return 2
-        if args.raw:
-            ids = session.tokenize(args.prompt)
-        else:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}]
-            ids = chat_ids(session, messages)
-        _, n, seconds = stream_reply(session, ids, sampling)
-        _report_speed(n, seconds)
-        return 0
-    except BundleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,58 @@
+"""A backend is its modules + one registry entry: a stand-in registered at run time reaches the
+support matrix and the demo's plan with no other module naming it."""
+
+from __future__ import annotations
+
+import shutil
+
+import toolkit.doctor as doctor
+from conftest import REPO
+from toolkit.backends import BACKENDS
+from toolkit.backends.common import BackendDefaults
+from toolkit.demo import demo_builds
+from toolkit.family import matrix_rows, support_matrix
+
+
+class Standin(BackendDefaults):
+    name = "standin"
+    runtime_module = "ortgenai"
+    tool = "stand-in converter"
+    exact_tokenizer = False
+    home_target = "generic-cpu"
+    off_device_precision = "int8"
+
+    def unavailable(self):
+        return None
+
+    def support(self, info, target, recipe):
+        if recipe.quantization.precision == "fp32":
+            return "the stand-in converts quantized models only"
+        return None
+
+    def matrix_form(self, info, precision):
+        return {"precision": precision, "block_size": 64}, {}
+
+
+def test_a_registered_backend_reaches_the_matrix_and_the_demo(monkeypatch, tmp_path):
+    monkeypatch.setitem(BACKENDS, "standin", Standin())
+    cells = [c for c in support_matrix() if c.backend == "standin"]
+    assert {c.precision for c in cells if c.supported} == {"int4", "int8"}
+    assert {c.reason for c in cells if not c.supported} == {
+        "the stand-in converts quantized models only"}
+    header, rows, notes = matrix_rows(support_matrix())
+    assert "standin (generic-cpu)" in header
+    assert "the stand-in converts quantized models only" in notes.values()
+
+    targets = tmp_path / "targets"
+    shutil.copytree(REPO / "targets", targets)
+    (targets / "standin-gpu.yaml").write_text(
+        (REPO / "targets" / "intel-gpu.yaml").read_text()
+        .replace("name: intel-gpu", "name: standin-gpu")
+        .replace("backend: openvino", "backend: standin")
+        .replace("backends: [openvino]", "backends: [standin]")
+        .replace("    openvino: [", "    standin: ["))
+    monkeypatch.setattr(doctor, "TARGETS_DIR", targets)
+    mine = [b for b in demo_builds() if b[1] == "standin-gpu"]
+    # off its device (a GPU target on this CPU): the backend's own off-device precision
+    assert [(r.rsplit("/", 1)[-1], w.split(",")[0]) for r, _, w in mine] == [
+        ("tiny-phi3-int8.yaml", "this CPU")]
