@@ -92,6 +92,7 @@ class _Crashing:
         return getattr(self.inner, name)
 
     def CRASHING_METHOD(self, *args):
+        import os
         import signal
         os.kill(os.getpid(), signal.SIGSEGV)
 

@@ -92,7 +92,7 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     out = out or Path("dist") / f"{recipe.name}-{target.name}"
     model_desc = (f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}, "
                   f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
-    if info is not None and not Path(recipe.source).is_dir():
+    if info is not None and not recipe.source_is_local:
         model_desc += "; published config, re-checked after the download"
     if info is not None and info.architecture == "Phi3VForCausalLM":
         model_desc += "; text-only bundle: the image encoder is not converted"
@@ -169,7 +169,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
     stage_cb("resolve source")
     source_dir = resolve_source(plan.recipe.source, plan.recipe.revision)
     info = plan.info
-    if not Path(plan.recipe.source).is_dir():  # a hub checkpoint: check its own config now
+    if not plan.recipe.source_is_local:  # a hub checkpoint: check its own config now
         info = read_model_info(source_dir)
         check_remote_code(info, plan.recipe.trust_remote_code, plan.recipe.source)
         reason = plan.backend.support(info, plan.target, plan.recipe)
@@ -231,7 +231,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
             "eval_file": f"eval/{plan.recipe.eval.file.name}",
             "runtime": {"module": plan.backend.runtime_module, "options": options,
                         "packages": packages},
-            "source": {"id": plan.recipe.source if not Path(plan.recipe.source).is_dir()
+            "source": {"id": plan.recipe.source if not plan.recipe.source_is_local
                        else str(source_dir), "sha256": digest,
                        "architecture": info.architecture},
             "toolchain": plan.backend.toolchain(),

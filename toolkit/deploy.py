@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import PhikitError
-from .runner.core import read_manifest, verify_bundle
+from .runner.core import lock_install_args, read_manifest, verify_bundle
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 VENV = ".venv"  # inside the bundle dir on the host; bundle verification ignores it
@@ -159,9 +159,9 @@ if [ ! -x {venv}/bin/python ] || [ "$(cat {venv}/.lock-sha256 2>/dev/null)" != "
   rm -rf {venv}
   {python} -m venv {venv}
   if [ -d wheels ]; then
-    {venv}/bin/python -m pip install -q --no-deps --no-index --find-links wheels --require-hashes -r requirements.lock
+    {venv}/bin/python -m pip {install_offline}
   else
-    {venv}/bin/python -m pip install -q --no-deps --require-hashes -r requirements.lock
+    {venv}/bin/python -m pip {install}
   fi
   echo "$LOCK_SHA" > {venv}/.lock-sha256
   echo installed
@@ -206,7 +206,9 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
     d, py = shlex.quote(remote.directory), shlex.quote(python)
     remote.run(f"{py} {d}/run.py verify --bundle {d}")
     log("verified every sha256 on the host")
-    venv_state = remote.run(INSTALL.format(dir=d, venv=VENV, python=py)).stdout.decode().strip()
+    venv_state = remote.run(INSTALL.format(
+        dir=d, venv=VENV, python=py, install=shlex.join(lock_install_args()),
+        install_offline=shlex.join(lock_install_args(wheels="wheels")))).stdout.decode().strip()
     log(f"runtime venv: {venv_state.splitlines()[-1]}")
     smoke = remote.run(f"{d}/{VENV}/bin/python {d}/run.py --bundle {d} --prompt "
                        f"'What does json.dumps do?' --max-tokens 8")

@@ -72,7 +72,7 @@ def list_tables() -> list[Table]:
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         try:
             r = load_recipe(path)
-            recipes.add_row(r.name, r.source if not Path(r.source).is_dir() else
+            recipes.add_row(r.name, r.source if not r.source_is_local else
                             Path(r.source).name, r.quantization.precision, path.name)
         except PhikitError as e:
             recipes.add_row(path.stem, f"[red]{e}[/]", "", path.name)

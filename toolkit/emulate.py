@@ -29,7 +29,7 @@ from .checkpoint import cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
 from .remote import RPC, RemoteSession, rpc_command
-from .runner.core import read_manifest, verify_bundle
+from .runner.core import lock_install_args, read_manifest, verify_bundle
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
@@ -192,9 +192,8 @@ def _aarch64_session(bundle: Path, manifest: dict, arch: str,
         log("installing the bundle's aarch64 wheels in the emulated root")
         inside = f"/opt/phikit/{venv.name}"
         _chroot(root, ["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
-        _chroot(root, [f"{inside}/bin/python", "-m", "pip", "install", "-q", "--no-index",
-                       "--find-links", f"/opt/phikit/{wheels.name}", "--no-deps",
-                       "--require-hashes", "-r", f"/opt/phikit/lock-{lock_sha}.txt"],
+        _chroot(root, [f"{inside}/bin/python", "-m", "pip", *lock_install_args(
+                    f"/opt/phikit/lock-{lock_sha}.txt", f"/opt/phikit/{wheels.name}")],
                 "pip install (emulated)")
     digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
     copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"

@@ -8,8 +8,6 @@ from pathlib import Path
 class PhikitError(Exception):
     """A problem with the user's input: a file, a field, a flag. Exit code 2."""
 
-    exit_code = 2
-
     def __init__(self, message: str, *, file: str | Path | None = None,
                  line: int | None = None, field: str | None = None):
         self.message, self.file, self.line, self.field = message, file, line, field
@@ -21,9 +19,3 @@ class PhikitError(Exception):
             where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
         field = f"field '{self.field}': " if self.field else ""
         return f"{where}{field}{self.message}"
-
-
-class ValidationFailed(Exception):
-    """Parity thresholds were missed. Exit code 1: the artifact is worse than the recipe allows."""
-
-    exit_code = 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint import cache_root
 from .errors import PhikitError
-from .runner.core import sha256_file
+from .runner.core import lock_install_args, sha256_file
 from .schema import Platform
 
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
@@ -123,7 +123,7 @@ def resolve_lock(packages: list[str], platform: Platform, wheel_dir: Path | None
                 shutil.copy2(file, wheel_dir / file.name)
     header = (f"# phikit runtime lock for {platform.os}/{platform.arch}, CPython {platform.python}\n"
               f"# platforms: {', '.join(platform.pip_platforms)}\n"
-              f"# install: pip install --no-deps --require-hashes -r requirements.lock\n")
+              f"# install: pip {' '.join(lock_install_args())}\n")
     if sources:
         header += (f"# built from source on the device (no {platform.arch} wheels): "
                    f"{', '.join(sources)}; needs a C/C++ compiler and cmake >= 3.21 "

@@ -841,10 +841,6 @@ def junit_xml(report: dict[str, Any], name: str = "parity") -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, "unicode") + "\n"
 
 
-def write_junit(report: dict[str, Any], path: str | Path, name: str = "parity") -> None:
-    write_text_atomic(Path(path), junit_xml(report, name))
-
-
 # --------------------------------------------------------------------------------- compare
 
 def source_sha256(loaded: LoadedReport) -> str | None:

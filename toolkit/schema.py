@@ -85,7 +85,8 @@ class Recipe(Strict):
 
     @property
     def source_is_local(self) -> bool:
-        return not HUB_ID.match(self.source) or Path(self.source).exists()
+        """A checkpoint directory on this machine (else a hub id, fetched at build time)."""
+        return Path(self.source).is_dir()
 
 
 class Platform(Strict):

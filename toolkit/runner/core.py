@@ -108,6 +108,24 @@ def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
             "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}"}
 
 
+DEFAULT_CONTEXT = 4096  # a config that names no maximum length: Phi-3-mini-4k's
+
+
+def thread_count(option: Any) -> int | None:
+    """The `threads` runtime option: an int, or None for "auto" (the device's cores: runtimes'
+    own defaults are often one thread or half the cores)."""
+    return None if option in (None, "auto", 0) else int(option)
+
+
+def auto_threads(option: Any) -> int:
+    return thread_count(option) or os.cpu_count() or 1
+
+
+def stop_ids(session: "Session", sampling: "Sampling") -> set[int]:
+    """Where generation stops: the model's EOS ids and the caller's stop tokens."""
+    return set(session.eos_token_ids) | set(sampling.stop_token_ids)
+
+
 def check_length(n: int, context_length: int) -> None:
     """Runtimes fail in their own ways past the context; fail the same clear way in all."""
     if n > context_length:
@@ -173,13 +191,21 @@ def verify_bundle(root: Path, manifest: dict[str, Any] | None = None) -> dict[st
     return manifest
 
 
+def lock_install_args(lock: str = "requirements.lock", wheels: str | None = None) -> list[str]:
+    """pip's arguments that install a bundle's lock and nothing else: the lock is pip's whole
+    closure, so --no-deps installs exactly it; --require-hashes checks every file; with `wheels`,
+    offline from the bundle's own wheel directory."""
+    offline = ["--no-index", "--find-links", wheels] if wheels else []
+    return ["install", "-q", "--no-deps", *offline, "--require-hashes", "-r", lock]
+
+
 def _runtime_module(name: str):
     package = __package__ or "phikit_runner"
     try:
         return importlib.import_module(f"{package}.{name}")
     except ImportError as e:
         raise BundleError(f"runtime module {name!r} cannot be imported: {e}. Install the bundle's "
-                          "requirements.lock (pip install --no-deps --require-hashes -r requirements.lock)") \
+                          f"requirements.lock (pip {' '.join(lock_install_args())})") \
             from None
 
 

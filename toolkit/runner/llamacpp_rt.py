@@ -21,7 +21,6 @@ chat prompts without it for the same reason, so Ollama feeds the model the same 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -30,7 +29,7 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .core import check_length, generation_eos, host_cpu
+from .core import auto_threads, check_length, generation_eos, host_cpu, stop_ids
 
 AMX_CRASH = ("llama.cpp's AMX buffer type crashes llama_decode on AMX CPUs "
              "(ggml-org/llama.cpp#20824, ollama/ollama#17205); extra_buffer_types: false avoids it")
@@ -89,8 +88,7 @@ class LlamaCppSession:
         files = sorted(model_dir.glob("*.gguf"))
         if len(files) != 1:
             raise ValueError(f"{model_dir}: expected exactly one .gguf file, found {len(files)}")
-        threads = options.get("threads", "auto")
-        threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
+        threads = auto_threads(options.get("threads"))
         # n_ctx 0 = the model's training context (llama.cpp's convention)
         n_ctx = int(options.get("context_length") or 0)
         cpu = host_cpu()
@@ -168,7 +166,7 @@ class LlamaCppSession:
         self._restart()
         if sampling.seed is not None:
             self.llm.set_seed(int(sampling.seed))
-        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        stop = stop_ids(self, sampling)
         max_new = max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))
         greedy = sampling.temperature <= 0
         tokens = self.llm.generate(list(ids), temp=sampling.temperature,

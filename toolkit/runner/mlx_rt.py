@@ -35,7 +35,7 @@ from mlx_lm.models import phimoe as mlx_phimoe
 from mlx_lm.models.rope_utils import SuScaledRoPE
 from mlx_lm.sample_utils import make_sampler
 
-from .core import check_length, generation_eos
+from .core import DEFAULT_CONTEXT, check_length, generation_eos, stop_ids
 
 
 def _use_window(window: int | None) -> None:
@@ -118,7 +118,7 @@ class MlxSession:
                 moe.phikit_jitter_eps = float(config.get("router_jitter_noise", 0.01))
         self.eos_token_ids = (generation_eos(model_dir, config.get("eos_token_id"))
                               or tuple(sorted(self.tokenizer.eos_token_ids)))
-        self.context_length = int(config.get("max_position_embeddings", 4096))
+        self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT))
         self.quantization = config.get("quantization")
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -143,7 +143,7 @@ class MlxSession:
             mx.random.seed(int(sampling.seed))
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p,
                                top_k=sampling.top_k or 0)
-        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        stop = stop_ids(self, sampling)
         max_new = max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))
         _use_window(self.window)
         for token, _ in generate_step(mx.array(list(ids)), self.model, max_tokens=max_new,

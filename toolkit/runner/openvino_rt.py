@@ -28,7 +28,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ovg
 
-from .core import check_length
+from .core import DEFAULT_CONTEXT, check_length, stop_ids, thread_count
 
 # OpenVINO's usage telemetry is opt-in through this variable; make sure it stays off.
 os.environ.setdefault("OPENVINO_TELEMETRY_OPTOUT", "1")
@@ -73,9 +73,8 @@ class OpenVinoSession:
         self.requested_device = str(options.get("device", "CPU")).upper()
         self.device = _device(core, self.requested_device)
         props: dict[str, Any] = {}
-        threads = options.get("threads", "auto")
-        if threads not in (None, "auto", 0):
-            props["INFERENCE_NUM_THREADS"] = int(threads)
+        if thread_count(options.get("threads")):
+            props["INFERENCE_NUM_THREADS"] = thread_count(options.get("threads"))
         self.notes: list[str] = []
         hint = options.get("inference_precision")
         if hint and self.device != self.requested_device and str(hint).lower() != "f32":
@@ -97,7 +96,7 @@ class OpenVinoSession:
         gen = self.pipe.get_generation_config()
         self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
         config = json.loads((model_dir / "config.json").read_text())
-        self.context_length = int(config.get("max_position_embeddings", 4096))
+        self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT))
         vocab = self.ir.output("logits").get_partial_shape()[-1]
         if vocab.is_static and config.get("vocab_size") not in (None, vocab.get_length()):
             raise ValueError(f"config.json says vocab_size {config['vocab_size']} but the IR's "
@@ -159,7 +158,7 @@ class OpenVinoSession:
             config.top_k = sampling.top_k or 0
             if sampling.seed is not None:
                 config.rng_seed = int(sampling.seed)
-        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        stop = stop_ids(self, sampling)
         arr = np.asarray([ids], dtype=np.int64)
         inputs = ovg.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr)))
         q: queue.Queue = queue.Queue()

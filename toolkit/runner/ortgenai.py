@@ -16,7 +16,6 @@ with "needs CUDA" and both reasons.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnxruntime_genai as og
 
-from .core import check_length
+from .core import DEFAULT_CONTEXT, auto_threads, check_length, stop_ids
 
 if hasattr(og, "disable_telemetry_events"):
     og.disable_telemetry_events()
@@ -108,8 +107,7 @@ class OrtGenaiSession:
     def __init__(self, model_dir: Path, options: dict[str, Any]):
         self.model_dir = model_dir
         genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
-        threads = options.get("threads", "auto")
-        threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
+        threads = auto_threads(options.get("threads"))
         self.requested_provider = options.get("execution_provider") or _config_provider(genai)
         self.model, self.provider, self.fallback_reason = load_model(
             model_dir, threads, self.requested_provider, options.get("provider_options"))
@@ -117,7 +115,7 @@ class OrtGenaiSession:
         self.tokenizer = og.Tokenizer(self.model)
         eos = genai["model"].get("eos_token_id", [])
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
-        self.context_length = int(genai["model"].get("context_length", 4096))
+        self.context_length = int(genai["model"].get("context_length", DEFAULT_CONTEXT))
         self.vocab_size = int(genai["model"].get("vocab_size", 0))
         self.bos_id = _template_bos(model_dir)
         self.pruned_lm_head = False  # set when the graph returns only the last position
@@ -170,7 +168,7 @@ class OrtGenaiSession:
         max_length = min(self.context_length, len(ids) + sampling.max_new_tokens)
         gen = self._generator(max_length, sampling)
         gen.append_tokens(np.asarray([ids], dtype=np.int32))
-        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        stop = stop_ids(self, sampling)
         while not gen.is_done():
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])

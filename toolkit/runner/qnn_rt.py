@@ -32,7 +32,7 @@ import onnxruntime as ort
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from .core import check_length, generation_eos
+from .core import auto_threads, check_length, generation_eos, stop_ids
 
 PIPELINE = "qnn_pipeline.json"
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -89,8 +89,7 @@ class QnnSession:
         self.provider = options.get("execution_provider", "qnn")
         self.backend = options.get("backend", "htp")
         self.cpu_fallback = bool(options.get("cpu_fallback", False))
-        threads = options.get("threads", "auto")
-        self.threads = (os.cpu_count() or 1) if threads in (None, "auto", 0) else int(threads)
+        self.threads = auto_threads(options.get("threads"))
         self.provider_options = {str(k): str(v) for k, v in
                                  (options.get("provider_options") or {}).items()}
         self.nodes_on: dict[str, Counter] = {}  # graph -> execution provider -> node count
@@ -256,7 +255,7 @@ class QnnSession:
         cache = self._fresh_cache()
         logits = self._prefill(ids, cache, all_logits=False)[-1]
         rng = np.random.default_rng(sampling.seed)
-        stop = set(self.eos_token_ids) | set(sampling.stop_token_ids)
+        stop = stop_ids(self, sampling)
         length = len(ids)
         for _ in range(min(sampling.max_new_tokens, self.context_length - length)):
             token = _pick(logits, sampling, rng)
