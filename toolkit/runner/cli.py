@@ -71,6 +71,14 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="serve: address (loopback by default)")
     ap.add_argument("--port", type=int, default=8000, help="serve: port")
     ap.add_argument("--api-key", help="serve: require 'Authorization: Bearer KEY'")
+    limits = ap.add_argument_group("serve limits")
+    limits.add_argument("--backlog", type=int, default=128, help="pending connections queued")
+    limits.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a connection may stall in a read or write")
+    limits.add_argument("--max-connections", type=int, default=64,
+                        help="connections served at once (more wait in the backlog)")
+    limits.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for the model (more get 429 + Retry-After)")
     ap.add_argument("--in-process", action="store_true",
                     help="serve: run the runtime in the server's process (by default it runs "
                          "in a child that a crash restarts: the request fails with HTTP 500, "
@@ -94,9 +102,12 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
         sampling = Sampling(max_new_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         if args.command == "serve":
-            from .server import serve
+            from .server import Limits, serve
 
-            serve(session, manifest["name"], args.host, args.port, args.api_key)
+            serve(session, manifest["name"], args.host, args.port, args.api_key,
+                  limits=Limits(backlog=args.backlog, timeout=args.timeout,
+                                max_connections=args.max_connections,
+                                max_queue=args.max_queue))
             return 0
         if args.chat:
             chat_loop(session, sampling, args.system)

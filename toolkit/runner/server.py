@@ -6,9 +6,11 @@ Raspberry Pi than the runtime itself).
   GET  /v1/models             the one model this server holds
   GET  /health
 
-One model in memory, one generation at a time: requests queue on a lock and are all answered.
-A streaming client that disconnects frees the model at its next token. Errors use OpenAI's
-error shape; no stack trace ever reaches a client.
+One model in memory, one generation at a time: requests queue on a lock and are all answered,
+up to `Limits.max_queue` waiting (then 429 with Retry-After). A streaming client that disconnects
+frees the model at its next token. Errors use OpenAI's error shape; no stack trace ever reaches a
+client; every malformed request is a 400, and the connection stays usable after any error (the
+body is read before anything is answered).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
@@ -27,14 +30,39 @@ from .worker import WorkerCrashed
 
 MAX_BODY = 1 << 20  # bytes
 DRAIN_LIMIT = 16 << 20  # bodies up to this size are read and dropped before the 413
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Limits:
+    """What one small device's server accepts; every field is a `run.py serve` flag."""
+
+    backlog: int = 128  # pending TCP connections the kernel queues (the stdlib default is 5)
+    timeout: float = 60.0  # seconds a connection may sit idle in a read or a write
+    max_connections: int = 64  # connections served at once; more wait in the backlog
+    max_queue: int = 64  # requests waiting for the model; more get 429 + Retry-After
+    max_body: int = MAX_BODY
+
+
+def _text(value: Any) -> bool:
+    """A str that encodes as UTF-8 (a lone surrogate from JSON's \\ud800 does not)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = (status, message, kind,
                                                                        param, code)
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -63,7 +91,7 @@ def parse_request(body: Any, model_name: str) -> dict[str, Any]:
     turns = []
     for i, m in enumerate(messages):
         if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                or not isinstance(m.get("content"), str)):
+                or not _text(m.get("content"))):
             raise ApiError(400, f"messages[{i}] must have role system|user|assistant and string "
                            "content", param=f"messages[{i}]")
         turns.append({"role": m["role"], "content": m["content"]})
@@ -71,11 +99,12 @@ def parse_request(body: Any, model_name: str) -> dict[str, Any]:
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
+                             or not all(_text(s) and s for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= MAX_SEED):
+        raise ApiError(400, f"'seed' must be an integer from 0 to {MAX_SEED}", param="seed")
     options = body.get("stream_options") or {}
     return {
         "messages": turns,
@@ -135,21 +164,55 @@ class Generation:
                 "total_tokens": len(self.prompt_ids) + self.completion_tokens}
 
 
-def make_handler(session: Session, model_name: str, api_key: str | None, lock: threading.Lock):
+def make_handler(session: Session, model_name: str, api_key: str | None, lock: threading.Lock,
+                 limits: Limits = Limits()):
+    queue = threading.BoundedSemaphore(limits.max_queue + 1)  # + the one being served
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "phikit"
+        timeout = limits.timeout  # socket timeout for every read and write of a connection
 
         def log_message(self, fmt, *args):  # one line per request, on stderr
             sys.stderr.write(f"[phikit serve] {self.address_string()} {fmt % args}\n")
 
-        def _send_json(self, status: int, payload: dict) -> None:
+        def _send_json(self, status: int, payload: dict,
+                       headers: dict[str, str] | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
+
+        def _read_body(self) -> bytes:
+            """The whole body, before anything is answered (an answer that leaves the body in
+            the stream breaks the connection's next request). Not trusted: Content-Length
+            must be a non-negative integer; bodies over the limit are drained or the
+            connection is closed."""
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                return b""
+            try:
+                length = int(raw.strip())
+            except ValueError:
+                length = -1
+            if length < 0 or not raw.strip().isdigit():
+                self.close_connection = True
+                raise ApiError(400, f"Content-Length must be a non-negative integer, not {raw!r}")
+            if length > limits.max_body:
+                self.close_connection = True
+                if length <= DRAIN_LIMIT:  # read it, so the client sees the 413, not a reset
+                    while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
+                        length -= len(chunk)
+                raise ApiError(413, f"request body over {limits.max_body} bytes")
+            data = self.rfile.read(length)
+            if len(data) != length:
+                self.close_connection = True
+                raise ApiError(400, "the body is shorter than its Content-Length")
+            return data
 
         def _authorized(self) -> bool:
             if api_key is None:
@@ -163,9 +226,9 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                     raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
                 fn()
             except ApiError as e:
-                self._send_json(e.status, e.body())
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+                self._send_json(e.status, e.body(), e.headers)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
             except WorkerCrashed as e:  # the next request starts a new runtime process
                 sys.stderr.write(f"[phikit serve] {e}; restarting it for the next request\n")
                 self._send_json(500, ApiError(500, f"{e}; it is restarted for the next "
@@ -176,6 +239,15 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                                               kind="server_error").body())
 
         def do_GET(self) -> None:
+            try:
+                self._read_body()  # a GET may carry one too: never leave it in the stream
+            except ApiError as e:
+                self._send_json(e.status, e.body())
+                return
+            except (OSError, TimeoutError):
+                self.close_connection = True
+                return
+
             def get():
                 if self.path == "/health":
                     self._send_json(200, {"status": "ok", "model": model_name})
@@ -188,23 +260,34 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
             self._guard(get)
 
         def do_POST(self) -> None:
-            self._guard(self._post)
+            try:
+                raw = self._read_body()
+            except ApiError as e:
+                self._send_json(e.status, e.body())
+                return
+            except (OSError, TimeoutError):
+                self.close_connection = True
+                return
+            self._guard(lambda: self._post(raw))
 
-        def _post(self) -> None:
+        def _post(self, raw: bytes) -> None:
             if self.path != "/v1/chat/completions":
                 raise ApiError(404, f"no route {self.path}", code="not_found")
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self.close_connection = True
-                if length <= DRAIN_LIMIT:  # read it, so the client sees the 413, not a reset
-                    while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
-                        length -= len(chunk)
-                raise ApiError(413, f"request body over {MAX_BODY} bytes")
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except ValueError as e:
-                raise ApiError(400, f"malformed JSON: {e}") from None
+                body = json.loads(raw or b"null")
+            except (ValueError, RecursionError) as e:  # RecursionError: nested 100 000 deep
+                raise ApiError(400, f"malformed JSON: {type(e).__name__}") from None
             request = parse_request(body, model_name)
+            if not queue.acquire(blocking=False):
+                raise ApiError(429, f"{limits.max_queue} requests are already waiting for the "
+                               "model; retry later", kind="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            try:
+                self._complete(request)
+            finally:
+                queue.release()
+
+        def _complete(self, request: dict[str, Any]) -> None:
             with lock:  # one generation at a time; others wait here, in arrival order
                 gen = Generation(session, request)
                 if request["stream"]:
@@ -260,11 +343,42 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a real backlog, a cap on connections served at once, and no
+    traceback on stderr when a client goes away."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, limits: Limits):
+        self.request_queue_size = limits.backlog  # read by server_activate's listen()
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()  # beyond max_connections, connections wait in the backlog
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if not isinstance(error, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            sys.stderr.write(f"[phikit serve] {client_address[0]}: {error!r}\n")
+
+
 def serve(session: Session, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, ready=None) -> None:
-    server = ThreadingHTTPServer((host, port), make_handler(session, model_name, api_key,
-                                                            threading.Lock()))
-    server.daemon_threads = True
+          api_key: str | None = None, ready=None, limits: Limits | None = None) -> None:
+    limits = limits or Limits()
+    server = _Server((host, port), make_handler(session, model_name, api_key,
+                                                threading.Lock(), limits), limits)
     print(f"[phikit serve] {model_name} on http://{host}:{server.server_address[1]}/v1",
           file=sys.stderr, flush=True)
     if ready:
