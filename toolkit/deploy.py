@@ -13,6 +13,7 @@ as users expect. Steps:
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Callable
 
 from .errors import PhikitError
 from .runner.core import lock_install_args, read_manifest, verify_bundle
+from .schema import NAME_PATTERN
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 VENV = ".venv"  # inside the bundle dir on the host; bundle verification ignores it
@@ -40,7 +42,7 @@ class Remote:
             args += ["-p", str(self.port)]
         if self.identity:
             args += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
-        return args + [self.user_host]
+        return args + ["--", self.user_host]  # "--": a destination is never an ssh option
 
     def run(self, script: str, *, stdin: bytes | None = None, check: bool = True,
             timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -65,11 +67,17 @@ def _ssh_error(host: str, stderr: str) -> str:
     return f"{host}: ssh failed ({text})"
 
 
+# [user@]host: a host name, an address or a Host alias of ~/.ssh/config; never an option
+DESTINATION = re.compile(r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*@)?[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# what a systemd unit line and a remote shell take without quoting surprises
+PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
 def parse_destination(dest: str, bundle_name: str) -> tuple[str, str]:
     user_host, _, directory = dest.partition(":")
-    if not user_host or "@" not in user_host:
-        raise PhikitError(f"destination must be user@host[:dir], got {dest!r}",
-                          field="destination")
+    if not DESTINATION.match(user_host):
+        raise PhikitError(f"destination must be [user@]host[:dir] (host: a name, an address or "
+                          f"an alias from ~/.ssh/config), got {dest!r}", field="destination")
     return user_host, directory or f"phikit/{bundle_name}"
 
 
@@ -191,6 +199,14 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
     manifest = verify_bundle(bundle, read_manifest(bundle))  # never ship a modified bundle
     if manifest.get("parity", {}).get("verdict") != "pass":
         raise PhikitError(f"{bundle}: parity verdict is not 'pass'; refusing to deploy")
+    # manifest.json is not covered by its own hashes: its name reaches a remote shell and a
+    # unit file, so it must be a name
+    if not isinstance(manifest.get("name"), str) or not re.match(NAME_PATTERN, manifest["name"]):
+        raise PhikitError(f"{bundle / 'manifest.json'}: field 'name': {manifest.get('name')!r} "
+                          "is not a bundle name (letters, digits, '.', '_', '-')")
+    if not re.match(r"^[A-Za-z0-9.:_-]+$", host_bind):
+        raise PhikitError(f"--host must be an address or a host name, got {host_bind!r}",
+                          field="--host")
     user_host, directory = parse_destination(dest, manifest["name"])
     remote = Remote(user_host, directory, ssh_port, identity, ssh_options or [])
     size = sum((bundle / rel).stat().st_size for rel in manifest["files"])
@@ -214,7 +230,10 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
                        f"'What does json.dumps do?' --max-tokens 8")
     log(f"smoke prompt: {smoke.stdout.decode(errors='replace').strip()[:80]!r}")
     if service:
-        unit_name = f"phikit-{manifest['name']}.service"
+        if not PLAIN_PATH.match(remote.directory):
+            raise PhikitError(f"{user_host}:{remote.directory}: --service needs a directory "
+                              "path of letters, digits and . _ / + - (it goes into a unit file)")
+        unit_name = shlex.quote(f"phikit-{manifest['name']}.service")
         unit = UNIT.format(name=manifest["name"], dir=remote.directory, venv=VENV,
                            host=host_bind, port=port)
         remote.run(

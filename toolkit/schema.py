@@ -69,8 +69,14 @@ class Thresholds(Strict):
     decode_agreement_min: float | None = Field(1.0, ge=0, le=1)
 
 
+# A recipe or target name becomes part of a directory name (dist/{recipe}-{target}) and a
+# service name on a device: a name, never a path or a shell word.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class Recipe(Strict):
-    name: str
+    name: str = Field(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'; "
+                      "at most 100 characters, starting with a letter or digit")
     description: str = ""
     source: str = Field(description="HF hub id (org/name) or local checkpoint directory")
     revision: str | None = None
@@ -120,7 +126,7 @@ class Runtime(Strict):
 
 
 class Target(Strict):
-    name: str
+    name: str = Field(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'")
     description: str = ""
     device: Literal["cpu", "gpu", "npu"]
     backend: str = Field(description="default backend")

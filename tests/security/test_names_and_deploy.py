@@ -1,0 +1,68 @@
+"""Names are names, destinations are destinations (issue 17, items 2, 3 and 9): a recipe or
+target name cannot point outside dist/, a forged manifest name never reaches a remote shell,
+and nothing on the command line reaches ssh as an option."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, phikit
+from toolkit.deploy import Remote, deploy, parse_destination
+from toolkit.errors import PhikitError
+from toolkit.package import finish_manifest, publish, staging_dir, write_runner
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/path", "a b", "x;touch${IFS}PWNED;", ".hidden",
+                                  "-rf"])
+def test_recipe_name_is_a_name(name, tmp_path):
+    text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text().replace("../", f"{REPO}/")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.replace("name: tiny-phi3-int4", f"name: {json.dumps(name)}"))
+    proc = phikit("build", recipe, "--target", "generic-cpu", "--dry-run")
+    assert proc.returncode == 2
+    assert "field 'name'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_target_name_is_a_name(tmp_path):
+    target = tmp_path / "t.yaml"
+    target.write_text((REPO / "targets" / "generic-cpu.yaml").read_text()
+                      .replace("name: generic-cpu", "name: ../../elsewhere"))
+    proc = phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", target, "--dry-run")
+    assert proc.returncode == 2 and "field 'name'" in proc.stderr
+
+
+def test_destination_is_never_an_ssh_option():
+    assert Remote("pi@raspberrypi", "d").ssh_args()[-2:] == ["--", "pi@raspberrypi"]
+    assert parse_destination("mypi", "b") == ("mypi", "phikit/b")  # a ~/.ssh/config alias
+    assert parse_destination("u@10.0.0.2:/srv/x", "b") == ("u@10.0.0.2", "/srv/x")
+    for bad in ("-oProxyCommand=touch /tmp/x", "u@-oProxyCommand=x", "u@h;id", ""):
+        with pytest.raises(PhikitError, match="destination must be"):
+            parse_destination(bad, "b")
+
+
+@pytest.fixture
+def forged(tmp_path):
+    """A well-formed bundle whose manifest.json (covered by no hash) carries a shell word."""
+    out = tmp_path / "b"
+    stage = staging_dir(out)
+    (stage / "model").mkdir()
+    (stage / "model" / "config.json").write_text("{}")
+    write_runner(stage, "ortgenai")
+    finish_manifest(stage, {"name": "x;touch${IFS}PWNED;", "model_dir": "model",
+                            "runtime": {"module": "ortgenai"}, "parity": {"verdict": "pass"}})
+    return publish(stage, out, passed=True)
+
+
+def test_forged_manifest_name_never_reaches_the_host(forged):
+    with pytest.raises(PhikitError, match="field 'name'"):
+        deploy(forged, "user@127.0.0.1", service=True, log=lambda s: None)
+
+
+def test_bind_address_is_checked(forged):
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["name"] = "ok-name"
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PhikitError, match="--host must be"):
+        deploy(forged, "user@127.0.0.1", host_bind="0.0.0.0; id", log=lambda s: None)
