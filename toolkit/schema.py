@@ -164,14 +164,45 @@ def _line(root: yaml.Node | None, loc: tuple) -> int | None:
     return node.start_mark.line + 1 if node is not None else None
 
 
+# Recipes and targets are small hand-written files: anything larger, deeper or with YAML aliases
+# (which expand: a "billion laughs" document) is refused before it is built into objects.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+
+
+def _check_yaml_shape(text: str, path: Path) -> None:
+    """Walk the YAML event stream (no objects built, no recursion): refuse aliases and nesting
+    deeper than MAX_YAML_DEPTH, naming the line."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, yaml.AliasEvent):
+            raise PhikitError("YAML aliases (*name) are not accepted in phikit files: write "
+                              "the value out", file=path, line=line)
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise PhikitError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=path,
+                                  line=line)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PhikitError("file not found", file=path) from None
+        if not path.is_file():
+            raise PhikitError("file not found" if not path.exists() else
+                              "not a regular file", file=path)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise PhikitError(f"larger than {MAX_YAML_BYTES} bytes: not a recipe or target",
+                              file=path)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PhikitError(f"cannot read: {e}", file=path) from None
     try:
+        _check_yaml_shape(text, path)
         return yaml.safe_load(text), yaml.compose(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

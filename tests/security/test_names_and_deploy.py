@@ -66,3 +66,39 @@ def test_bind_address_is_checked(forged):
     (forged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PhikitError, match="--host must be"):
         deploy(forged, "user@127.0.0.1", host_bind="0.0.0.0; id", log=lambda s: None)
+
+
+LAUGHS = """name: laughs
+source: ../models/tiny-phi3
+quantization:
+  precision: int4
+  options:
+    onnx:
+      a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+      b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+      c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+      d: [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+eval:
+  file: ../evalsets/tiny-phi3.jsonl
+"""
+
+
+@pytest.mark.parametrize("content, message", [
+    (LAUGHS, "YAML aliases"),
+    ("name: deep\nx: " + "[" * 20000 + "]" * 20000 + "\n", "nested deeper than"),
+    ("name: big\n" + "# padding\n" * 120_000, "larger than"),
+], ids=["billion-laughs", "nested-20000", "oversized"])
+def test_unbounded_yaml_is_refused(content, message, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(content)
+    proc = phikit("build", recipe, "--target", "generic-cpu", "--dry-run", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["recipe", "--target"])
+def test_device_files_are_not_read(flag):
+    args = (["/dev/zero", "--target", "generic-cpu"] if flag == "recipe"
+            else ["recipes/tiny-phi3-int4.yaml", "--target", "/dev/zero"])
+    proc = phikit("build", *args, "--dry-run", timeout=60)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr
