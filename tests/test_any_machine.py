@@ -205,6 +205,18 @@ def test_server_outlives_a_crashing_runtime(int4_bundle, tmp_path):
             assert conn.getresponse().status == 200 and proc.poll() is None
 
 
+@pytest.mark.slow
+def test_gguf_validates_with_the_amx_protection_forced(gguf_int4_bundle, tmp_path):
+    """No AMX CPU here: the protection's code path (llama.cpp loaded with use_extra_bufts off,
+    what `auto` picks on AMX) is forced, and the bundle still passes and says so."""
+    report_path = tmp_path / "r.json"
+    proc = phikit("validate", gguf_int4_bundle, "--option", "extra_buffer_types=false",
+                  "--recipe", small_recipe(tmp_path, limit=6), "--json", report_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(report_path.read_text())
+    assert report["candidate"]["extra_buffer_types"].startswith("off")
+
+
 # --- an AVX2-only CPU ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
