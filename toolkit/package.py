@@ -16,19 +16,52 @@ from typing import Any
 
 from . import __version__
 from .report import render_html, write_text_atomic
-from .runner.core import BUNDLE_FORMAT, IGNORED_PARTS, MANIFEST, bundle_files, sha256_file
+from .runner.core import BUNDLE_FORMAT, MANIFEST, bundle_files, sha256_file
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 RUN_PY = '''#!/usr/bin/env python3
 """Run this bundle: python run.py --prompt "..." | --chat | serve | verify.
-Needs only requirements.lock."""
+Needs only requirements.lock. Nothing from the bundle runs before its sha256 matches
+manifest.json: the runner files imported first are checked here, every other file by them."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from phikit_runner.cli import main  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+# No module comes from the bundle's directory until it is verified (a planted argparse.py or
+# dataclasses/ would shadow the standard library), and no byte code is read or written there.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+sys.dont_write_bytecode = True
+sys.pycache_prefix = os.devnull
+FIRST = ("phikit_runner/__init__.py", "phikit_runner/core.py", "phikit_runner/cli.py")
+
+
+def first_files_changed():
+    import hashlib
+    import json
+
+    try:
+        with open(os.path.join(HERE, "manifest.json"), "rb") as f:
+            files = json.load(f)["files"]
+        for rel in FIRST:
+            path = os.path.join(HERE, *rel.split("/"))
+            if os.path.islink(path) or os.path.islink(os.path.dirname(path)):
+                return f"{path}: a symbolic link (not allowed)"
+            with open(path, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != files.get(rel):
+                    return f"{path}: sha256 does not match manifest.json (modified runner)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{HERE}: cannot verify the runner: {type(e).__name__}: {e}"
+    return None
+
 
 if __name__ == "__main__":
+    problem = first_files_changed()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    sys.path.append(HERE)  # last: the standard library and the venv always come first
+    from phikit_runner.cli import main
+
     sys.exit(main())
 '''
 
@@ -56,10 +89,10 @@ def write_report_html(bundle: Path, report: dict[str, Any], manifest: dict[str, 
 
 
 def drop_runtime_caches(bundle: Path) -> None:
-    """Caches a runtime wrote while phikit validated the staged bundle (OpenVINO's compiled
-    models, byte code) belong to this machine, not to the device."""
-    for path in sorted(bundle.rglob("*"), reverse=True):
-        if path.is_dir() and path.name in IGNORED_PARTS:
+    """Byte code a tool may have written while phikit validated the staged bundle belongs to
+    this machine, not to the device (and would be refused there as an unexpected file)."""
+    for path in sorted(bundle.rglob("__pycache__"), reverse=True):
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -18,10 +18,11 @@ from typing import Any, Iterator, Protocol, Sequence
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "phikit-bundle/1"
-# Files the runner itself may create inside a bundle without it being tampering.
-# (Python byte code; runtime caches such as OpenVINO's compiled-model cache under model/.cache;
-# the runtime venv `phikit deploy` creates on a device).
-IGNORED_PARTS = {"__pycache__", ".cache", ".venv"}
+# The one directory of a bundle that is not part of it: the runtime venv `phikit deploy` creates
+# beside run.py on a device. Everything else is hashed: byte code (the runner writes none: run.py
+# and rpc.py run with -B), runtime caches (kept under the user's cache dir, never in the bundle)
+# and anything planted is an unexpected file; a symbolic link is refused outright.
+VENV_DIR = ".venv"
 
 
 class BundleError(Exception):
@@ -153,12 +154,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def bundle_files(root: Path) -> list[str]:
-    """Every file under root except the manifest and runtime caches, as sorted posix paths."""
+    """Every file under root except the manifest and the top-level venv, as sorted posix paths.
+    A symbolic link anywhere (to a file or a directory, inside or out) is a BundleError: a
+    link can point a verified name at unverified bytes, or shadow a module."""
     out = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if p.is_file() and rel.as_posix() != MANIFEST and not IGNORED_PARTS & set(rel.parts):
-            out.append(rel.as_posix())
+    stack = [root]
+    while stack:
+        for p in sorted(stack.pop().iterdir()):
+            rel = p.relative_to(root)
+            if p.is_symlink():
+                raise BundleError(f"{p}: a symbolic link inside the bundle (not allowed)")
+            if p.is_dir():
+                if rel.as_posix() != VENV_DIR:
+                    stack.append(p)
+            elif rel.as_posix() != MANIFEST:
+                out.append(rel.as_posix())
     return sorted(out)
 
 

@@ -10,8 +10,9 @@ Options:
              CPU computes fp16 natively (AVX512-FP16), where LLMPipeline then generated token 0
              for most prompts of the intel-gpu bundle. The CPU runs at its own default (what the
              intel-cpu bundle validates), and info() reports the precision it executed.
-  cache_dir: compiled-model cache (CACHE_DIR), relative to the model dir; name it under
-             ".cache/" so bundle verification ignores it
+  cache_dir: compiled-model cache (CACHE_DIR). A relative one lives under the user's cache
+             ($XDG_CACHE_HOME or ~/.cache)/phikit/openvino/<graph sha256>, never in the bundle:
+             every file of a bundle is verified, and a cache is this machine's
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ os.environ.setdefault("OPENVINO_TELEMETRY_OPTOUT", "1")
 
 REQUIRED = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
             "openvino_detokenizer.xml")
+
+
+def _cache_dir(model_dir: Path, option: str) -> Path:
+    path = Path(option)
+    if path.is_absolute():
+        return path
+    import hashlib
+
+    # keyed by the model's graph, so a staged bundle and the same bundle published (or copied)
+    # share one cache rather than growing one per path
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256((model_dir / "openvino_model.xml").read_bytes()).hexdigest()[:16]
+    return base / "phikit" / "openvino" / key / path
 
 
 def _device(core: ov.Core, wanted: str) -> str:
@@ -84,7 +98,7 @@ class OpenVinoSession:
         elif hint:
             props["INFERENCE_PRECISION_HINT"] = hint
         if options.get("cache_dir"):
-            props["CACHE_DIR"] = str(model_dir / options["cache_dir"])
+            props["CACHE_DIR"] = str(_cache_dir(model_dir, options["cache_dir"]))
         self.props = props
         self.pipe = ovg.LLMPipeline(str(model_dir), self.device, **props)
         self.tokenizer = self.pipe.get_tokenizer()

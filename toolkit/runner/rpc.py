@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path)
     ap.add_argument("--options", default="{}")
     args = ap.parse_args(argv)
+    sys.pycache_prefix = os.devnull  # never read byte code from a bundle's __pycache__
     # the protocol gets its own descriptor; fd 1 (what native libraries print to) becomes stderr
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
