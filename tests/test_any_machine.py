@@ -232,9 +232,9 @@ def gguf_int4_bundle(dist) -> Path:
 def test_validates_as_an_avx2_only_cpu_runs_it(fixture, request, tmp_path):
     bundle = request.getfixturevalue(fixture)
     report_path = tmp_path / "r.json"
-    # 2 rows (a text, a prompt): qemu's TCG runs the AVX2 kernels ~40x slower than native
+    # 3 rows (a text, a prompt, a chat): qemu's TCG runs the AVX2 kernels ~40x slower than native
     proc = phikit("validate", bundle, "--emulate", "x86-64-v3", "--recipe",
-                  small_recipe(tmp_path, limit=2), "--json", report_path, timeout=1800)
+                  small_recipe(tmp_path, limit=3), "--json", report_path, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(report_path.read_text())
     assert report["candidate"]["emulated_arch"] == "x86-64-v3"
