@@ -89,6 +89,13 @@ def mlx_int8_bundle(dist) -> Path:
     return build_bundle(dist, "int8", "apple-metal", limit=MLX_QUANTIZED_ROWS)
 
 
+@pytest.fixture(scope="session")
+def mlx_fp32_bundle(dist) -> Path:
+    """The same runner, lock and mlx-lm as the quantized ones, with fast kernels on Linux CPU:
+    for tests of the lock, the server and the runner rather than of quantized numerics."""
+    return build_bundle(dist, "fp32", "apple-metal")
+
+
 def small_recipe(tmp_path: Path, precision: str = "int4", limit: int = 6) -> Path:
     """The tiny recipe with `eval.limit` (the eval set interleaves texts, prompts and chats):
     for runtimes too slow here for the full set, such as MLX's quantized CPU kernels."""

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 # (bundle fixture, lock file): apple-metal's macOS lock cannot install here; its Linux CPU
 # equivalent carries the same runner code and mlx-lm version.
 CASES = [("int4_bundle", "requirements.lock"), ("ov_int4_bundle", "requirements.lock"),
-         ("mlx_int4_bundle", "requirements-linux-cpu.lock")]
+         ("mlx_fp32_bundle", "requirements-linux-cpu.lock")]
 
 
 @pytest.mark.parametrize("fixture, lock", CASES, ids=["onnx", "openvino", "mlx"])

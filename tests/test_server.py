@@ -189,7 +189,7 @@ def test_openvino_bundle_serves(ov_int4_bundle):
         test_disconnect_mid_stream_frees_the_model((port, model_name(ov_int4_bundle)))
 
 
-def test_mlx_bundle_serves(mlx_int4_bundle):
+def test_mlx_bundle_serves(mlx_fp32_bundle):
     port = free_port()
-    with server([sys.executable, str(mlx_int4_bundle / "run.py"), "serve"], port):
-        check_completions(port, model_name(mlx_int4_bundle), max_tokens=4)
+    with server([sys.executable, str(mlx_fp32_bundle / "run.py"), "serve"], port):
+        check_completions(port, model_name(mlx_fp32_bundle), max_tokens=4)
