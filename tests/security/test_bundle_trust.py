@@ -9,24 +9,19 @@ import importlib.util
 import os
 import subprocess
 import sys
-from importlib._bootstrap_external import _code_to_timestamp_pyc  # the format CPython reads
+from importlib._bootstrap_external import (
+    _code_to_timestamp_pyc,  # the format CPython reads
+)
 
 import pytest
-
 from conftest import phikit
-from toolkit.package import finish_manifest, publish, staging_dir, write_runner
+
+from .conftest import synthetic_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path):
-    out = tmp_path / "b"
-    stage = staging_dir(out)
-    (stage / "model").mkdir()
-    (stage / "model" / "config.json").write_text("{}")
-    write_runner(stage, "ortgenai")
-    finish_manifest(stage, {"name": "b", "model_dir": "model", "runtime": {"module": "ortgenai"},
-                            "parity": {"verdict": "pass"}})
-    return publish(stage, out, passed=True)
+    return synthetic_bundle(tmp_path / "b")
 
 
 def payload(marker) -> str:

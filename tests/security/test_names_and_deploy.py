@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, phikit
+
 from toolkit.deploy import Remote, deploy, parse_destination
 from toolkit.errors import PhikitError
-from toolkit.package import finish_manifest, publish, staging_dir, write_runner
+
+from .conftest import synthetic_bundle
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs/path", "a b", "x;touch${IFS}PWNED;", ".hidden",
@@ -45,14 +46,7 @@ def test_destination_is_never_an_ssh_option():
 @pytest.fixture
 def forged(tmp_path):
     """A well-formed bundle whose manifest.json (covered by no hash) carries a shell word."""
-    out = tmp_path / "b"
-    stage = staging_dir(out)
-    (stage / "model").mkdir()
-    (stage / "model" / "config.json").write_text("{}")
-    write_runner(stage, "ortgenai")
-    finish_manifest(stage, {"name": "x;touch${IFS}PWNED;", "model_dir": "model",
-                            "runtime": {"module": "ortgenai"}, "parity": {"verdict": "pass"}})
-    return publish(stage, out, passed=True)
+    return synthetic_bundle(tmp_path / "b", name="x;touch${IFS}PWNED;")
 
 
 def test_forged_manifest_name_never_reaches_the_host(forged):

@@ -238,14 +238,19 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 self._send_json(500, ApiError(500, "internal server error",
                                               kind="server_error").body())
 
-        def do_GET(self) -> None:
+        def _body_or_answered(self) -> bytes | None:
+            """The body (see _read_body), or None once a bad one has been answered (400 / 413)
+            or the connection failed while reading it."""
             try:
-                self._read_body()  # a GET may carry one too: never leave it in the stream
+                return self._read_body()
             except ApiError as e:
                 self._send_json(e.status, e.body())
-                return
             except (OSError, TimeoutError):
                 self.close_connection = True
+            return None
+
+        def do_GET(self) -> None:
+            if self._body_or_answered() is None:  # a GET may carry a body too: read it
                 return
 
             def get():
@@ -260,15 +265,9 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
             self._guard(get)
 
         def do_POST(self) -> None:
-            try:
-                raw = self._read_body()
-            except ApiError as e:
-                self._send_json(e.status, e.body())
-                return
-            except (OSError, TimeoutError):
-                self.close_connection = True
-                return
-            self._guard(lambda: self._post(raw))
+            raw = self._body_or_answered()
+            if raw is not None:
+                self._guard(lambda: self._post(raw))
 
         def _post(self, raw: bytes) -> None:
             if self.path != "/v1/chat/completions":
