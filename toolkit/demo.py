@@ -22,7 +22,7 @@ from .doctor import usable_targets
 from .errors import PhikitError
 from .paths import RECIPES_DIR
 from .package import bundle_size
-from .remote import RemoteSession, RuntimeCrashed, rpc_command
+from .remote import RuntimeCrashed, bundle_session
 from .runner.core import Sampling, chat_ids, host_cpu
 
 PRECISIONS = ("int4", "int8", "fp32")
@@ -53,9 +53,10 @@ def demo_builds() -> list[tuple[str, str, str]]:
     return builds
 
 
-def answer(bundle: Path, question: str = QUESTION) -> tuple[str, float]:
-    """The bundle's answer through its own runner, in a child process like validation's."""
-    session = RemoteSession(rpc_command(bundle=bundle), runtime=bundle.name)
+def answer(bundle: Path, manifest: dict, question: str = QUESTION) -> tuple[str, float]:
+    """The bundle's answer through its own runner, in a child process like validation's (the
+    build has just hashed every file: the child does not again)."""
+    session = bundle_session(bundle, manifest)
     try:
         ids = chat_ids(session, [{"role": "user", "content": question}])
         start = time.perf_counter()
@@ -81,7 +82,7 @@ def run_demo(out_dir: Path, out, console, progress_bars) -> int:
             with progress_bars() as bars:
                 result = execute(plan, progress=bars,
                                  stage_cb=lambda s: console.print(f"  [cyan]> {s}[/]"))
-            text, rate = answer(result.bundle) if result.passed else ("", 0.0)
+            text, rate = answer(result.bundle, result.manifest) if result.passed else ("", 0.0)
         except PhikitError as e:
             # one target's runtime crashing (or refusing) is that row's result, not the demo's end
             failures += 1

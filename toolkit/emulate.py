@@ -28,7 +28,7 @@ from typing import Callable
 from .checkpoint import cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .remote import RPC, RemoteSession, rpc_command
+from .remote import RPC, RemoteSession, bundle_session, rpc_command
 from .runner.core import lock_install_args, read_manifest, verify_bundle
 from .schema import Platform
 
@@ -156,11 +156,11 @@ def _x86_session(bundle: Path, manifest: dict) -> RemoteSession:
     if qemu is None:
         raise PhikitError(f"{spec['qemu']} is not installed (apt-get install qemu-user)",
                           field="--emulate")
-    return RemoteSession([qemu, "-cpu", spec["cpu"], *rpc_command(bundle=bundle)],
-                         runtime=manifest["runtime"]["module"],
-                         label=f"{manifest['runtime']['module']} (emulated x86-64-v3)",
-                         extra_info={"emulated_arch": "x86-64-v3", "emulator": "qemu-user",
-                                     "emulated_cpu": f"{spec['cpu']}: {spec['description']}"})
+    # verified above: the child under qemu (40x slower) does not hash the bundle again
+    return bundle_session(bundle, manifest, prefix=[qemu, "-cpu", spec["cpu"]],
+                          label=f"{manifest['runtime']['module']} (emulated x86-64-v3)",
+                          extra_info={"emulated_arch": "x86-64-v3", "emulator": "qemu-user",
+                                      "emulated_cpu": f"{spec['cpu']}: {spec['description']}"})
 
 
 def _aarch64_session(bundle: Path, manifest: dict, arch: str,

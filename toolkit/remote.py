@@ -41,10 +41,20 @@ class RemoteSession(WorkerSession):
 
 def local_session(module: str, model_dir: Path, options: dict[str, Any] | None = None,
                   runner: Path | None = None, prefix: Sequence[str] = (),
-                  label: str | None = None) -> RemoteSession:
+                  label: str | None = None,
+                  extra_info: dict[str, Any] | None = None) -> RemoteSession:
     """A runtime module run in a child on this machine; `runner` holds phikit_runner/ (a staged
     bundle: what is validated is what ships), else phikit's own toolkit/runner is used."""
     cmd = rpc_command(runner=runner or REPO,
                       package="phikit_runner" if runner else "toolkit.runner",
                       module=module, model_dir=model_dir, options=options)
-    return RemoteSession([*prefix, *cmd], runtime=module, label=label)
+    return RemoteSession([*prefix, *cmd], runtime=module, label=label, extra_info=extra_info)
+
+
+def bundle_session(bundle: Path, manifest: dict[str, Any],
+                   overrides: dict[str, Any] | None = None, **kw) -> RemoteSession:
+    """A bundle its caller has already verified (so the child does not hash it again), run by
+    the bundle's own runner with its manifest's runtime module and options."""
+    runtime = manifest["runtime"]
+    return local_session(runtime["module"], bundle / manifest["model_dir"],
+                         {**runtime.get("options", {}), **(overrides or {})}, runner=bundle, **kw)

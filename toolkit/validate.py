@@ -20,7 +20,7 @@ from .evalset import load_evalset
 from .parity import evaluate
 from .reference import load_or_compute
 from .paths import RECIPES_DIR
-from .remote import local_session
+from .remote import bundle_session, local_session
 from .runner.core import BundleError, Session, host_cpu, read_manifest, verify_bundle
 from .schema import Recipe, Thresholds, load_recipe
 
@@ -82,10 +82,8 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
             update={"file": path / manifest["eval_file"]})})
         if recipe_path is not None:
             recipe = load_recipe(recipe_path, source_override=recipe.source)
-        runtime = manifest["runtime"]
         # the bundle's own runner code, in a child process (a crashing runtime is an error)
-        session = local_session(runtime["module"], path / manifest["model_dir"],
-                                {**runtime.get("options", {}), **(options or {})}, runner=path)
+        session = bundle_session(path, manifest, options)
         return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle",
                          exact_tokenizer=get_backend(manifest["backend"]).exact_tokenizer)
     backend = detect_backend(path)
@@ -209,4 +207,5 @@ def compare_native(candidate: Candidate, ref, report: dict[str, Any]) -> dict[st
             "setup_seconds": info.get("setup_seconds", 0.0),
             "greedy_match_vs_native_mean": sum(matches) / len(matches) if matches else 0.0,
             "greedy_match_vs_native_min": min(matches, default=0), "prompts": rows,
-            "native_metrics_note": "run `phikit validate` without --emulate for this machine's figures"}
+            "native_metrics_note": "run `phikit validate` without --emulate for this "
+                                   "machine's figures"}

@@ -87,8 +87,9 @@ class OpenVinoSession:
         self.requested_device = str(options.get("device", "CPU")).upper()
         self.device = _device(core, self.requested_device)
         props: dict[str, Any] = {}
-        if thread_count(options.get("threads")):
-            props["INFERENCE_NUM_THREADS"] = thread_count(options.get("threads"))
+        threads = thread_count(options.get("threads"))
+        if threads:
+            props["INFERENCE_NUM_THREADS"] = threads
         self.notes: list[str] = []
         hint = options.get("inference_precision")
         if hint and self.device != self.requested_device and str(hint).lower() != "f32":
