@@ -48,7 +48,9 @@ olive-genai:
 	rm -rf $(OLIVE_GENAI)
 	$(PIP) install -q --no-deps --target $(OLIVE_GENAI) onnxruntime-genai==0.12.2
 
-# Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use.
+# Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use;
+# OpenBLAS for MLX's CPU backend on Linux (mlx[cpu] ships netlib's reference BLAS; the MLX runner
+# loads an OpenBLAS in its place when there is one: float matmuls tens of times faster).
 # qemu-user-static comes from bookworm-backports (10.x): bookworm's 7.2 segfaults loading
 # onnxruntime 1.32's aarch64 library. scripts/binfmt-aarch64 registers it with or without systemd
 # and fails unless an aarch64 binary really runs.
@@ -56,7 +58,8 @@ system-deps:
 	mirror=$$(awk '/^URIs:/ && !/security/ {print $$2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null); \
 	  test -n "$$mirror" && echo "deb $$mirror bookworm-backports main" > /etc/apt/sources.list.d/phikit-backports.list || true
 	apt-get update -q
-	apt-get install -y -q openssh-server openssh-client binfmt-support debootstrap chromium
+	apt-get install -y -q openssh-server openssh-client binfmt-support debootstrap chromium \
+	  libopenblas0-pthread
 	apt-get install -y -q -t bookworm-backports qemu-user-static || apt-get install -y -q qemu-user-static
 	sh scripts/binfmt-aarch64
 

@@ -73,7 +73,7 @@ def main() -> None:
             report = run_parity(Candidate(session, recipe, str(source), f"bare {name}",
                                           exact_tokenizer=backend.exact_tokenizer))
             validate_s = time.perf_counter() - start
-            assert report["reference"]["cached"]
+            assert report.reference["cached"]
             rows[name] = (forward_s, validate_s)
             del session
     n_gen = len(ref.prompts) * recipe.eval.max_new_tokens

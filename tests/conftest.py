@@ -39,8 +39,8 @@ def build_bundle(dist: Path, precision: str, target: str = "generic-cpu",
         extra = ("--backend", backend) if backend else ()
         recipe = (small_recipe(dist, precision, limit) if limit
                   else f"recipes/tiny-phi3-{precision}.yaml")
-        phikit("build", recipe, "--target", target, "--out", out, *extra, check=0,
-               timeout=1800)
+        phikit("build", recipe, "--target", target, "--out", out, *extra,
+               "--json", out.with_name(out.name + ".report.json"), check=0, timeout=1800)
     return out
 
 
@@ -73,34 +73,35 @@ def ov_int8_bundle(dist) -> Path:
     return build_bundle(dist, "int8", "intel-cpu", "openvino")
 
 
-# MLX's quantized kernels on Linux CPU are the slowest validation in the suite (minutes for the
-# whole eval set): its quantized bundles are validated on the first 6 rows (2 texts, 2 prompts,
-# 2 chats); the fp32 MLX path (tests/defects, the demo) runs the whole set.
-MLX_QUANTIZED_ROWS = 6
-
-
 @pytest.fixture(scope="session")
 def mlx_int4_bundle(dist) -> Path:
-    return build_bundle(dist, "int4", "apple-metal", limit=MLX_QUANTIZED_ROWS)
+    return build_bundle(dist, "int4", "apple-metal")
 
 
 @pytest.fixture(scope="session")
 def mlx_int8_bundle(dist) -> Path:
-    return build_bundle(dist, "int8", "apple-metal", limit=MLX_QUANTIZED_ROWS)
+    return build_bundle(dist, "int8", "apple-metal")
 
 
-@pytest.fixture(scope="session")
-def mlx_fp32_bundle(dist) -> Path:
-    """The same runner, lock and mlx-lm as the quantized ones, with fast kernels on Linux CPU:
-    for tests of the lock, the server and the runner rather than of quantized numerics."""
-    return build_bundle(dist, "fp32", "apple-metal")
+SUBSET_BOUNDS = {
+    "int4": {"kld_mean_max": 0.02, "kld_p99_max": 0.1, "top1_min": 0.85, "ppl_ratio_max": 1.03,
+             "greedy_match_mean_min": 4},
+    "int8": {"kld_mean_max": 0.001, "kld_p99_max": 0.005, "top1_min": 0.97,
+             "ppl_ratio_max": 1.005, "greedy_match_mean_min": 12},
+    "fp32": {"kld_mean_max": 1e-5, "kld_p99_max": 1e-4, "top1_min": 0.999,
+             "ppl_ratio_max": 1.001, "greedy_match_mean_min": 20},
+}
 
 
 def small_recipe(tmp_path: Path, precision: str = "int4", limit: int = 6) -> Path:
     """The tiny recipe with `eval.limit` (the eval set interleaves texts, prompts and chats):
-    for runtimes too slow here for the full set, such as MLX's quantized CPU kernels."""
+    for runtimes too slow here for the full set, such as any runtime under emulation."""
     text = (REPO / "recipes" / f"tiny-phi3-{precision}.yaml").read_text().replace("../", f"{REPO}/")
     text = text.replace("  max_new_tokens: 32\n", f"  max_new_tokens: 32\n  limit: {limit}\n")
+    # The backends' default bounds come from the whole eval set; a few rows scatter more (one
+    # text's perplexity, one prompt's greedy run): these tests check emulation, locks and
+    # runtimes, not the bounds, so the subset gets the loose bounds all backends once shared
+    text += "thresholds:\n" + "".join(f"  {k}: {v}\n" for k, v in SUBSET_BOUNDS[precision].items())
     path = tmp_path / f"small-{precision}.yaml"
     path.write_text(text)
     return path

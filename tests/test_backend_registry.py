@@ -56,3 +56,14 @@ def test_a_registered_backend_reaches_the_matrix_and_the_demo(monkeypatch, tmp_p
     # off its device (a GPU target on this CPU): the backend's own off-device precision
     assert [(r.rsplit("/", 1)[-1], w.split(",")[0]) for r, _, w in mine] == [
         ("tiny-phi3-int8.yaml", "this CPU")]
+
+
+def test_a_registered_backend_reaches_the_defect_suite(monkeypatch):
+    """The planted-defect suite enumerates the registry: a new backend gets a cell for every
+    defect, saying that no planter exists for its format yet (a visible gap, not a silent one)."""
+    from defects.planters import DEFECTS, NotPlantable, cells
+
+    monkeypatch.setitem(BACKENDS, "standin", Standin())
+    mine = {d: p for (d, b), p in cells().items() if b == "standin"}
+    assert set(mine) == set(DEFECTS)
+    assert all(isinstance(p, NotPlantable) and "standin" in p.reason for p in mine.values())

@@ -109,7 +109,7 @@ def test_bare_builder_dir_validates(tmp_path):
 
 def strict_recipe(tmp_path):
     text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text()
-    text = text.replace("../", f"{REPO}/").replace("kld_mean_max: 0.02", "kld_mean_max: 0.0")
+    text = text.replace("../", f"{REPO}/") + "thresholds:\n  kld_mean_max: 0.0\n"
     path = tmp_path / "strict.yaml"
     path.write_text(text)
     return path
@@ -149,3 +149,16 @@ def test_archive_is_reproducible(tmp_path):
                     if not m.name.endswith(("manifest.json", "parity.json", "report.html"))}
 
     assert members(outs[0]) == members(outs[1])
+
+
+def test_build_json_is_the_bundles_report(int4_bundle):
+    written = json.loads(int4_bundle.with_name(int4_bundle.name + ".report.json").read_text())
+    assert written == json.loads((int4_bundle / "parity.json").read_text())
+
+
+def test_chat_takes_the_prompt_as_its_first_turn(int4_bundle):
+    proc = subprocess.run([sys.executable, str(int4_bundle / "run.py"), "--chat", "--prompt",
+                           "What does json.dumps do?", "--max-tokens", "4"], input="\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "> What does json.dumps do?" in proc.stdout and "tok/s" in proc.stderr

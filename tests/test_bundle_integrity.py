@@ -25,11 +25,11 @@ def bundle(tmp_path):
 
 def test_verify_ok(bundle):
     manifest = verify_bundle(bundle)
+    from toolkit.runner.core import RUNNER_MODULES
+
     assert set(manifest["files"]) == {"model/weights.bin", "model/config.json", "run.py",
-                                      "phikit_runner/__init__.py", "phikit_runner/core.py",
-                                      "phikit_runner/cli.py",
-                                      "phikit_runner/server.py", "phikit_runner/rpc.py",
-                                      "phikit_runner/worker.py", "phikit_runner/ortgenai.py"}
+                                      "phikit_runner/__init__.py", "phikit_runner/ortgenai.py",
+                                      *(f"phikit_runner/{m}.py" for m in RUNNER_MODULES)}
 
 
 def test_flipped_byte_is_named(bundle):

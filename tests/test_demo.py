@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import phikit
@@ -14,14 +16,23 @@ def test_doctor_and_list():
     for name in ("tiny-phi3-int4", "phi-3.5-mini-instruct-int4", "generic-cpu", "intel-cpu",
                  "ollama"):
         assert name in proc.stdout
+    # the same tables as data, for scripts
+    listed = json.loads(phikit("list", "--json", check=0).stdout)
+    assert {t["title"] for t in listed} >= {"recipes", "targets"}
+    recipes = next(t for t in listed if t["title"] == "recipes")["rows"]
+    assert {"name": "tiny-phi3-int4"}.items() <= next(
+        r for r in recipes if r["name"] == "tiny-phi3-int4").items()
+    doctor = json.loads(phikit("doctor", "--json", check=0).stdout)
+    assert any(r.get("name") == "generic-cpu" for r in doctor[0]["rows"])
 
 
 @pytest.mark.slow
-def test_demo_builds_validates_and_answers(tmp_path):
-    proc = phikit("demo", "--out", tmp_path / "dist", check=0, timeout=1800)
+def test_demo_builds_validates_and_answers(dist):
+    out = dist / "demo"  # in the session's dist: tests/test_qnn.py reuses its NPU bundle
+    proc = phikit("demo", "--out", out, check=0, timeout=1800)
     assert "phikit demo: tiny-phi3" in proc.stdout
     assert "FAIL" not in proc.stdout
-    built = sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir())
+    built = sorted(p.name for p in out.iterdir() if p.is_dir())
     native = [f"tiny-phi3-{p}-{t}" for p in ("int4", "int8", "fp32")
               for t in ("generic-cpu", "intel-cpu", "ollama")]
     off_device = ["tiny-phi3-int4-intel-gpu", "tiny-phi3-fp32-apple-metal",
@@ -33,3 +44,17 @@ def test_demo_builds_validates_and_answers(tmp_path):
             assert "mlx" in line
         if "qualcomm-npu" in line and "pass" in line:
             assert "qnn" in line and "HTP" in line
+
+
+def test_version_short_help_and_completion():
+    from toolkit import __version__
+
+    assert phikit("--version", check=0).stdout.strip() == f"phikit {__version__}"
+    top = phikit("-h", check=0).stdout
+    assert "--install-completion" in top and "validate" in top
+    assert "--emulate" in phikit("validate", "-h", check=0).stdout
+
+
+def test_run_and_serve_help_show_the_runner_options():
+    assert "--chat" in phikit("run", "-h", check=0).stdout
+    assert "--api-key" in phikit("serve", "--help", check=0).stdout

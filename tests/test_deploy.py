@@ -74,13 +74,23 @@ def test_deploy_then_redeploy_copies_only_what_changed(sshd, wheel_bundle, tmp_p
     shutil.copytree(wheel_bundle, bundle)
     remote_dir = tmp_path / "device" / "tiny"
     n_files = len(json.loads((bundle / "manifest.json").read_text())["files"]) + 1
-    proc = deploy(bundle, f"root@127.0.0.1:{remote_dir}", port, keydir)
+    proc = deploy(bundle, f"root@127.0.0.1:{remote_dir}", port, keydir, "client_key", "--tune")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"copying {n_files} of {n_files} files" in proc.stdout
     assert "verified every sha256 on the host" in proc.stdout
     assert "runtime venv: installed" in proc.stdout and "smoke prompt:" in proc.stdout
     assert (remote_dir / ".venv" / "bin" / "python").exists()
     assert (remote_dir / "wheels").is_dir()  # installed offline from the bundle's own wheels
+    # the host re-measured parity with its own runtime install; the report came back
+    device = json.loads((tmp_path / "bundle.127.0.0.1.parity.json").read_text())
+    assert device["verdict"] == "pass" and device["host"]["cpu_flags"]
+    assert "parity on root@127.0.0.1" in proc.stdout and ": PASS" in proc.stdout
+    assert not (remote_dir / "parity-device.json").exists()  # nothing left in the bundle dir
+    compare = phikit("compare", bundle, tmp_path / "bundle.127.0.0.1.parity.json", check=0)
+    assert "measured on" in compare.stdout
+    # --tune: the host measured its options and keeps the fastest that validated there
+    assert "tuned on the host" in proc.stdout
+    assert json.loads((remote_dir / "tuned.json").read_text())["options"]["threads"] >= 1
 
     # Change one file, re-hash the manifest as a re-build would, deploy again.
     with open(bundle / "target.yaml", "a") as f:
@@ -90,11 +100,24 @@ def test_deploy_then_redeploy_copies_only_what_changed(sshd, wheel_bundle, tmp_p
     for key in ("format", "phikit"):
         manifest.pop(key)
     finish_manifest(bundle, manifest)
-    proc = deploy(bundle, f"root@127.0.0.1:{remote_dir}", port, keydir)
+    proc = deploy(bundle, f"root@127.0.0.1:{remote_dir}", port, keydir, "client_key",
+                  "--no-validate")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"copying 2 of {n_files} files" in proc.stdout  # target.yaml + manifest.json
     assert "runtime venv: unchanged" in proc.stdout
     assert (remote_dir / "target.yaml").read_text().endswith("# retuned\n")
+
+    # Signed (issue 17): with a trusted key configured, the signed bundle deploys, signature
+    # included, and the device can check it itself.
+    phikit("sign", bundle, "--key", keydir / "other_key", check=0)
+    proc = deploy(bundle, f"root@127.0.0.1:{remote_dir}", port, keydir, "client_key",
+                  "--key", keydir / "other_key.pub", "--no-validate")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "manifest signed by" in proc.stdout and f"copying 2 of {n_files + 1} files" in proc.stdout
+    check = subprocess.run([str(remote_dir / ".venv" / "bin" / "python"), str(remote_dir / "run.py"),
+                            "verify", "--key", str(keydir / "other_key.pub")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "signature by" in check.stdout, check.stderr
 
 
 def test_unreachable_host(sshd, int4_bundle, tmp_path):

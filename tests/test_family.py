@@ -60,6 +60,14 @@ def test_remote_code_is_refused_before_any_work(tmp_path):
     assert "remote code" in proc.stderr
 
 
+def test_the_types_taken_as_native_are_in_transformers():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from toolkit.family import TRANSFORMERS_NATIVE
+
+    assert TRANSFORMERS_NATIVE <= set(CONFIG_MAPPING_NAMES)
+
+
 def test_remote_code_cannot_be_switched_on_by_a_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     text = (REPO / "recipes" / "phi-3-small-8k-instruct-int4.yaml").read_text()
@@ -150,16 +158,15 @@ def test_bands_fail_where_the_candidate_is_wrong(wrong_from, failing_band):
     ref, logp = _reference(np.random.default_rng(0))
     thresholds = Thresholds(kld_mean_max=0.5, top1_min=0.6)
     report = evaluate(_FakeSession(logp, wrong_from), ref, _evalset(ref), thresholds, 3)
-    bands = {b["name"]: b for b in report["bands"]}
+    bands = {b.name: b for b in report.bands}
     assert set(bands) == {"before_window", "past_window", "before_original", "past_original"}
-    assert bands["past_original"]["positions"] == 3 * (120 - 64)
-    assert bands["past_original"]["prompts"] == 0 and bands["past_window"]["prompts"] == 1
-    failed = {c["metric"] for c in report["checks"] if not c["passed"]}
+    assert bands["past_original"].positions == 3 * (120 - 64)
+    assert bands["past_original"].prompts == 0 and bands["past_window"].prompts == 1
+    failed = {c.metric for c in report.checks if not c.passed}
     if failing_band is None:
-        assert report["verdict"] == "pass", failed
+        assert report.verdict == "pass", failed
         return
     assert f"kld_mean[{failing_band}]" in failed
     assert "kld_mean[before_window]" not in failed
-    detail = next(c["detail"] for c in report["checks"]
-                  if c["metric"] == f"kld_mean[{failing_band}]")
+    detail = next(c.detail for c in report.checks if c.metric == f"kld_mean[{failing_band}]")
     assert f"positions >= {wrong_from}" in detail and "worst text" in detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 # (bundle fixture, lock file): apple-metal's macOS lock cannot install here; its Linux CPU
 # equivalent carries the same runner code and mlx-lm version.
 CASES = [("int4_bundle", "requirements.lock"), ("ov_int4_bundle", "requirements.lock"),
-         ("mlx_fp32_bundle", "requirements-linux-cpu.lock")]
+         ("mlx_int4_bundle", "requirements-linux-cpu.lock")]
 
 
 @pytest.mark.parametrize("fixture, lock", CASES, ids=["onnx", "openvino", "mlx"])
@@ -37,6 +38,14 @@ def test_bundle_runs_from_its_lock_alone(fixture, lock, request, tmp_path):
     verify = subprocess.run([str(py), str(bundle / "run.py"), "verify"],
                             capture_output=True, text=True)
     assert verify.returncode == 0 and "files match" in verify.stdout
+    # ... and re-measures its parity with nothing else either: the same figures as its build
+    report = tmp_path / "device.json"
+    check = subprocess.run([str(py), str(bundle / "run.py"), "validate", "--json", str(report)],
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    device, built = (json.loads(p.read_text()) for p in (report, bundle / "parity.json"))
+    assert device["verdict"] == "pass" and device["host"]["cpu_flags"]
+    assert device["metrics"]["kld_mean"] == pytest.approx(built["metrics"]["kld_mean"], rel=1e-6)
     # The OpenAI-compatible server needs nothing beyond the lock either.
     port = free_port()
     with server([str(py), str(bundle / "run.py"), "serve"], port):

@@ -1,4 +1,5 @@
-"""The parity engine's arithmetic: top-K KL against the full KL, and the greedy-match count."""
+"""The parity engine's arithmetic: top-K KL against the full KL, the greedy-match count, and
+position drift."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from toolkit.parity import common_prefix, log_softmax, topk_kld
+from toolkit.parity import common_prefix, drift_symptom, log_softmax, position_drift, topk_kld
 
 
 def full_kl(p_logits, q_logits):
@@ -61,3 +62,64 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
     assert common_prefix([5, 6], [5, 6]) == 2
+
+
+def _drift(klds):
+    return position_drift(klds, [np.ones(k.size) for k in klds])
+
+
+def test_drift_is_flat_where_the_error_does_not_depend_on_position():
+    rng = np.random.default_rng(0)
+    drift = _drift([rng.exponential(0.006, 128) for _ in range(12)])
+    assert len(drift.windows) == 8 and drift.window == 16
+    assert drift.worst.ratio < 1.3
+
+
+def test_drift_says_where_the_error_starts_rising():
+    rng = np.random.default_rng(1)
+    klds = [rng.exponential(0.006, 128) for _ in range(12)]
+    for k in klds:
+        k[80:] *= 3
+    drift = _drift(klds)
+    assert drift.worst.position == 80 and drift.worst.ratio > 2.3
+    assert "from position 80 on" in drift_symptom(drift)
+
+
+def test_long_hard_texts_are_not_drift():
+    """Each split compares positions of the same texts: texts that are both longer and harder
+    than the others do not pass for a rise with position (a pooled mean would say 1.6x)."""
+    rng = np.random.default_rng(2)
+    klds = ([rng.exponential(0.002, 64) for _ in range(6)]
+            + [rng.exponential(0.01, 128) for _ in range(6)])
+    assert _drift(klds).worst.ratio < 1.3
+
+
+def test_tiny_kld_is_no_drift():
+    """fp32 bundles measure KLD ~1e-9: a tenfold rise there is below the floor."""
+    klds = [np.full(128, 1e-9) for _ in range(4)]
+    for k in klds:
+        k[64:] = 1e-8
+    assert _drift(klds).worst.ratio < 1.01
+
+
+def test_the_drift_floor_follows_the_accepted_error():
+    """A W8A16-like bundle whose KLD of ~2e-4 doubles mid-text is far inside its bound: no
+    drift once the floor is a quarter of the kld_mean bound; a rise past it still is."""
+    from toolkit.runner.parity_core import drift_floor
+
+    rng = np.random.default_rng(3)
+    klds = [rng.exponential(2e-4, 128) for _ in range(12)]
+    for k in klds:
+        k[16:] *= 2.5
+    assert _drift(klds).worst.ratio > 1.5  # the fixed floor alone calls it drift
+    floor = drift_floor({"kld_mean_max": 0.01})
+    assert floor == 0.0025 and drift_floor({}) == 1e-4
+    from toolkit.runner.parity_core import position_drift as core_drift
+
+    assert core_drift(klds, [np.ones(128)] * 12, floor)["splits"][0]["ratio"] < 1.3
+    big = [rng.exponential(0.006, 128) for _ in range(12)]
+    for k in big:
+        k[64:] *= 3
+    assert max(s["ratio"] for s in core_drift(big, [np.ones(128)] * 12,
+                                              drift_floor({"kld_mean_max": 0.0128}))
+               ["splits"]) > 1.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,116 @@ def test_fuzzed_recipes_never_traceback(tmp_path, mutation):
         load_recipe(path)
     except PhikitError as e:
         assert str(e).startswith(str(path))
+
+
+@pytest.mark.parametrize("options, target, message", [
+    ("    openvino:\n      ratio: 2\n", "intel-cpu",
+     "13: field 'quantization.options.openvino.ratio': OpenVINO option 'ratio'"),
+    ("    gguf:\n      colour: blue\n", "ollama",
+     "13: field 'quantization.options.gguf': unknown GGUF option 'colour'"),
+    ("    onxx:\n      a: 1\n", "generic-cpu", "12: field 'quantization.options.onxx': no backend"),
+], ids=["out-of-range", "unknown-option", "unknown-backend"])
+def test_backend_options_are_typed_and_checked_at_load(options, target, message, tmp_path):
+    """Each backend's options model checks quantization.options.<backend> when the recipe
+    loads, naming file, line and field (before any plan or conversion)."""
+    text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text().replace("../", f"{REPO}/")
+    path = tmp_path / "r.yaml"
+    path.write_text(text.replace("  symmetric: true\n", "  symmetric: true\n  options:\n"
+                                 + options))
+    proc = phikit("build", path, "--target", target, "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr.replace("\n", " "), proc.stderr
+
+
+def test_a_hub_shaped_relative_source_is_the_directory_beside_the_recipe(tmp_path):
+    """`source: sub/model` names a directory beside the recipe when there is one (not a hub
+    id, and not a path relative to wherever phikit runs): plan and build read the same one."""
+    shutil.copytree(REPO / "models" / "tiny-phi3", tmp_path / "sub" / "model")
+    text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.replace("../models/tiny-phi3", "sub/model")
+                      .replace("../evalsets/", f"{REPO}/evalsets/"))
+    assert load_recipe(recipe).source == str((tmp_path / "sub" / "model").resolve())
+
+
+def test_dry_run_reads_the_eval_set(tmp_path):
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.replace("../models/", f"{REPO}/models/")
+                      .replace("../evalsets/tiny-phi3.jsonl", str(tmp_path / "bad.jsonl")))
+    proc = phikit("build", recipe, "--target", "generic-cpu", "--dry-run", check=2)
+    assert f"{tmp_path / 'bad.jsonl'}:1: invalid JSON" in proc.stderr
+
+
+def test_a_recipe_without_bounds_is_not_silently_ungated(tmp_path):
+    from toolkit.build import make_plan
+
+    text = (REPO / "recipes" / "tiny-phi3-w8a16.yaml").read_text()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.split("thresholds:")[0].replace("../models/", f"{REPO}/models/")
+                      .replace("../evalsets/", f"{REPO}/evalsets/"))
+    plan = make_plan(str(recipe), "qualcomm-npu", out=tmp_path / "b")
+    assert any("kld_mean, kld_p99, top1 not gated" in step for step in plan.steps)
+    # where the backend measured its honest error, its defaults gate the same recipe shape
+    int4 = make_plan("recipes/tiny-phi3-int4.yaml", "generic-cpu", out=tmp_path / "c")
+    assert not any("not gated" in step for step in int4.steps)
+    assert int4.recipe.thresholds.kld_mean_max == BACKENDS["onnx"].default_thresholds(
+        "int4")["kld_mean_max"]
+
+
+def test_the_recipe_reference_names_every_field():
+    """docs/recipe.md covers the schema: every field of a recipe and every backend option."""
+    from toolkit.schema import EvalConfig, Quantization, Recipe, Thresholds
+
+    doc = (REPO / "docs" / "recipe.md").read_text()
+    fields = {*Recipe.model_fields, *Quantization.model_fields, *EvalConfig.model_fields,
+              *Thresholds.model_fields}
+    for backend in BACKENDS.values():
+        fields |= set(backend.options_model.model_fields)
+    missing = sorted(f for f in fields if f"`{f}`" not in doc)
+    assert not missing, f"docs/recipe.md does not name {missing}"
+
+
+def test_every_problem_of_a_recipe_at_once_with_hints(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nsource: {REPO}/models/tiny-phi3\nquantization:\n"
+                      "  precison: int4\n  symetric: true\neval:\n"
+                      f"  file: {REPO}/evalsets/tiny-phi3.jsonl\n  max_token: 12\n")
+    with pytest.raises(PhikitError) as e:
+        load_recipe(recipe)
+    text = str(e.value)
+    assert f"{recipe}:4: field 'quantization.precision': required field missing" in text
+    assert "'quantization.precison': unknown field (did you mean 'precision'?)" in text
+    assert f"{recipe}:5: field 'quantization.symetric'" in text and "'symmetric'?" in text
+    assert f"{recipe}:8: field 'eval.max_token'" in text and "'max_tokens'?" in text
+
+
+def test_bounds_per_backend_in_one_recipe(tmp_path):
+    """thresholds.backends.<name> wins for that backend; the general bound for the others; the
+    backend's measured default where the recipe says nothing."""
+    from toolkit.validate import effective_thresholds
+
+    text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text().replace("../", f"{REPO}/")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text + "thresholds:\n  kld_mean_max: 0.03\n  backends:\n"
+                      "    openvino: {kld_mean_max: 0.005, top1_min: 0.9}\n")
+    loaded = load_recipe(recipe)
+    onnx, ov = (effective_thresholds(loaded, BACKENDS[b]) for b in ("onnx", "openvino"))
+    assert onnx.kld_mean_max == 0.03 and ov.kld_mean_max == 0.005 and ov.top1_min == 0.9
+    assert onnx.top1_min == BACKENDS["onnx"].default_thresholds("int4")["top1_min"]
+    assert "backends" not in onnx.bounds()
+    recipe.write_text(text + "thresholds:\n  backends:\n    openvno: {kld_mean_max: 0.1}\n")
+    with pytest.raises(PhikitError, match="no backend 'openvno'"):
+        load_recipe(recipe)
+
+
+def test_json_schema_for_editors():
+    import json
+
+    from toolkit.schema import Recipe
+
+    schema = json.loads(phikit("schema", "recipe", check=0).stdout)
+    assert set(schema["properties"]) == set(Recipe.model_fields)
+    assert "BoundOverrides" in json.dumps(schema)
+    assert "properties" in json.loads(phikit("schema", "target", check=0).stdout)
+    phikit("schema", "nothing", check=2)

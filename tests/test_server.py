@@ -85,6 +85,34 @@ def test_openai_client_stream_and_not(onnx_server):
     check_completions(*onnx_server)
 
 
+def test_legacy_completions_and_n(onnx_server):
+    """/v1/completions (raw prompt, no chat template), streamed and not; n > 1 is refused
+    rather than silently answered with one choice."""
+    port, name = onnx_server
+    c = client(port)
+    full = c.completions.create(model=name, prompt="def add(a, b):", max_tokens=8)
+    assert full.object == "text_completion" and full.choices[0].text
+    assert full.usage.completion_tokens <= 8
+    streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(
+        model=name, prompt="def add(a, b):", max_tokens=8, stream=True) if chunk.choices)
+    assert streamed == full.choices[0].text
+    with pytest.raises(APIStatusError) as e:
+        c.chat.completions.create(model=name, messages=CHAT, max_tokens=4, n=2)
+    assert e.value.status_code == 400 and "'n' must be 1" in str(e.value)
+
+
+def test_current_client_fields(onnx_server):
+    """max_completion_tokens (what current OpenAI clients send) caps generation; content in
+    the parts form ([{type: text, text}]) is read as its text."""
+    port, name = onnx_server
+    c = client(port)
+    capped = c.chat.completions.create(model=name, messages=CHAT, max_completion_tokens=3)
+    assert capped.usage.completion_tokens <= 3
+    parts = [{"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]}]
+    same = c.chat.completions.create(model=name, messages=parts, max_completion_tokens=3)
+    assert same.choices[0].message.content == capped.choices[0].message.content
+
+
 def test_sixteen_concurrent_streams_all_complete(onnx_server):
     port, name = onnx_server
     c = client(port)
@@ -189,7 +217,7 @@ def test_openvino_bundle_serves(ov_int4_bundle):
         test_disconnect_mid_stream_frees_the_model((port, model_name(ov_int4_bundle)))
 
 
-def test_mlx_bundle_serves(mlx_fp32_bundle):
+def test_mlx_bundle_serves(mlx_int4_bundle):
     port = free_port()
-    with server([sys.executable, str(mlx_fp32_bundle / "run.py"), "serve"], port):
-        check_completions(port, model_name(mlx_fp32_bundle), max_tokens=4)
+    with server([sys.executable, str(mlx_int4_bundle / "run.py"), "serve"], port):
+        check_completions(port, model_name(mlx_int4_bundle), max_tokens=4)

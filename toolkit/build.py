@@ -21,12 +21,15 @@ from .backends import BACKENDS, Backend, get_backend
 from .checkpoint import (ModelInfo, cache_root, checkpoint_digest, read_model_info,
                          resolve_source)
 from .errors import PhikitError
+from .evalset import load_evalset
 from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
-from .package import (finish_manifest, now, publish, staging_dir, write_archive,
-                      write_json, write_report_html, write_runner)
+from .package import (finish_manifest, now, publish, sign_manifest, staging_dir, sweep_leftovers,
+                      write_archive, write_json, write_report_html, write_runner)
 from .paths import RECIPES_DIR, TARGETS_DIR
 from .remote import local_session
+from .report.model import ParityReport
+from .runner.reference_data import REFERENCE_FILE, save_reference
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
 from .validate import Candidate, effective_thresholds, prepare_reference, run_parity
 
@@ -71,6 +74,7 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     info = known_info(recipe.source)
     check_remote_code(info, trust_remote_code, recipe.source)
     recipe = recipe.model_copy(update={"trust_remote_code": trust_remote_code})
+    load_evalset(recipe.eval.file, recipe.eval.limit)  # a malformed row: file:line now, offline
     target_path = find_target(target_ref)
     target = load_target(target_path, set(BACKENDS))
     name = backend or target.backend
@@ -89,6 +93,9 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
                           file=recipe_path)
     if info is not None and target.memory_budget_mb is not None:
         check_memory(info, recipe, target, recipe_path)
+    # the bounds this build is held to, resolved once: what validate, the manifest and a later
+    # re-validation (on the device too) all read
+    recipe = recipe.model_copy(update={"thresholds": effective_thresholds(recipe, be)})
     out = out or Path("dist") / f"{recipe.name}-{target.name}"
     model_desc = (f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}, "
                   f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
@@ -104,12 +111,25 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
         f"validate  {recipe.eval.file.name} (max {recipe.eval.max_tokens} tokens, "
         f"{recipe.eval.max_new_tokens} greedy) vs transformers {recipe.eval.reference_dtype}; "
         "thresholds "
-        + ", ".join(f"{k}={v}" for k, v in effective_thresholds(recipe, be.exact_tokenizer)
-                    .model_dump().items() if v is not None),
+        + ", ".join(f"{k}={v}" for k, v in recipe.thresholds.bounds().items()
+                    if v is not None),
         f"package   {out} (runner: {be.runtime_module}, lock for {target.platform.os}/"
         f"{target.platform.arch} python {target.platform.python})",
     ]
+    ungated = ungated_weight_metrics(recipe.thresholds)
+    if ungated:
+        steps.append(f"warning   {', '.join(ungated)} not gated: the recipe sets no bound and "
+                     f"{be.name} has no measured default for {quant.precision} (set "
+                     "thresholds in the recipe)")
     return Plan(recipe, recipe_path, target, target_path, be, out, info, steps)
+
+
+WEIGHT_BOUNDS = ("kld_mean_max", "kld_p99_max", "top1_min")
+
+
+def ungated_weight_metrics(thresholds) -> list[str]:
+    """The weight-error metrics no bound holds (a bundle could pass with any value of them)."""
+    return [f.rsplit("_", 1)[0] for f in WEIGHT_BOUNDS if getattr(thresholds, f) is None]
 
 
 def check_memory(info: ModelInfo, recipe: Recipe, target: Target, recipe_path: Path) -> None:
@@ -139,13 +159,20 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
     final = cache_root() / "artifacts" / key[:32]
     if final.is_dir():
         return final, True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(final.parent, "*.tmp")  # conversions killed mid-way
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         plan.backend.convert(source_dir, tmp / "model", plan.recipe, plan.target, log)
         write_json(tmp / "conversion.json", key_data)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            return final, True  # a concurrent build of the same artifact finished first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, False
@@ -154,13 +181,14 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
 @dataclass
 class BuildResult:
     bundle: Path
-    report: dict[str, Any]
+    report: ParityReport
     manifest: dict[str, Any]
     passed: bool
     seconds: dict[str, float]
 
 
 def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
+            sign: Path | None = None,
             log: Callable[[str], None] = lambda s: None,
             stage_cb: Callable[[str], None] = lambda s: None,
             progress=None) -> BuildResult:
@@ -198,11 +226,14 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         t1 = time.perf_counter()
         reference = prepare_reference(plan.recipe, str(source_dir), progress)  # before the
         # candidate; which runs in a child process from the staged runner code (what ships)
+        # the reference travels: `run.py validate` re-measures parity on a device without the
+        # checkpoint, with these very figures
+        save_reference(stage / REFERENCE_FILE, reference.reference)
         session = local_session(plan.backend.runtime_module, stage / "model", options,
                                 runner=stage)
         try:
             report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
-                                          exact_tokenizer=plan.backend.exact_tokenizer),
+                                          backend=plan.backend),
                                 progress, reference)
         finally:
             session.close()
@@ -211,7 +242,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         stage_cb("package")
         t2 = time.perf_counter()
         packages = plan.target.runtime.packages[plan.backend.name]
-        write_json(stage / "parity.json", report)
+        write_json(stage / "parity.json", report.to_json())
         (stage / "requirements.lock").write_text(
             resolve_lock(packages, plan.target.platform,
                          stage / "wheels" if with_wheels else None,
@@ -229,6 +260,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
             "backend": plan.backend.name,
             "model_dir": "model",
             "eval_file": f"eval/{plan.recipe.eval.file.name}",
+            "reference_file": REFERENCE_FILE,
             "runtime": {"module": plan.backend.runtime_module, "options": options,
                         "packages": packages},
             "source": {"id": plan.recipe.source if not plan.recipe.source_is_local
@@ -236,14 +268,15 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
                        "architecture": info.architecture},
             "toolchain": plan.backend.toolchain(),
             "conversion": {"cached": cached, "tool": plan.backend.tool},
-            "parity": {"verdict": report["verdict"], "metrics": {
-                k: v for k, v in report["metrics"].items() if not isinstance(v, list)},
-                "checks": report["checks"]},
+            "parity": {"verdict": report.verdict, "metrics": report.metrics.scalars(),
+                       "checks": [c.model_dump(mode="json") for c in report.checks]},
         }
         # the readable report ships too, hashed like every other file
         write_report_html(stage, report, manifest_fields)
         manifest = finish_manifest(stage, manifest_fields)
-        passed = report["verdict"] == "pass"
+        passed = report.passed
+        if sign is not None and passed:
+            sign_manifest(stage, sign)
         final = publish(stage, plan.out, passed)
         timings["package"] = time.perf_counter() - t2
     except BaseException:

@@ -14,7 +14,22 @@ from .schema import HUB_ID
 from .runner.core import sha256_file
 
 # Files that define a checkpoint's behaviour; anything else (README, images) does not count.
-CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.jinja", "*.py", "*.txt")
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.model", "*.jinja", "*.py", "*.txt")
+# PyTorch's pickle formats: loading one runs whatever code the file carries
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickles(path: Path) -> Path:
+    """A checkpoint's weights are read from safetensors only."""
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickles:
+            raise PhikitError(f"weights only as pickle files ({', '.join(pickles[:3])}): phikit "
+                              "reads safetensors only, because unpickling runs code from the "
+                              "file. Convert once where you trust the file (transformers: "
+                              "from_pretrained(...).save_pretrained(out, safe_serialization=True))",
+                              file=path)
+    return path
 
 
 def cache_root() -> Path:
@@ -27,18 +42,21 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PhikitError("not a checkpoint directory (config.json missing)", file=path)
-        return path.resolve()
+        return refuse_pickles(path.resolve())
     if source.startswith(("/", ".", "~")) or not HUB_ID.match(source):
         raise PhikitError(f"checkpoint directory not found: {source} (pass --reference DIR or "
                           "a hub id)")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, revision=revision,
-                                      allow_patterns=list(CHECKPOINT_FILES)))
+        return refuse_pickles(Path(snapshot_download(source, revision=revision,
+                                                     allow_patterns=list(CHECKPOINT_FILES))))
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "not here"
-        raise PhikitError(f"cannot fetch {source!r} from the Hugging Face hub "
-                          f"({type(e).__name__}); download it and pass --source DIR") from None
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        raise PhikitError(f"cannot fetch {source!r} from the Hugging Face hub: {why} "
+                          f"({type(e).__name__}). Offline (HF_HUB_OFFLINE=1) only HF_HOME's "
+                          "cache is read; download the checkpoint and pass --source DIR") \
+            from None
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 import yaml
@@ -18,12 +18,32 @@ from rich.table import Table
 from .errors import PhikitError
 from .runner.core import BundleError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+if TYPE_CHECKING:
+    from .report.model import ParityReport
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Convert, validate, package and run Phi-3 / Phi-3.5 models for devices.")
 console = Console(stderr=True)
+KEY_HELP = ("OpenSSH ed25519 public key (id_ed25519.pub) that must have signed the manifest; "
+            "an unsigned or otherwise signed bundle is refused")
 TRUST_HELP = ("let transformers and the converter import and run the Python code a checkpoint "
               "ships (Phi-3-small, Phi-3/3.5-vision); off by default, read that code first")
 out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"phikit {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print phikit's version and exit")) -> None:
+    """Convert, validate, package and run Phi-3 / Phi-3.5 models for devices."""
 
 
 @contextmanager
@@ -38,28 +58,28 @@ def progress_bars():
         yield factory
 
 
-def print_checks(report: dict) -> None:
-    table = Table(title=f"parity: {report['verdict'].upper()}", title_justify="left")
+def print_checks(report: ParityReport) -> None:
+    table = Table(title=f"parity: {report.verdict.upper()}", title_justify="left")
     for col in ("metric", "measured", "bound", "result", "where"):
         table.add_column(col)
-    for c in report["checks"]:
-        op = "<=" if c["kind"] == "max" else ">="
-        table.add_row(escape(c["metric"]), f"{c['measured']:.4g}", f"{op} {c['bound']}",
-                      "[green]ok[/]" if c["passed"] else "[red]FAIL[/]", escape(c["detail"]))
-    m = report["metrics"]
+    for c in report.checks:
+        table.add_row(escape(c.metric), f"{c.measured:.4g}", f"{c.relation} {c.bound:.4g}",
+                      "[green]ok[/]" if c.passed else "[red]FAIL[/]", escape(c.detail))
+    m = report.metrics
     out.print(table)
-    out.print(f"KLD mean {m.get('kld_mean', 0):.4g} median {m.get('kld_median', 0):.4g} "
-              f"p99 {m.get('kld_p99', 0):.4g} max {m.get('kld_max', 0):.4g} | top-1 "
-              f"{m.get('top1', 0):.4f} | ppl {m.get('ppl_reference', 0):.2f} -> "
-              f"{m.get('ppl_candidate', 0):.2f} | greedy match {m.get('greedy_match_mean', 0):.1f}"
-              f" tokens | token agreement {m.get('token_agreement', 0):.3f}")
-    for note in report.get("notes", []):
+    out.print(f"KLD mean {m.kld_mean or 0:.4g} median {m.kld_median or 0:.4g} "
+              f"p99 {m.kld_p99 or 0:.4g} max {m.kld_max or 0:.4g} | top-1 "
+              f"{m.top1 or 0:.4f} | ppl {m.ppl_reference or 0:.2f} -> "
+              f"{m.ppl_candidate or 0:.2f} | greedy match {m.greedy_match_mean or 0:.1f}"
+              f" tokens | token agreement {m.token_agreement or 0:.3f}")
+    for note in report.notes:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()
 def build(
-    recipe: str = typer.Argument(..., help="recipe YAML (or name in recipes/)"),
+    recipe: Optional[str] = typer.Argument(None, help="recipe YAML (or name in recipes/); "
+                                           "without one: --source and --precision"),
     target: str = typer.Option(..., "--target", "-t", help="target name or YAML"),
     backend: Optional[str] = typer.Option(None, help="override the target's default backend"),
     source: Optional[str] = typer.Option(None, help="checkpoint dir or hub id (overrides recipe)"),
@@ -69,8 +89,38 @@ def build(
     with_wheels: bool = typer.Option(False, "--with-wheels",
                                      help="carry the lock's wheels (offline installs on device)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    sign_key: Optional[Path] = typer.Option(None, "--sign", help="sign the manifest with this "
+                                            "OpenSSH ed25519 private key"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the parity report "
+                                            "here (as validate --json), pass or fail"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show the converter's own "
+                                 "output as it runs"),
+    precision: Optional[str] = typer.Option(None, help="without a recipe: the precision (the "
+                                            "recipe `phikit init` would write is used)"),
 ) -> None:
     """Build a bundle: convert, validate against the reference, package."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if recipe is None:  # the recipe `phikit init` would write, kept in the bundle
+            if source is None or precision is None:
+                raise PhikitError("give a recipe, or --source and --precision")
+            from .backends import BACKENDS
+            from .build import find_target
+            from .init import recipe_name, recipe_text
+            from .schema import load_target
+
+            text = recipe_text(source, load_target(find_target(target), set(BACKENDS)),
+                               precision, backend)
+            recipe = str(Path(tmp) / f"{recipe_name(source, precision)}.yaml")
+            Path(recipe).write_text(text, encoding="utf-8")
+            source = None
+        _build(recipe, target, backend, source, out_dir, dry_run, archive, with_wheels,
+               trust_remote_code, sign_key, json_out, verbose)
+
+
+def _build(recipe, target, backend, source, out_dir, dry_run, archive, with_wheels,
+           trust_remote_code, sign_key, json_out, verbose) -> None:
     from .build import execute, make_plan
 
     plan = make_plan(recipe, target, backend=backend, source=source, out=out_dir,
@@ -82,8 +132,12 @@ def build(
         return
     log_lines: list[str] = []
     with progress_bars() as bars:
-        result = execute(plan, archive=archive, with_wheels=with_wheels, log=log_lines.append,
+        result = execute(plan, archive=archive, with_wheels=with_wheels, sign=sign_key,
+                         log=(lambda s: console.print(s, markup=False, highlight=False))
+                         if verbose else log_lines.append,
                          stage_cb=lambda s: console.print(f"[cyan]> {s}[/]"), progress=bars)
+    if json_out:
+        json_out.write_text(json.dumps(result.report.to_json(), indent=2) + "\n")
     print_checks(result.report)
     if not result.passed:
         console.print(f"[red]validation failed[/]: bundle written to {result.bundle} "
@@ -118,7 +172,6 @@ def validate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Compare an artifact with the reference. Exit 0 pass, 1 fail, 2 error."""
-    from .parity import format_checks
     from .validate import open_candidate, run_parity
 
     overrides = dict(parse_option(o) for o in option)
@@ -133,31 +186,40 @@ def validate(
     finally:
         candidate.close()
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     print_checks(report)
-    if report["verdict"] != "pass":
-        for line in format_checks(report):
-            if line.startswith("FAIL"):
-                console.print(line, markup=False)
+    if not report.passed:
+        for check in report.failed_checks():
+            console.print(check.describe(mark=True, detail=True), markup=False)
         raise typer.Exit(1)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
-    """Generate with a bundle (same options as BUNDLE/run.py: --prompt, --chat, --max-tokens...)."""
+# run and serve hand every option to the bundle's own command line (BUNDLE/run.py): -h shows
+# that parser's options, the ones these commands take
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
+                "help_option_names": []}
+
+
+def _runner(name: str, command: str, bundle: Optional[Path], args: list[str]) -> int:
     from .runner.cli import main as runner_main
 
-    raise typer.Exit(runner_main(["generate", "--bundle", str(bundle), *ctx.args],
-                                 prog="phikit run"))
+    if bundle is None or {"-h", "--help"} & set(args) or str(bundle) in ("-h", "--help"):
+        return runner_main(["--help"], prog=f"phikit {name} BUNDLE")
+    return runner_main([command, "--bundle", str(bundle), *args], prog=f"phikit {name}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve(ctx: typer.Context, bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
-    """OpenAI-compatible server for a bundle (--host 127.0.0.1 --port 8000 [--api-key KEY])."""
-    from .runner.cli import main as runner_main
+@app.command(context_settings=PASS_THROUGH)
+def run(ctx: typer.Context,
+        bundle: Optional[Path] = typer.Argument(None, help="bundle directory")) -> None:
+    """Generate with a bundle: --prompt, --chat, --max-tokens ... (-h: all of them)."""
+    raise typer.Exit(_runner("run", "generate", bundle, ctx.args))
 
-    raise typer.Exit(runner_main(["serve", "--bundle", str(bundle), *ctx.args],
-                                 prog="phikit serve"))
+
+@app.command(context_settings=PASS_THROUGH)
+def serve(ctx: typer.Context,
+          bundle: Optional[Path] = typer.Argument(None, help="bundle directory")) -> None:
+    """OpenAI-compatible server for a bundle: --host, --port, --api-key ... (-h: all of them)."""
+    raise typer.Exit(_runner("serve", "serve", bundle, ctx.args))
 
 
 @app.command()
@@ -170,24 +232,107 @@ def deploy(
     python: str = typer.Option("python3", help="Python interpreter on the host"),
     service: bool = typer.Option(False, help="install and start a systemd unit for `serve`"),
     ssh_option: list[str] = typer.Option([], "-o", help="extra ssh -o options (repeatable)"),
+    key: Optional[Path] = typer.Option(None, envvar="PHIKIT_TRUSTED_KEY", help=KEY_HELP),
+    validate: bool = typer.Option(True, help="re-measure parity on the host (run.py validate) "
+                                  "and fail when it does not pass there"),
+    report: Optional[Path] = typer.Option(None, help="where the host's parity report goes "
+                                          "(default: BUNDLE.HOST.parity.json beside the bundle)"),
+    tune: bool = typer.Option(False, help="then run.py tune on the host: the fastest runtime "
+                              "options that validate there, kept in its tuned.json"),
 ) -> None:
-    """Copy a bundle over SSH (only changed files), verify, install its lock, smoke-run."""
+    """Copy a bundle over SSH, verify, install, smoke-run and validate it on the host.
+
+    Only changed files are copied; --tune then keeps the host's fastest options that validate."""
     from .deploy import deploy as run_deploy
 
     options = [arg for opt in ssh_option for arg in ("-o", opt)]
     run_deploy(bundle, destination, port=port, identity=identity, ssh_port=ssh_port,
-               python=python, service=service, ssh_options=options,
+               python=python, service=service, ssh_options=options, key=key,
+               validate=validate, report=report, tune=tune,
                log=lambda s: out.print(s, highlight=False))
 
 
 @app.command()
-def verify(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
-    """Check every file of a bundle against its manifest's sha256."""
-    from .runner.core import verify_bundle
+def schema(kind: str = typer.Argument("recipe", help="recipe or target")) -> None:
+    """JSON Schema of a recipe or target file (for editors: yaml-language-server)."""
+    from .schema import Recipe, Target
 
-    manifest = verify_bundle(bundle)
-    out.print(f"ok: {len(manifest['files'])} files match manifest.json "
+    models = {"recipe": Recipe, "target": Target}
+    if kind not in models:
+        raise PhikitError(f"no schema {kind!r} (known: recipe, target)")
+    print(json.dumps(models[kind].model_json_schema(mode="validation"), indent=2))
+
+
+@app.command()
+def init(
+    source: str = typer.Option(..., help="checkpoint directory or hub id (org/name)"),
+    target: str = typer.Option("generic-cpu", "--target", "-t", help="target name or YAML"),
+    precision: str = typer.Option("int4", help="int4, int8, fp16 or fp32 (as the target allows)"),
+    backend: Optional[str] = typer.Option(None, help="override the target's default backend"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="where the recipe goes "
+                                          "(default: NAME.yaml here)"),
+    force: bool = typer.Option(False, help="overwrite an existing file"),
+) -> None:
+    """Write a commented recipe for a checkpoint, with the backend's default bounds."""
+    from .backends import BACKENDS
+    from .build import find_target
+    from .init import recipe_name, recipe_text
+    from .schema import load_target
+
+    text = recipe_text(source, load_target(find_target(target), set(BACKENDS)), precision,
+                       backend)
+    path = output or Path(f"{recipe_name(source, precision)}.yaml")
+    if path.exists() and not force:
+        raise PhikitError("exists; pass --force to overwrite it", file=path)
+    path.write_text(text, encoding="utf-8")
+    out.print(f"wrote {path}; next: phikit build {path} --target {target}", highlight=False)
+
+
+@app.command()
+def tune(bundle: Path = typer.Argument(..., help="bundle directory"),
+         candidates: Optional[str] = typer.Option(None, help="thread counts to try, e.g. "
+                                                  "1,2,4 (default: 1, half the cores, all)")) -> None:
+    """Keep the fastest runtime options that still validate on this machine (tuned.json).
+
+    Measures each candidate set, validates the fastest, writes BUNDLE/tuned.json; `deploy
+    --tune` does the same on the host."""
+    from .runner.cli import main as runner_main
+
+    raise typer.Exit(runner_main(["tune", "--bundle", str(bundle),
+                                  *(["--candidates", candidates] if candidates else [])],
+                                 prog="phikit tune"))
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="bundle directory"),
+           key: Optional[Path] = typer.Option(None, envvar="PHIKIT_TRUSTED_KEY",
+                                              help=KEY_HELP)) -> None:
+    """Check every file of a bundle against its manifest (and, with --key, its signature)."""
+    from .runner.core import check_bundle
+
+    manifest = check_bundle(bundle, key).data
+    signed = f", signed by {key}" if key else ""
+    out.print(f"ok: {len(manifest['files'])} files match manifest.json{signed} "
               f"(parity verdict: {manifest.get('parity', {}).get('verdict')})")
+    from .runner.core import describe_tuned
+
+    tuned = describe_tuned(bundle)
+    if tuned:
+        out.print(tuned, highlight=False)
+
+
+@app.command()
+def sign(bundle: Path = typer.Argument(..., help="bundle directory"),
+         key: Path = typer.Option(..., "--key", help="OpenSSH ed25519 private key")) -> None:
+    """Sign a bundle's manifest with an OpenSSH ed25519 key (manifest.json.sig).
+
+    OpenSSH's SSHSIG format: `verify --key`, `run.py verify --key`, `deploy --key` and
+    `ssh-keygen -Y verify` check it."""
+    from .package import sign_manifest
+    from .runner.core import check_bundle
+
+    check_bundle(bundle)  # sign only what verifies
+    out.print(f"wrote {sign_manifest(bundle, key)}", highlight=False)
 
 
 @app.command()
@@ -198,13 +343,33 @@ def demo(out_dir: Path = typer.Option(Path("dist"), "--out", help="where bundles
     raise typer.Exit(run_demo(out_dir, out, console, progress_bars))
 
 
+JSON_HELP = "print the tables as JSON (a list of {title, rows: [{column: cell}]}) on stdout"
+
+
+def tables_json(tables: list[Table]) -> str:
+    """Rich tables as data: the cells as shown, keyed by column header."""
+    def text(cell) -> str:
+        return cell.plain if hasattr(cell, "plain") else str(cell)
+
+    out_tables = []
+    for table in tables:
+        headers = [text(c.header) for c in table.columns]
+        cells = [[text(x) for x in c._cells] for c in table.columns]
+        out_tables.append({"title": text(table.title or ""),
+                           "rows": [dict(zip(headers, row)) for row in zip(*cells)]})
+    return json.dumps(out_tables, indent=2)
+
+
 @app.command()
-def doctor() -> None:
+def doctor(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Which backends and targets are usable here, and why not."""
     from .doctor import doctor_table
 
     table, ok = doctor_table()
-    out.print(table)
+    if as_json:
+        print(tables_json([table]))
+    else:
+        out.print(table)
     if not ok:
         raise typer.Exit(1)
 
@@ -214,6 +379,7 @@ def list_cmd(
     matrix: bool = typer.Option(False, "--matrix", help="the support matrix: family member x "
                                 "backend x precision, from the same checks builds run"),
     markdown: bool = typer.Option(False, "--markdown", help="with --matrix: Markdown (README)"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Recipes and targets shipped with phikit (--matrix: what each backend supports)."""
     from .doctor import list_tables, matrix_table
@@ -223,33 +389,53 @@ def list_cmd(
 
         print(matrix_markdown(), end="")
         return
-    for table in ([matrix_table()] if matrix else list_tables()):
+    tables = [matrix_table()] if matrix else list_tables()
+    if as_json:
+        print(tables_json(tables))
+        return
+    for table in tables:
         out.print(table)
 
 
 @app.command("report")
 def report_cmd(
-    path: Path = typer.Argument(..., help="bundle directory (<name>.failed too) or the JSON "
-                                "`phikit validate --json` wrote"),
+    paths: list[Path] = typer.Argument(..., help="bundle directories (<name>.failed too) or "
+                                       "JSON reports (validate --json, run.py validate); "
+                                       "several: one combined table"),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="write the self-contained HTML report here "
                                           "(a name ending in .md gets the Markdown summary)"),
     markdown: bool = typer.Option(False, "--markdown",
-                                  help="print a Markdown summary to stdout (CI job summaries)"),
+                                  help="print a Markdown summary to stdout (CI job summaries, "
+                                  "PR comments)"),
     junit: Optional[Path] = typer.Option(None, "--junit", help="write JUnit XML: a test case "
                                          "per check, prompt and text"),
 ) -> None:
-    """Render a parity report as HTML, Markdown or JUnit.
+    """Render parity reports as HTML, Markdown or JUnit.
 
-    Exit 0 when the verdict is pass, 1 when fail (CI can gate on it; files are still written).
-
-    Exit 2 when PATH is not a readable bundle or report.
+    Exit 0 when every verdict is pass, 1 when one fails (CI can gate on it; files are still
+    written). Exit 2 when a PATH is not a readable bundle or report.
     """
     from .report import (bundle_facts, junit_xml, load_report, render_html, render_markdown,
                          write_text_atomic)
 
-    loaded = load_report(path)
-    report, manifest, name = loaded.report, loaded.manifest, loaded.name
+    if len(paths) > 1:
+        from .ci import combined_junit, exit_code, report_rows, summary_markdown
+
+        if output is not None and output.suffix.lower() != ".md":
+            raise PhikitError("several reports: -o takes a .md file (HTML is one report's page)",
+                              field="--output")
+        rows = report_rows(paths)
+        text = summary_markdown(rows, "reports")
+        if output is not None:
+            write_text_atomic(output, text)
+        if junit is not None:
+            write_text_atomic(junit, combined_junit(rows))
+        if markdown or (output is None and junit is None):
+            sys.stdout.write(text)
+        raise typer.Exit(exit_code(rows))
+    loaded = load_report(paths[0])
+    report, manifest, name = loaded.parity, loaded.manifest, loaded.name
     if output is not None:
         as_markdown = output.suffix.lower() == ".md"
         write_text_atomic(output, render_markdown(report, manifest, name) if as_markdown
@@ -265,7 +451,7 @@ def report_cmd(
         out.print(" · ".join([name, *(f"{k} {facts[k]}" for k in (
             "backend", "precision", "target", "runtime"))]), markup=False, highlight=False)
         print_checks(report)
-    if report["verdict"] != "pass":
+    if not report.passed:
         raise typer.Exit(1)
 
 
@@ -294,6 +480,11 @@ def compare_cmd(
     if output is not None:
         write_text_atomic(output, compare_html(first, second))
         console.print(f"wrote {output}", markup=False, highlight=False)
+
+
+from .ci_cli import ci_app  # noqa: E402 - the `phikit ci` commands, a module of their own
+
+app.add_typer(ci_app, name="ci")
 
 
 def main() -> None:

@@ -92,14 +92,14 @@ def run_demo(out_dir: Path, out, console, progress_bars) -> int:
                           plan.recipe.quantization.precision, "-", "-", "-", "-", "-", verdict,
                           where)
             continue
-        m = result.report["metrics"]
+        m = result.report.metrics
         if result.passed:
             out.print(f"  [dim]{QUESTION}[/] -> {escape(repr(text.strip()[:200]))}")
         else:
             failures += 1
         table.add_row(plan.target.name, plan.backend.name, plan.recipe.quantization.precision,
-                      f"{bundle_size(result.bundle) / 1e6:.1f} MB", f"{m['kld_mean']:.4f}",
-                      f"{m['top1']:.3f}", f"{m['greedy_match_mean']:.1f}", f"{rate:.0f}",
+                      f"{bundle_size(result.bundle) / 1e6:.1f} MB", f"{m.kld_mean:.4f}",
+                      f"{m.top1:.3f}", f"{m.greedy_match_mean:.1f}", f"{rate:.0f}",
                       "[green]pass[/]" if result.passed else "[red]FAIL[/]", where)
     out.print(table)
     return 1 if failures else 0

@@ -7,7 +7,10 @@ as users expect. Steps:
   3. `run.py verify` on the host (every hash, with the host's own Python)
   4. a venv from requirements.lock (offline from the bundle's wheels/ when it carries them),
      recreated only when the lock changed
-  5. a smoke prompt; with --service, a systemd unit for `run.py serve`
+  5. a smoke prompt, then `run.py validate`: parity re-measured on the host with its own
+     CPU and runtime build, the report copied back beside the bundle (exit 1 when it fails)
+  6. with --tune, `run.py tune` there (tuned.json: the fastest options that validate there)
+  7. with --service, a systemd unit for `run.py serve` (only for a bundle that validated there)
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import PhikitError
-from .runner.core import lock_install_args, read_manifest, verify_bundle
-from .schema import NAME_PATTERN
+from .runner.core import MANIFEST, SIGNATURE, BundleError, check_bundle, lock_install_args
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 VENV = ".venv"  # inside the bundle dir on the host; bundle verification ignores it
@@ -44,9 +46,13 @@ class Remote:
             args += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
         return args + ["--", self.user_host]  # "--": a destination is never an ssh option
 
-    def run(self, script: str, *, stdin: bytes | None = None, check: bool = True,
+    def run(self, script: str, *, stdin: Any = None, check: bool = True,
             timeout: int = 1800) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.ssh_args() + [f"sh -c {shlex.quote(script)}"], input=stdin,
+        """stdin: bytes, or a readable file (streamed: a bundle is never held in memory)."""
+        streamed = stdin is not None and not isinstance(stdin, bytes)
+        proc = subprocess.run(self.ssh_args() + [f"sh -c {shlex.quote(script)}"],
+                              input=None if streamed else stdin,
+                              stdin=stdin if streamed else None,
                               capture_output=True, timeout=timeout)
         if proc.returncode == 255:
             raise PhikitError(_ssh_error(self.user_host, proc.stderr.decode(errors="replace")))
@@ -141,19 +147,25 @@ def check_host(info: dict, manifest: dict, bundle_bytes: int, remote: Remote) ->
 
 def changed_files(bundle: Path, manifest: dict, remote_hashes: dict[str, str]) -> list[str]:
     wanted = dict(manifest["files"])
-    wanted["manifest.json"] = "-"  # always sent: it is what the host verifies against
+    wanted[MANIFEST] = "-"  # always sent: it is what the host verifies against
+    if (bundle / SIGNATURE).is_file():
+        wanted[SIGNATURE] = "-"  # and the signature of it, for the device's own checks
     return sorted(rel for rel, digest in wanted.items() if remote_hashes.get(rel) != digest)
 
 
 def copy_files(bundle: Path, files: list[str], remote: Remote) -> None:
-    tar = subprocess.run(["tar", "-cf", "-", "-C", str(bundle), "--", *files],
-                         capture_output=True, check=True)
-    remote.run(f"mkdir -p {shlex.quote(remote.directory)} && tar -xf - -C "
-               f"{shlex.quote(remote.directory)}", stdin=tar.stdout)
+    """One tar stream from the local tar straight into ssh: no copy of the bundle in memory."""
+    with subprocess.Popen(["tar", "-cf", "-", "-C", str(bundle), "--", *files],
+                          stdout=subprocess.PIPE) as tar:
+        remote.run(f"mkdir -p {shlex.quote(remote.directory)} && tar -xf - -C "
+                   f"{shlex.quote(remote.directory)}", stdin=tar.stdout)
+        tar.stdout.close()
+        if tar.wait() != 0:
+            raise PhikitError(f"{bundle}: tar could not read the bundle (exit {tar.returncode})")
 
 
 def remove_stale(manifest: dict, remote_hashes: dict[str, str], remote: Remote) -> list[str]:
-    stale = sorted(set(remote_hashes) - set(manifest["files"]) - {"manifest.json"})
+    stale = sorted(set(remote_hashes) - set(manifest["files"]) - {MANIFEST, SIGNATURE})
     if stale:
         remote.run(f"cd {shlex.quote(remote.directory)} && rm -f -- "
                    + " ".join(shlex.quote(s) for s in stale))
@@ -192,18 +204,56 @@ WantedBy=default.target
 """
 
 
+# The report goes to a temporary file on the host (never into the bundle: verify would refuse
+# the extra file) and comes back on stdout; the runner's own lines go to stderr.
+VALIDATE = ('out=$(mktemp) && {py} {dir}/run.py --bundle {dir} validate --json "$out" >&2; '
+            'rc=$?; cat "$out"; rm -f "$out"; exit $rc')
+
+
+def device_report_path(bundle: Path, user_host: str) -> Path:
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", user_host.split("@")[-1])
+    return bundle.parent / f"{bundle.name}.{host}.parity.json"
+
+
+def validate_on_host(remote: Remote, bundle: Path, d: str, report: Path | None,
+                     log: Callable[[str], None]) -> dict:
+    """`run.py validate` on the host; its report saved locally. PhikitError when it fails."""
+    proc = remote.run(VALIDATE.format(py=f"{d}/{VENV}/bin/python", dir=d), check=False)
+    try:
+        data = json.loads(proc.stdout.decode(errors="replace"))
+    except ValueError:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise PhikitError(f"{remote.user_host}: run.py validate wrote no report (exit "
+                          f"{proc.returncode}): {err[-1] if err else ''}") from None
+    path = report or device_report_path(bundle, remote.user_host)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    host = data.get("host") or {}
+    failed = [c["metric"] for c in data.get("checks", []) if not c.get("passed")]
+    log(f"parity on {remote.user_host} ({host.get('cpu')}, {host.get('os')}): "
+        f"{str(data.get('verdict')).upper()}" + (f", failed {', '.join(failed)}" if failed else "")
+        + f"; report: {path} (phikit compare {bundle} {path})")
+    if data.get("verdict") != "pass":
+        raise PhikitError(f"the bundle failed validation on {remote.user_host} "
+                          f"({', '.join(failed)}): see {path}")
+    return data
+
+
 def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None = None,
            ssh_port: int | None = None, python: str = "python3", service: bool = False,
            host_bind: str = "127.0.0.1", ssh_options: list[str] | None = None,
-           log: Callable[[str], None] = print) -> dict:
-    manifest = verify_bundle(bundle, read_manifest(bundle))  # never ship a modified bundle
-    if manifest.get("parity", {}).get("verdict") != "pass":
+           key: Path | None = None, validate: bool = True, report: Path | None = None,
+           tune: bool = False, log: Callable[[str], None] = print) -> dict:
+    # never ship a modified bundle, one whose manifest fields (its name reaches a remote shell
+    # and a unit file) are not what the runner accepts, nor, with a key, one it did not sign
+    try:
+        checked = check_bundle(bundle, key)
+    except BundleError as e:
+        raise PhikitError(f"refusing to deploy: {e}") from None
+    manifest = checked.data
+    if key is not None:
+        log(f"manifest signed by {key}")
+    if checked.verdict != "pass":
         raise PhikitError(f"{bundle}: parity verdict is not 'pass'; refusing to deploy")
-    # manifest.json is not covered by its own hashes: its name reaches a remote shell and a
-    # unit file, so it must be a name
-    if not isinstance(manifest.get("name"), str) or not re.match(NAME_PATTERN, manifest["name"]):
-        raise PhikitError(f"{bundle / 'manifest.json'}: field 'name': {manifest.get('name')!r} "
-                          "is not a bundle name (letters, digits, '.', '_', '-')")
     if not re.match(r"^[A-Za-z0-9.:_-]+$", host_bind):
         raise PhikitError(f"--host must be an address or a host name, got {host_bind!r}",
                           field="--host")
@@ -215,7 +265,8 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
     # The probe's `mkdir -p` made an absolute path of the directory possible to resolve.
     remote.directory = remote.run(f"cd {shlex.quote(directory)} && pwd").stdout.decode().strip()
     to_copy = changed_files(bundle, manifest, info["hashes"])
-    log(f"copying {len(to_copy)} of {len(manifest['files']) + 1} files to "
+    total = len(manifest["files"]) + 1 + int((bundle / SIGNATURE).is_file())  # + manifest, sig
+    log(f"copying {len(to_copy)} of {total} files to "
         f"{user_host}:{remote.directory}")
     copy_files(bundle, to_copy, remote)
     stale = remove_stale(manifest, info["hashes"], remote)
@@ -229,6 +280,14 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
     smoke = remote.run(f"{d}/{VENV}/bin/python {d}/run.py --bundle {d} --prompt "
                        f"'What does json.dumps do?' --max-tokens 8")
     log(f"smoke prompt: {smoke.stdout.decode(errors='replace').strip()[:80]!r}")
+    device = validate_on_host(remote, bundle, d, report, log) if validate else None
+    if tune:
+        tuned = remote.run(f"{d}/{VENV}/bin/python {d}/run.py --bundle {d} tune", check=False)
+        lines = tuned.stderr.decode(errors="replace").strip().splitlines()
+        if tuned.returncode != 0:
+            raise PhikitError(f"{user_host}: run.py tune failed (exit {tuned.returncode}): "
+                              f"{lines[-1] if lines else ''}")
+        log(f"tuned on the host: {lines[-1] if lines else ''}")
     if service:
         if not PLAIN_PATH.match(remote.directory):
             raise PhikitError(f"{user_host}:{remote.directory}: --service needs a directory "
@@ -243,4 +302,4 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
             f"systemctl --user enable --now {unit_name}", stdin=unit.encode())
         log(f"service {unit_name} started on port {port}")
     return {"copied": to_copy, "removed": stale, "directory": remote.directory,
-            "venv": venv_state.splitlines()[-1]}
+            "venv": venv_state.splitlines()[-1], "device_parity": device}

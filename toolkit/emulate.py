@@ -1,5 +1,5 @@
-"""Parity on another CPU: the bundle's runtime runs under qemu user-mode emulation and the parity
-engine on the host talks to it through toolkit/runner/rpc.py (toolkit/remote.py's seam).
+"""Parity on another CPU: `run.py validate` (the bundle's runner, runtime and parity engine, as on
+a device) under qemu user-mode emulation, against the reference the bundle carries.
 
   aarch64    in an arm64 Debian root: the aarch64 int4 kernels are not the x86 ones, so x86
              parity does not prove Pi parity.
@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +30,6 @@ from typing import Callable
 from .checkpoint import cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .remote import RPC, RemoteSession, bundle_session, rpc_command
 from .runner.core import lock_install_args, read_manifest, verify_bundle
 from .schema import Platform
 
@@ -134,89 +135,110 @@ class _Mounts:
         self.points = []
 
 
-def emulated_session(bundle: Path, arch: str,
-                     log: Callable[[str], None] = lambda s: None) -> RemoteSession:
-    """A runner Session for `bundle` whose every call runs on the emulated CPU."""
-    if arch not in ARCHES:
-        raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
-                          field="--emulate")
-    manifest = verify_bundle(bundle, read_manifest(bundle))
-    if arch == "x86-64-v3":
-        return _x86_session(bundle, manifest)
-    return _aarch64_session(bundle, manifest, arch, log)
+class EmulatedValidation:
+    """`run.py validate` of a bundle on an emulated CPU: the bundle's own runner, runtime and
+    parity engine (the ones a device runs) under qemu, against the reference the bundle
+    carries. Set up once (root, venv, a copy of the bundle); `run` validates."""
 
+    def __init__(self, bundle: Path, arch: str, log: Callable[[str], None] = lambda s: None):
+        if arch not in ARCHES:
+            raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
+                              field="--emulate")
+        self.bundle, self.arch, self.log = bundle, arch, log
+        self.manifest = verify_bundle(bundle, read_manifest(bundle))
+        self.platform = Platform.model_validate(self.manifest["target"]["platform"])
+        start = time.perf_counter()
+        self.info = (self._x86_setup() if arch == "x86-64-v3" else self._aarch64_setup())
+        self.info.update({"emulated_arch": arch, "emulator": "qemu-user",
+                          "setup_seconds": round(time.perf_counter() - start, 1)})
 
-def _x86_session(bundle: Path, manifest: dict) -> RemoteSession:
-    spec = ARCHES["x86-64-v3"]
-    platform = Platform.model_validate(manifest["target"]["platform"])
-    if platform.arch != "x86_64":
-        raise PhikitError(f"{bundle}: built for {platform.arch}; x86-64-v3 emulation runs "
-                          "x86_64 bundles", field="--emulate")
-    qemu = shutil.which(spec["qemu"])
-    if qemu is None:
-        raise PhikitError(f"{spec['qemu']} is not installed (apt-get install qemu-user)",
-                          field="--emulate")
-    # verified above: the child under qemu (40x slower) does not hash the bundle again
-    return bundle_session(bundle, manifest, prefix=[qemu, "-cpu", spec["cpu"]],
-                          label=f"{manifest['runtime']['module']} (emulated x86-64-v3)",
-                          extra_info={"emulated_arch": "x86-64-v3", "emulator": "qemu-user",
-                                      "emulated_cpu": f"{spec['cpu']}: {spec['description']}"})
+    def _x86_setup(self) -> dict:
+        spec = ARCHES["x86-64-v3"]
+        if self.platform.arch != "x86_64":
+            raise PhikitError(f"{self.bundle}: built for {self.platform.arch}; x86-64-v3 "
+                              "emulation runs x86_64 bundles", field="--emulate")
+        qemu = shutil.which(spec["qemu"])
+        if qemu is None:
+            raise PhikitError(f"{spec['qemu']} is not installed (apt-get install qemu-user)",
+                              field="--emulate")
+        # this machine's interpreter and packages on a CPU model without AVX-512 / AMX
+        self.prefix, self.python, self.inside = [qemu, "-cpu", spec["cpu"]], sys.executable, None
+        self.run_py, self.env = str(self.bundle / "run.py"), None
+        return {"emulated_cpu": f"{spec['cpu']}: {spec['description']}"}
 
+    def _aarch64_setup(self) -> dict:
+        arch, bundle, manifest = self.arch, self.bundle, self.manifest
+        if self.platform.arch not in (arch, "arm64"):
+            raise PhikitError(f"{bundle}: built for {self.platform.arch}, not {arch}; its lock "
+                              "cannot install in the emulated root")
+        compiled = sorted(set(manifest["target"]["runtime"].get("source_builds", []))
+                          & set(manifest["runtime"]["packages"]))
+        if compiled:
+            raise PhikitError(f"{bundle}: its runtime ({', '.join(compiled)}) is compiled on "
+                              "the device; compiling it under qemu user mode is not supported "
+                              "(validate it on this machine's ISA instead)", field="--emulate")
+        ensure_binfmt(arch)
+        root = ensure_root(arch, self.log)
+        lock_text = (bundle / "requirements.lock").read_text()
+        lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()[:16]
+        work = root / "opt" / "phikit"
+        venv = work / f"venv-{lock_sha}"
+        if not (venv / "bin" / "python").exists():
+            wheels = work / f"wheels-{lock_sha}"
+            if (bundle / "wheels").is_dir():
+                shutil.copytree(bundle / "wheels", wheels, dirs_exist_ok=True)
+            else:
+                resolve_lock(manifest["runtime"]["packages"], self.platform, wheels)
+            (work / f"lock-{lock_sha}.txt").write_text(lock_text)
+            self.log("installing the bundle's aarch64 wheels in the emulated root")
+            inside = f"/opt/phikit/{venv.name}"
+            _chroot(root, ["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
+            _chroot(root, [f"{inside}/bin/python", "-m", "pip", *lock_install_args(
+                        f"/opt/phikit/lock-{lock_sha}.txt", f"/opt/phikit/{wheels.name}")],
+                    "pip install (emulated)")
+        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
+        copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
+        if not copy.exists():
+            shutil.copytree(bundle, copy.with_name(copy.name + ".tmp"), dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", ".venv"))
+            copy.with_name(copy.name + ".tmp").rename(copy)
+        self.prefix, self.python, self.inside = [CHROOT, str(root)], \
+            f"/opt/phikit/{venv.name}/bin/python", root
+        self.run_py, self.env = f"/opt/phikit/bundles/{copy.name}/run.py", ROOT_ENV
+        return {"root": "Debian bookworm arm64"}
 
-def _aarch64_session(bundle: Path, manifest: dict, arch: str,
-                     log: Callable[[str], None]) -> RemoteSession:
-    platform = Platform.model_validate(manifest["target"]["platform"])
-    if platform.arch not in (arch, "arm64"):
-        raise PhikitError(f"{bundle}: built for {platform.arch}, not {arch}; its lock "
-                          "cannot install in the emulated root")
-    compiled = sorted(set(manifest["target"]["runtime"].get("source_builds", []))
-                      & set(manifest["runtime"]["packages"]))
-    if compiled:
-        raise PhikitError(f"{bundle}: its runtime ({', '.join(compiled)}) is compiled on the "
-                          "device; compiling it under qemu user mode is not supported "
-                          "(validate it on this machine's ISA instead)", field="--emulate")
-    ensure_binfmt(arch)
-    start = time.perf_counter()
-    root = ensure_root(arch, log)
-    lock_text = (bundle / "requirements.lock").read_text()
-    lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()[:16]
-    work = root / "opt" / "phikit"
-    venv = work / f"venv-{lock_sha}"
-    if not (venv / "bin" / "python").exists():
-        wheels = work / f"wheels-{lock_sha}"
-        if (bundle / "wheels").is_dir():
-            shutil.copytree(bundle / "wheels", wheels, dirs_exist_ok=True)
-        else:
-            resolve_lock(manifest["runtime"]["packages"], platform, wheels)
-        (work / f"lock-{lock_sha}.txt").write_text(lock_text)
-        log("installing the bundle's aarch64 wheels in the emulated root")
-        inside = f"/opt/phikit/{venv.name}"
-        _chroot(root, ["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
-        _chroot(root, [f"{inside}/bin/python", "-m", "pip", *lock_install_args(
-                    f"/opt/phikit/lock-{lock_sha}.txt", f"/opt/phikit/{wheels.name}")],
-                "pip install (emulated)")
-    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
-    copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
-    if not copy.exists():
-        shutil.copytree(bundle, copy.with_name(copy.name + ".tmp"), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", ".venv"))
-        copy.with_name(copy.name + ".tmp").rename(copy)
-    shutil.copy2(RPC, work / "rpc.py")
-    setup_seconds = time.perf_counter() - start
-    mounts = _Mounts(root)
-    cmd = [CHROOT, str(root), *rpc_command(bundle=Path(f"/opt/phikit/bundles/{copy.name}"),
-                                           python=f"/opt/phikit/{venv.name}/bin/python",
-                                           rpc="/opt/phikit/rpc.py")]
-    try:
-        return RemoteSession(cmd, runtime=manifest["runtime"]["module"],
-                             label=f"{manifest['runtime']['module']} (emulated {arch})",
-                             env=ROOT_ENV, cleanup=mounts.close,
-                             extra_info={"emulated_arch": arch, "emulator": "qemu-user",
-                                         "root": "Debian bookworm arm64",
-                                         "setup_seconds": round(setup_seconds, 1)})
-    except BaseException:
-        mounts.close()
-        raise
+    def run(self, thresholds: dict, limit: int | None) -> dict:
+        """The report `run.py validate` wrote on the emulated CPU, with these bounds (the
+        caller's recipe) on the first `limit` eval rows. PhikitError when it wrote none."""
+        scratch = (self.inside / "opt" / "phikit") if self.inside else Path(tempfile.mkdtemp())
+        name = f"validate-{os.getpid()}-{time.monotonic_ns()}"
+        (scratch / f"{name}.thresholds.json").write_text(json.dumps(thresholds))
+        seen = "/opt/phikit" if self.inside else str(scratch)  # the paths as the child sees them
+        cmd = [*self.prefix, self.python, "-I", self.run_py, "validate",
+               "--json", f"{seen}/{name}.json", "--thresholds", f"{seen}/{name}.thresholds.json",
+               *(["--limit", str(limit)] if limit else [])]
+        mounts = _Mounts(self.inside) if self.inside else None
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
+                                  timeout=7200)
+        finally:
+            if mounts is not None:
+                mounts.close()
+        out = scratch / f"{name}.json"
+        try:
+            if proc.returncode not in (0, 1) or not out.is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()
+                raise PhikitError(f"run.py validate on the emulated {self.arch} CPU wrote no "
+                                  f"report (exit {proc.returncode}): "
+                                  f"{tail[-1] if tail else ''}")
+            data = json.loads(out.read_text())
+        finally:
+            for leftover in scratch.glob(f"{name}*"):
+                leftover.unlink(missing_ok=True)
+            if not self.inside:
+                shutil.rmtree(scratch, ignore_errors=True)
+        data.setdefault("candidate", {}).update(self.info)
+        return data
 
 
 def _chroot(root: Path, cmd: list[str], what: str) -> None:

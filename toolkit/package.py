@@ -6,9 +6,11 @@ half-written ever looks like a bundle; a bundle that failed parity is written un
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -16,7 +18,11 @@ from typing import Any
 
 from . import __version__
 from .report import render_html, write_text_atomic
-from .runner.core import BUNDLE_FORMAT, MANIFEST, bundle_files, sha256_file
+from .report.model import ParityReport
+from .errors import PhikitError
+from .runner.core import (BUNDLE_FORMAT, MANIFEST, RUNNER_MODULES, SIGNATURE, SIGNATURE_NAMESPACE,
+                          bundle_files, sha256_file)
+from .runner.rpc import source_only_imports
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 RUN_PY = '''#!/usr/bin/env python3
@@ -31,8 +37,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # dataclasses/ would shadow the standard library), and no byte code is read or written there.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.dont_write_bytecode = True
-sys.pycache_prefix = os.devnull
-FIRST = ("phikit_runner/__init__.py", "phikit_runner/core.py", "phikit_runner/cli.py")
+
+
+@SOURCE_ONLY_IMPORTS@
+# every runner module (any may be imported before the whole bundle is hashed), never the runtime's
+FIRST = @FIRST@
 
 
 def first_files_changed():
@@ -41,7 +50,9 @@ def first_files_changed():
 
     try:
         with open(os.path.join(HERE, "manifest.json"), "rb") as f:
-            files = json.load(f)["files"]
+            files = json.load(f).get("files")
+        if not isinstance(files, dict):
+            return f"{os.path.join(HERE, 'manifest.json')}: field 'files': not a mapping"
         for rel in FIRST:
             path = os.path.join(HERE, *rel.split("/"))
             if os.path.islink(path) or os.path.islink(os.path.dirname(path)):
@@ -59,6 +70,7 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    source_only_imports(HERE)
     sys.path.append(HERE)  # last: the standard library and the venv always come first
     from phikit_runner.cli import main
 
@@ -66,12 +78,17 @@ if __name__ == "__main__":
 '''
 
 
+# one definition of the import guard, in rpc.py (which a child runs before any bundle import)
+RUN_PY = RUN_PY.replace("@SOURCE_ONLY_IMPORTS@", inspect.getsource(source_only_imports).strip() + "\n\n")
+RUN_PY = RUN_PY.replace("@FIRST@", repr(("phikit_runner/__init__.py",
+                                         *(f"phikit_runner/{m}.py" for m in RUNNER_MODULES))))
+
+
 def write_runner(bundle: Path, runtime_module: str) -> None:
     pkg = bundle / "phikit_runner"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""phikit bundle runner (standard library + one runtime)."""\n')
-    for name in ("core.py", "cli.py", "server.py", "rpc.py", "worker.py",
-                 f"{runtime_module}.py"):
+    for name in [f"{m}.py" for m in RUNNER_MODULES] + [f"{runtime_module}.py"]:
         shutil.copy2(RUNNER_DIR / name, pkg / name)
     (bundle / "run.py").write_text(RUN_PY)
 
@@ -80,7 +97,8 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_report_html(bundle: Path, report: dict[str, Any], manifest: dict[str, Any]) -> Path:
+def write_report_html(bundle: Path, report: ParityReport | dict[str, Any],
+                      manifest: dict[str, Any]) -> Path:
     """report.html: the parity report a person reads, next to parity.json. Written before
     finish_manifest so it is hashed like every other file; it cannot list those hashes itself."""
     path = bundle / "report.html"
@@ -105,7 +123,59 @@ def finish_manifest(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def sign_manifest(bundle: Path, private_key: Path) -> Path:
+    """manifest.json.sig: an SSHSIG signature of manifest.json by an OpenSSH ed25519 key (what
+    `verify --key`, `run.py verify --key` and `deploy --key` check; `ssh-keygen -Y verify`
+    checks it too). A passphrase is asked for on the terminal, by ssh-keygen."""
+    private_key = Path(private_key)
+    if not private_key.is_file():
+        raise PhikitError("no such key file", file=private_key)
+    try:
+        public = subprocess.run(["ssh-keygen", "-y", "-f", str(private_key)], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    except FileNotFoundError:
+        raise PhikitError("signing needs ssh-keygen (OpenSSH; Debian: openssh-client)") from None
+    if public.returncode != 0 or not public.stdout.startswith("ssh-ed25519 "):
+        raise PhikitError("not an OpenSSH ed25519 private key (make one with ssh-keygen -t "
+                          f"ed25519): {(public.stderr or public.stdout).strip()[:200]}",
+                          file=private_key)
+    signature = bundle / SIGNATURE
+    signature.unlink(missing_ok=True)
+    proc = subprocess.run(["ssh-keygen", "-Y", "sign", "-f", str(private_key), "-n",
+                           SIGNATURE_NAMESPACE, str(bundle / MANIFEST)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    if proc.returncode != 0 or not signature.is_file():
+        raise PhikitError(f"ssh-keygen could not sign: {proc.stderr.strip()[-300:]}",
+                          file=private_key)
+    return signature
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_leftovers(parent: Path, pattern: str) -> list[Path]:
+    """Remove `<pattern>-PID` directories whose process is gone (a build killed mid-way): they
+    are complete-looking copies nobody will finish or clean. Live builds' dirs are left."""
+    removed = []
+    for path in parent.glob(f"{pattern}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def staging_dir(out: Path) -> Path:
+    if out.parent.is_dir():
+        for kind in ("partial", "old0", "old1"):
+            sweep_leftovers(out.parent, f".{out.name}.{kind}")
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -115,10 +185,18 @@ def staging_dir(out: Path) -> Path:
 def publish(stage: Path, out: Path, passed: bool) -> Path:
     """Move the staged bundle to `out` (passed) or `out.failed` (failed), replacing old ones."""
     final = out if passed else out.with_name(out.name + ".failed")
-    for old in (out, out.with_name(out.name + ".failed")):
+    # old bundles are moved aside first (renames are instant) and deleted after: the window in
+    # which neither the old nor the new bundle is in place is two renames, not a tree removal
+    aside = []
+    for n, old in enumerate((out, out.with_name(out.name + ".failed"))):
         if old.exists():
-            shutil.rmtree(old)
+            moved = old.with_name(f".{out.name}.old{n}-{os.getpid()}")
+            shutil.rmtree(moved, ignore_errors=True)
+            old.rename(moved)
+            aside.append(moved)
     stage.rename(final)
+    for moved in aside:
+        shutil.rmtree(moved, ignore_errors=True)
     return final
 
 
@@ -128,7 +206,8 @@ def write_archive(bundle: Path, archive: Path) -> Path:
     with open(tmp, "wb") as raw, \
             gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
             tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for rel in [MANIFEST] + bundle_files(bundle):
+        signed = [SIGNATURE] if (bundle / SIGNATURE).is_file() else []
+        for rel in [MANIFEST, *signed] + bundle_files(bundle):
             path = bundle / rel
             info = tarfile.TarInfo(f"{bundle.name}/{rel}")
             info.size = path.stat().st_size

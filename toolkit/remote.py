@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .errors import PhikitError
 from .paths import REPO
+from .runner.core import MANIFEST, Manifest
 from .runner.worker import RPC, WorkerSession, rpc_command
 
 __all__ = ["RPC", "RemoteSession", "RuntimeCrashed", "local_session", "rpc_command"]
@@ -55,6 +56,6 @@ def bundle_session(bundle: Path, manifest: dict[str, Any],
                    overrides: dict[str, Any] | None = None, **kw) -> RemoteSession:
     """A bundle its caller has already verified (so the child does not hash it again), run by
     the bundle's own runner with its manifest's runtime module and options."""
-    runtime = manifest["runtime"]
-    return local_session(runtime["module"], bundle / manifest["model_dir"],
-                         {**runtime.get("options", {}), **(overrides or {})}, runner=bundle, **kw)
+    typed = Manifest.parse(manifest, bundle / MANIFEST)
+    return local_session(typed.runtime_module, bundle / typed.model_dir,
+                         {**typed.runtime_options, **(overrides or {})}, runner=bundle, **kw)

@@ -7,14 +7,18 @@ Relative paths inside a file are resolved against that file's folder.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model,
+                      field_validator)
+from pydantic.fields import FieldInfo
 
 from .errors import PhikitError
+from .runner.core import NAME_PATTERN
 
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 PRECISION_BITS = {"int4": 4, "int8": 8, "fp16": 16, "fp32": 32}
@@ -23,6 +27,39 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendOptions(BaseModel):
+    """`quantization.options.<backend>`: each backend's own typed options (its `options_model`),
+    validated once when the recipe loads; keys it does not know are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: ClassVar[str] = "backend"
+
+    @classmethod
+    def read(cls, raw: Any, field: str) -> BackendOptions:
+        """Validated options, or a PhikitError naming the option (its field: `field.key`)."""
+        if not isinstance(raw, dict):
+            raise PhikitError(f"expected a mapping of {cls.label} options", field=field)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(map(str, err["loc"]))
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(sorted(cls.model_fields)) or "none"
+                raise PhikitError(f"unknown {cls.label} option {key!r} (known: {known})",
+                                  field=field) from None
+            raise PhikitError(f"{cls.label} option {key!r}: {err['msg']}",
+                              field=f"{field}.{key}") from None
+
+    def given(self) -> dict[str, Any]:
+        """The options the recipe set (a backend fills in its own defaults)."""
+        return self.model_dump(exclude_unset=True, exclude_none=True)
+
+
+# backend name -> its options model; toolkit.backends registers every backend's at import
+OPTION_MODELS: dict[str, type[BackendOptions]] = {}
 
 
 class Quantization(Strict):
@@ -54,7 +91,10 @@ class EvalConfig(Strict):
         "for full-size checkpoints (Phi-3-mini: 7.6 GB instead of 15.3) at bf16's own rounding")
 
 
-class Thresholds(Strict):
+DEFAULT_KLD_DRIFT_MAX = 1.5
+
+
+class Bounds(Strict):
     """Every field is a bound the candidate must meet; None disables that check."""
 
     kld_mean_max: float | None = Field(None, ge=0)
@@ -67,11 +107,30 @@ class Thresholds(Strict):
     eos_agreement_min: float | None = Field(1.0, ge=0, le=1)
     # generation must compute what the teacher-forced pass measured (parity.py decode_agreement)
     decode_agreement_min: float | None = Field(1.0, ge=0, le=1)
+    # KLD after any position may be at most this many times KLD before it, over the same texts
+    # (parity.position_drift): degradation that starts where no landmark of the config says
+    kld_drift_max: float | None = Field(DEFAULT_KLD_DRIFT_MAX, ge=1)
+
+
+# thresholds.backends.<name>: the same bounds, each absent unless given (then it wins for that
+# backend over the recipe's general one)
+BoundOverrides = create_model(
+    "BoundOverrides", __base__=Strict,
+    **{name: (f.annotation, FieldInfo.merge_field_infos(f, default=None))
+       for name, f in Bounds.model_fields.items()})
+
+
+class Thresholds(Bounds):
+    # one recipe, several backends whose honest error differs: a bound for one of them
+    backends: dict[str, BoundOverrides] = Field(default_factory=dict)
+
+    def bounds(self) -> dict[str, float | None]:
+        """The bounds alone (what the parity engine checks)."""
+        return self.model_dump(exclude={"backends"})
 
 
 # A recipe or target name becomes part of a directory name (dist/{recipe}-{target}) and a
-# service name on a device: a name, never a path or a shell word.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# service name on a device: a name, never a path or a shell word (the bundle's rule too).
 
 
 class Recipe(Strict):
@@ -221,13 +280,40 @@ def _validate(path: Path, model: type[M], data: Any, root: yaml.Node | None) -> 
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(err["loc"])
-        line = _line(root, loc)
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        if err["type"] == "literal_error":
-            msg = f"{err['msg']} (got {err['input']!r})"
-        raise PhikitError(msg, file=path, line=line, field=".".join(map(str, loc))) from None
+        # every problem at once, the first as the error's own place, each with its line
+        problems = [_problem(path, model, err, root) for err in e.errors()[:MAX_PROBLEMS]]
+        first = problems[0]
+        more = [str(p) for p in problems[1:]]
+        if len(e.errors()) > MAX_PROBLEMS:
+            more.append(f"... and {len(e.errors()) - MAX_PROBLEMS} more")
+        message = first.message + "".join(f"\n  {m}" for m in more)
+        raise PhikitError(message, file=path, line=first.line, field=first.field) from None
+
+
+MAX_PROBLEMS = 10
+
+
+def _problem(path: Path, model: type[BaseModel], err: dict, root: yaml.Node | None) -> PhikitError:
+    """One validation error as file:line, field and message, with a hint where one helps."""
+    loc = tuple(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+        parent: Any = model
+        for key in loc[:-1]:  # the model that owns the mistyped key: suggest its fields
+            field = getattr(parent, "model_fields", {}).get(key)
+            parent = getattr(field, "annotation", None) if field else None
+        known = list(getattr(parent, "model_fields", {}) or {})
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            msg += f" (did you mean '{close[0]}'?)"
+        elif known:
+            msg += f" (known: {', '.join(known)})"
+    elif err["type"] == "literal_error":
+        msg = f"{err['msg']} (got {err['input']!r})"
+    elif err["type"] == "missing":
+        msg = "required field missing"
+    return PhikitError(msg, file=path, line=_line(root, loc), field=".".join(map(str, loc)))
 
 
 def _existing_file(yaml_path: Path, root: yaml.Node | None, loc: tuple, value: Path) -> Path:
@@ -248,14 +334,36 @@ def load_recipe(path: str | Path, *, source_override: str | None = None) -> Reci
                           field="trust_remote_code")
     recipe = _validate(path, Recipe, data, root)
     quant = recipe.quantization
+    for name in recipe.thresholds.backends:
+        loc = ("thresholds", "backends", name)
+        if OPTION_MODELS and name not in OPTION_MODELS:
+            raise PhikitError(f"no backend {name!r} (known: {', '.join(sorted(OPTION_MODELS))})",
+                              file=path, line=_line(root, loc), field=".".join(loc))
+    for name, raw in quant.options.items():
+        loc = ("quantization", "options", name)
+        if OPTION_MODELS and name not in OPTION_MODELS:
+            raise PhikitError(f"no backend {name!r} (known: {', '.join(sorted(OPTION_MODELS))})",
+                              file=path, line=_line(root, loc), field=".".join(loc))
+        try:
+            if name in OPTION_MODELS:
+                OPTION_MODELS[name].read(raw, ".".join(loc))
+        except PhikitError as e:
+            model = OPTION_MODELS[name]
+            key = (e.field.split(".")[3:4] if e.field else []) or [
+                k for k in (raw if isinstance(raw, dict) else {}) if k not in model.model_fields][:1]
+            raise PhikitError(e.message, file=path, line=_line(root, (*loc, *key)),
+                              field=e.field) from None
     if quant.calibration is not None:
         quant = quant.model_copy(update={"calibration": _existing_file(
             path, root, ("quantization", "calibration"), quant.calibration)})
     ev = recipe.eval.model_copy(update={"file": _existing_file(path, root, ("eval", "file"),
                                                                recipe.eval.file)})
     source = source_override or recipe.source
-    if source_override is None and not HUB_ID.match(source):
-        local = Path(source) if Path(source).is_absolute() else path.parent / source
+    beside = path.parent / source  # "models/x" is a hub id's shape too: a directory wins
+    if source_override is None and HUB_ID.match(source) and beside.is_dir():
+        source = str(beside.resolve())
+    elif source_override is None and not HUB_ID.match(source):
+        local = Path(source) if Path(source).is_absolute() else beside
         if not local.is_dir():
             raise PhikitError(f"not a directory and not a hub id (org/name): {source}", file=path,
                               line=_line(root, ("source",)), field="source")

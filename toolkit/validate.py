@@ -21,7 +21,8 @@ from .parity import evaluate
 from .reference import load_or_compute
 from .paths import RECIPES_DIR
 from .remote import bundle_session, local_session
-from .runner.core import BundleError, Session, host_cpu, read_manifest, verify_bundle
+from .report.model import ParityReport
+from .runner.core import BundleError, Session, host_summary, read_manifest, verify_bundle
 from .schema import Recipe, Thresholds, load_recipe
 
 DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
@@ -33,13 +34,19 @@ class Candidate:
     recipe: Recipe
     source: str  # checkpoint the reference is computed from
     kind: str  # "bundle" or "bare <backend>"
-    native: Session | None = None  # with emulation: the same bundle on this machine's ISA
-    exact_tokenizer: bool = False  # the backend converted the tokenizer: every row must match
+    backend: Any = None  # the registry's Backend: its tokenizer rule and default bounds
+    # with --emulate: emulate.EmulatedValidation, the bundle's `run.py validate` under qemu;
+    # `session` is then the same bundle on this machine (the greedy comparison)
+    emulated: Any = None
+
+    @property
+    def exact_tokenizer(self) -> bool:
+        """Every row must tokenize as transformers does (Backend.exact_tokenizer)."""
+        return bool(self.backend is not None and self.backend.exact_tokenizer)
 
     def close(self) -> None:
-        for session in (self.session, self.native):
-            if session is not None and hasattr(session, "close"):
-                session.close()
+        if self.session is not None and hasattr(self.session, "close"):
+            self.session.close()
 
 
 def open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
@@ -62,16 +69,12 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         if not (path / "manifest.json").is_file():
             raise PhikitError("--emulate needs a phikit bundle (its lock says what to install)",
                               file=path)
-        from .emulate import emulated_session
+        from .emulate import EmulatedValidation
 
+        emulated = EmulatedValidation(path, emulate, log)
         native = _open_candidate(path, reference, recipe_path, options, None, log)
-        try:
-            session = emulated_session(path, emulate, log)
-        except BaseException:
-            native.close()
-            raise
-        return Candidate(session, native.recipe, native.source, f"bundle, emulated {emulate}",
-                         native.session, native.exact_tokenizer)
+        native.kind, native.emulated = f"bundle, emulated {emulate}", emulated
+        return native
     if (path / "manifest.json").is_file():
         try:
             manifest = verify_bundle(path, read_manifest(path))
@@ -81,25 +84,31 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
             update={"file": path / manifest["eval_file"]})})
         if recipe_path is not None:
-            recipe = load_recipe(recipe_path, source_override=recipe.source)
+            recipe = load_recipe(recipe_path, source_override=reference or recipe.source)
         # the bundle's own runner code, in a child process (a crashing runtime is an error)
         session = bundle_session(path, manifest, options)
         return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle",
-                         exact_tokenizer=get_backend(manifest["backend"]).exact_tokenizer)
+                         backend=get_backend(manifest["backend"]))
     backend = detect_backend(path)
     if reference is None:
         raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "
                           "hub id) to compare against", file=path)
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, source_override=reference)
     session = local_session(backend.runtime_module, path, options or {})
-    return Candidate(session, recipe, reference, f"bare {backend.name}",
-                     exact_tokenizer=backend.exact_tokenizer)
+    return Candidate(session, recipe, reference, f"bare {backend.name}", backend=backend)
 
 
-def effective_thresholds(recipe: Recipe, exact_tokenizer: bool) -> Thresholds:
-    """The recipe's thresholds; all rows must tokenize alike where the backend wrote the tokenizer."""
-    thresholds = recipe.thresholds or Thresholds()
-    if exact_tokenizer:
+def effective_thresholds(recipe: Recipe, backend: Any = None) -> Thresholds:
+    """The bounds for this backend: its measured defaults for the recipe's precision, under the
+    recipe's general bounds, under the recipe's thresholds.backends.<name>; all rows must
+    tokenize alike where the backend's runner tokenizes exactly. A bundle's manifest holds the
+    result, every field set."""
+    given = recipe.thresholds.model_dump(exclude_unset=True, exclude={"backends"})
+    defaults = backend.default_thresholds(recipe.quantization.precision) if backend else {}
+    own = recipe.thresholds.backends.get(backend.name) if backend else None
+    mine = own.model_dump(exclude_unset=True) if own is not None else {}
+    thresholds = Thresholds(**{**defaults, **given, **mine})
+    if backend is not None and backend.exact_tokenizer:
         thresholds = thresholds.model_copy(update={"token_agreement_min": 1.0})
     return thresholds
 
@@ -119,7 +128,6 @@ def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int]
     Phi-3-mini: 7.6 GB of bf16 reference, then the candidate)."""
     evalset = load_evalset(recipe.eval.file, recipe.eval.limit)
     checkpoint = resolve_source(source, recipe.revision)
-    check_remote_code(read_model_info(checkpoint), recipe.trust_remote_code, source)
     n = len(evalset.rows)
     start = time.perf_counter()
     ref, cached = load_or_compute(checkpoint, evalset, recipe.eval.max_tokens,
@@ -127,23 +135,31 @@ def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int]
                                   (lambda: progress(f"reference (transformers "
                                                     f"{recipe.eval.reference_dtype})", n))
                                   if progress else None, recipe.eval.reference_dtype,
-                                  recipe.trust_remote_code)
+                                  recipe.trust_remote_code,
+                                  # only a reference computed now runs the checkpoint's code (and
+                                  # the check imports transformers, seconds per validation)
+                                  lambda: check_remote_code(read_model_info(checkpoint),
+                                                            recipe.trust_remote_code, source))
     return PreparedReference(ref, evalset, cached, time.perf_counter() - start)
 
 
 def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[], None]]
-               | None = None, prepared: PreparedReference | None = None) -> dict[str, Any]:
+               | None = None, prepared: PreparedReference | None = None) -> ParityReport:
     recipe = candidate.recipe
     prepared = prepared or prepare_reference(recipe, candidate.source, progress)
     ref, evalset, cached, ref_seconds = (prepared.reference, prepared.evalset, prepared.cached,
                                          prepared.seconds)
     n = len(evalset.rows)
     start = time.perf_counter()
-    thresholds = effective_thresholds(recipe, candidate.exact_tokenizer)
+    thresholds = effective_thresholds(recipe, candidate.backend)
     try:
-        report = evaluate(candidate.session, ref, evalset, thresholds,
-                          recipe.eval.max_new_tokens,
-                          progress("candidate", n) if progress else None)
+        if candidate.emulated is not None:  # the bundle validates itself on the emulated CPU
+            report = ParityReport.read(candidate.emulated.run(thresholds.bounds(),
+                                                              recipe.eval.limit))
+        else:
+            report = evaluate(candidate.session, ref, evalset, thresholds,
+                              recipe.eval.max_new_tokens,
+                              progress("candidate", n) if progress else None)
     except PhikitError:
         raise  # e.g. the runtime's process crashed: already one line
     except Exception as e:  # noqa: BLE001 - a runtime's own error (onnxruntime, openvino, ...)
@@ -151,58 +167,51 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
         message = " ".join(str(e).split())
         raise PhikitError(f"the candidate runtime failed on the eval set ({type(e).__name__}): "
                           f"{message[:600]}") from None
-    report["reference"].update({"cached": cached, "source": candidate.source})
-    report["timing"] = {"reference_seconds": round(ref_seconds, 2),
-                        "candidate_seconds": round(time.perf_counter() - start, 2)}
-    report["artifact"] = candidate.kind
-    report["host"] = host_summary()
-    info = report["candidate"]
+    report.reference.update({"cached": cached, "source": candidate.source})
+    report.timing = {"reference_seconds": round(ref_seconds, 2),
+                     "candidate_seconds": round(time.perf_counter() - start, 2)}
+    report.artifact = candidate.kind
+    report.host = host_summary()
+    info = report.candidate
     notes = list(info.get("notes", []))  # each runtime says where its figures come from
-    if candidate.native is not None:
-        report["emulation"] = compare_native(candidate, ref, report)
+    if candidate.emulated is not None:
+        report.emulation = compare_native(candidate, ref, report)
         notes.append(f"measured on emulated {info.get('emulated_arch')} (qemu user mode, "
                      f"{info.get('root') or info.get('emulated_cpu')}); greedy tokens match this "
                      "machine's run of the same "
-                     f"bundle for {report['emulation']['greedy_match_vs_native_mean']:.1f} tokens "
+                     f"bundle for {report.emulation['greedy_match_vs_native_mean']:.1f} tokens "
                      "on average")
-    if candidate.exact_tokenizer:
-        notes.append("this backend converted the tokenizer, so every eval row (plain and "
-                     "chat-formatted) must tokenize exactly like the reference: "
-                     f"{report['tokenizer']['identical']} of {report['tokenizer']['rows']} did")
+    if candidate.exact_tokenizer and report.tokenizer is not None:
+        notes.append("this backend's runner tokenizes with the checkpoint's own tokenizer (or "
+                     "the backend converted it), so every eval row (plain and chat-formatted) "
+                     "must tokenize exactly like the reference: "
+                     f"{report.tokenizer.identical} of {report.tokenizer.rows} did")
     served = info.get("context_length")
-    for band in report.get("bands", []):
-        if served is not None and band["start"] >= int(served):
+    for band in report.bands:
+        if served is not None and band.start >= int(served):
             continue  # the bundle never serves that far (a fixed KV cache shorter than it)
-        if band["end"] is None and not band["checked"]:
-            notes.append(f"the eval set reaches {band['description'].split(':')[0]} at only "
-                         f"{band['positions']} positions: behaviour there is reported, not "
+        if band.end is None and not band.checked:
+            notes.append(f"the eval set reaches {band.description.split(':')[0]} at only "
+                         f"{band.positions} positions: behaviour there is reported, not "
                          "checked (add longer texts to the eval set)")
-    report["notes"] = notes
+    report.notes = notes
     return report
 
 
-def host_summary() -> dict:
-    """The machine that ran the parity engine (and, unless emulated, the candidate): what a
-    figure needs to be traced to the hardware that produced it."""
-    cpu = host_cpu()
-    return {"cpu": cpu["model"], "cpu_class": cpu["class"], "cpu_features": cpu["features"],
-            "cores": cpu["cores"], "os": cpu["os"], "machine": cpu["machine"]}
-
-
-def compare_native(candidate: Candidate, ref, report: dict[str, Any]) -> dict[str, Any]:
+def compare_native(candidate: Candidate, ref, report: ParityReport) -> dict[str, Any]:
     """Greedy continuations of the emulated runtime vs the same bundle on this machine: the ARM
     kernels are not the x86 ones, so report how far they agree (metrics, not bit-equality)."""
     from .parity import common_prefix
     from .runner.core import Sampling
 
     rows = []
-    for p, emulated in zip(ref.prompts, report["prompts"]):
-        native = list(candidate.native.generate(p.prompt_ids.tolist(), Sampling(
+    for p, emulated in zip(ref.prompts, report.prompts):
+        native = list(candidate.session.generate(p.prompt_ids.tolist(), Sampling(
             max_new_tokens=candidate.recipe.eval.max_new_tokens)))
-        rows.append({"id": p.id, "match": common_prefix(native, emulated["candidate_ids"]),
+        rows.append({"id": p.id, "match": common_prefix(native, emulated.candidate_ids),
                      "native_tokens": len(native)})
     matches = [r["match"] for r in rows]
-    info = candidate.session.info()
+    info = report.candidate
     return {"arch": info.get("emulated_arch"), "cpu": info.get("emulated_cpu"),
             "setup_seconds": info.get("setup_seconds", 0.0),
             "greedy_match_vs_native_mean": sum(matches) / len(matches) if matches else 0.0,

@@ -7,22 +7,25 @@ the other fixture families (tiny-phi3-longrope) through build_family_bundle belo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, build_bundle, phikit
+from toolkit.backends import BACKENDS
+from toolkit.paths import TARGETS_DIR
+from toolkit.schema import load_target
 
-# backend -> (target, --backend): the target each backend's honest bundle is built for. The
-# backend is only named where it is not the target's default, so the directories are the ones
-# tests/conftest.py's own fixtures (int4_bundle, ov_int4_bundle, mlx_int4_bundle, ...) build.
-TARGETS = {"onnx": ("generic-cpu", None), "openvino": ("intel-cpu", "openvino"),
-           "mlx": ("apple-metal", None), "gguf": ("ollama", None)}
-# MLX's quantized kernels on Linux CPU take ~5 minutes per validation; tests/test_openvino_mlx.py
-# validates those bundles. Set this to add them to the honest rows here too.
-MLX_QUANTIZED = os.environ.get("PHIKIT_DEFECTS_MLX_QUANTIZED") == "1"
+
+
+def home(backend: str) -> tuple[str, str | None]:
+    """(target, --backend) of a backend's honest bundle: its home target, the backend named only
+    where it is not that target's default, so the directories are the ones tests/conftest.py's
+    own fixtures (int4_bundle, ov_int4_bundle, mlx_int4_bundle, ...) build."""
+    target = BACKENDS[backend].home_target
+    default = load_target(TARGETS_DIR / f"{target}.yaml", set(BACKENDS)).backend
+    return target, (None if default == backend else backend)
 
 
 class Unbuildable(Exception):
@@ -60,7 +63,7 @@ def build_family_bundle(dist: Path, family: str, precision: str, target: str,
 def honest(dist):
     """honest(family, precision, backend) -> the session's bundle (built on first use)."""
     def get(family: str, precision: str, backend: str) -> Path:
-        target, name = TARGETS[backend]
+        target, name = home(backend)
         if family != "tiny-phi3":
             return build_family_bundle(dist, family, precision, target, name)
         try:
@@ -81,7 +84,7 @@ def honest(dist):
 class DetectionTable:
     """Cells recorded by the tests: rows (a defect, or an honest bundle) x backends."""
 
-    columns: tuple[str, ...] = ("onnx", "openvino", "mlx", "gguf")
+    columns: tuple[str, ...] = tuple(BACKENDS)  # every registered backend
     cells: dict[tuple[str, str], str] = field(default_factory=dict)
     rows: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

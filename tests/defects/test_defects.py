@@ -8,7 +8,6 @@ command. The session prints the defect x backend table (conftest.py; also writte
 base temp dir as defects.md) and any miss or false alarm fails its test.
 
     .venv/bin/python -m pytest tests/defects        # ~13 min on 2 idle cores, conversions cached
-    PHIKIT_DEFECTS_MLX_QUANTIZED=1 ...               # + MLX int4/int8 honest rows (~5 min each)
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MLX_QUANTIZED, Unbuildable
+from .conftest import Unbuildable
 from .formats import copy_bundle, rehash_manifest, validate
 from .planters import DEFECTS, PLANTERS, Ctx, NotPlantable, host
 
@@ -27,12 +26,11 @@ pytestmark = pytest.mark.slow
 # Families whose every honest bundle must pass here. Another family's host may fail validation
 # (or be refused) where a runtime lacks one of its traits; its defects are then n/a, with why.
 REQUIRED_FAMILIES = {"tiny-phi3"}
-# Honest rows: every precision of each backend that validates quickly here, plus every bundle a
-# defect is planted into (a catch only means something if the host passes unplanted).
-HONEST = sorted({("tiny-phi3", p, b) for b in ("onnx", "openvino", "gguf")
+# Honest rows: every precision of every backend whose honest figures set default bounds, plus
+# every bundle a defect is planted into (a catch only means something if the host passes
+# unplanted).
+HONEST = sorted({("tiny-phi3", p, b) for b in ("onnx", "openvino", "gguf", "mlx")
                  for p in ("int4", "int8", "fp32")}
-                | {("tiny-phi3", "fp32", "mlx")}
-                | {("tiny-phi3", p, "mlx") for p in ("int4", "int8") if MLX_QUANTIZED}
                 | {(*host(DEFECTS[d], b), b) for (d, b), planter in PLANTERS.items()
                    if not isinstance(planter, NotPlantable)})
 

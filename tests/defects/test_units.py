@@ -11,7 +11,7 @@ from toolkit.parity import DECODE_TOLERANCE, _decode_problem, log_softmax
 from toolkit.runner.core import verify_bundle
 
 from .formats import copy_bundle, rehash_manifest
-from .planters import BACKENDS, DEFECTS, PLANTERS, drop_end, two_bit_fake_quant, two_bit_nibbles
+from .planters import DEFECTS, PLANTERS, REGISTRY, WRITTEN, drop_end, two_bit_fake_quant, two_bit_nibbles
 
 
 class _Session:
@@ -88,4 +88,5 @@ def test_rehashed_manifest_verifies(tmp_path):
 
 
 def test_registry_covers_every_defect_and_backend():
-    assert set(PLANTERS) == {(d, b) for d in DEFECTS for b in BACKENDS}
+    assert set(PLANTERS) == {(d, b) for d in DEFECTS for b in REGISTRY}
+    assert set(WRITTEN) <= set(PLANTERS), "a planter for a defect or backend nobody registered"

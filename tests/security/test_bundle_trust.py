@@ -71,11 +71,13 @@ def test_symbolic_links_are_refused(bundle, tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
-def test_edited_runner_is_refused_before_it_runs(bundle, tmp_path):
+@pytest.mark.parametrize("module", ["core", "host", "device"])
+def test_edited_runner_is_refused_before_it_runs(module, bundle, tmp_path):
+    """core and host are imported by run.py itself; device by `run.py validate`."""
     marker = tmp_path / "ran"
-    core = bundle / "phikit_runner" / "core.py"
+    core = bundle / "phikit_runner" / f"{module}.py"
     core.write_text(payload(marker) + core.read_text())
-    for args in (("verify",), ("--prompt", "hi")):
+    for args in (("verify",), ("--prompt", "hi"), ("validate",)):
         proc = run_py(bundle, *args)
         assert proc.returncode == 2 and "modified runner" in proc.stderr
     assert not marker.exists()
@@ -92,3 +94,42 @@ def test_runtime_cache_stays_outside_the_bundle(monkeypatch, tmp_path):
     (model / "openvino_model.xml").write_text("<net/>")
     path = _cache_dir(model, ".cache/openvino")
     assert str(path).startswith(str(tmp_path / "cache" / "phikit" / "openvino"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_dir", "/etc", "field 'model_dir'"),
+    ("model_dir", "../elsewhere", "field 'model_dir'"),
+    ("runtime", {"module": "../../evil"}, "field 'runtime.module'"),
+    ("runtime", {"module": "json"}, "field 'runtime.module'"),  # not one of the bundle's files
+    ("runtime", {"module": "server"}, "field 'runtime.module'"),  # the runner's own module
+    ("runtime", [], "field 'runtime.module'"),
+    ("files", [], "field 'files'"),
+    ("name", "x;touch${IFS}PWNED;", "field 'name'"),
+])
+def test_manifest_fields_point_only_into_the_bundle(bundle, field, value, message):
+    """manifest.json is the one file no hash covers: what the runner acts on in it (the model
+    directory, the runtime module, the name) is checked against the bundle's hashed files."""
+    import json
+
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    refused(bundle, message)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    """Unpickling runs code: a checkpoint with only pytorch_model.bin is refused by name, before
+    transformers (or anything) opens it."""
+    import shutil
+
+    from conftest import TINY
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(TINY, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    (ckpt / "pytorch_model.bin").write_bytes(b"planted pickle")
+    proc = phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "generic-cpu",
+                  "--source", ckpt, "--out", tmp_path / "out")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pytorch_model.bin" in proc.stderr and "safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,21 +15,30 @@ from typing import Callable, Protocol
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
-from ..schema import Recipe, Target
+from ..schema import OPTION_MODELS, BackendOptions, Recipe, Target
 
 
 class Backend(Protocol):
     name: str
     runtime_module: str  # module in toolkit/runner that runs its artifacts
     tool: str  # the real converter it drives, for plans and doctor
-    # True when the backend writes the tokenizer into its own format (GGUF): then any row the
-    # candidate tokenizes differently is a conversion defect, and validation requires all rows.
+    # True when the candidate must tokenize every row exactly as transformers does: its runner
+    # uses the checkpoint's own tokenizer.json, or the backend wrote the tokenizer into its
+    # format (GGUF); a row tokenized otherwise is a defect, and validation requires all rows.
     exact_tokenizer: bool
     home_target: str  # the target a user picks it for (support matrix, planted defects)
     # Defaults for the members below: common.BackendDefaults.
     revision: int  # part of the conversion cache key
     demo_recipe: str | None  # `phikit demo` builds this recipe for its targets, if set
     off_device_precision: str  # the demo's precision where this CPU is not the target's device
+    options_model: type[BackendOptions]  # its quantization.options (schema), checked at load
+    honest: dict  # precision -> common.Honest: what an honest bundle of it measures
+
+    def default_thresholds(self, precision: str) -> dict[str, float]:
+        """Bounds (Thresholds fields) for what a recipe leaves unset, from `honest`."""
+
+    def options(self, recipe: Recipe) -> BackendOptions:
+        """The recipe's quantization.options.<name>, validated by options_model."""
 
     def matrix_form(self, info: ModelInfo, precision: str) -> tuple[dict, dict]:
         """(Quantization fields, Recipe fields) of the backend's usual recipe for a precision."""
@@ -70,6 +79,7 @@ def _registry() -> dict[str, Backend]:
 
 
 BACKENDS: dict[str, Backend] = _registry()
+OPTION_MODELS.update({name: b.options_model for name, b in BACKENDS.items()})
 
 
 def get_backend(name: str) -> Backend:

@@ -4,13 +4,44 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
-from ..schema import Recipe, Target
+from ..schema import BackendOptions, Recipe, Target
+
+
+@dataclass(frozen=True)
+class Honest:
+    """What an honest bundle of this backend measures at one precision (the tiny-phi3 fixture,
+    its recipe's eval set): the figures the default bounds are derived from (`bounds`)."""
+
+    kld_mean: float
+    kld_p99: float
+    top1: float
+    ppl_ratio: float
+    greedy_match_mean: float
+
+    # Each default bound allows BOUND_MARGIN times the honest error, and never less than the
+    # floor: run-to-run and CPU-to-CPU kernel differences, not quantization, below it.
+    def bounds(self) -> dict[str, float]:
+        m = BOUND_MARGIN
+        return {"kld_mean_max": _sig(max(m * self.kld_mean, 1e-5)),
+                "kld_p99_max": _sig(max(m * self.kld_p99, 1e-4)),
+                "top1_min": round(1 - max(m * (1 - self.top1), 1e-3), 4),
+                "ppl_ratio_max": round(1 + max(m * abs(self.ppl_ratio - 1), 5e-3), 4),
+                "greedy_match_mean_min": _sig(self.greedy_match_mean / m)}
+
+
+BOUND_MARGIN = 2.0
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
 
 
 class BackendDefaults:
@@ -20,6 +51,19 @@ class BackendDefaults:
     revision = 1  # bump to rebuild cached conversions after a change of the backend's output
     demo_recipe: str | None = None  # recipes/<name>.yaml: the demo's recipe, if it needs its own
     off_device_precision = "int4"  # the demo's one precision where this CPU is not the device
+    options_model: type[BackendOptions] = BackendOptions  # no options unless a backend has some
+    # precision -> what an honest bundle measures (bench/honest_bounds.py prints these); a
+    # precision without an entry has no default bounds: the recipe's own only
+    honest: dict[str, Honest] = {}
+
+    def default_thresholds(self, precision: str) -> dict[str, float]:
+        """Bounds for what a recipe leaves unset, from this backend's honest measurements."""
+        honest = self.honest.get(precision)
+        return honest.bounds() if honest else {}
+
+    def options(self, recipe: Recipe) -> BackendOptions:
+        return self.options_model.read(recipe.quantization.options.get(self.name, {}),
+                                       f"quantization.options.{self.name}")
 
     def matrix_form(self, info: ModelInfo, precision: str) -> tuple[dict, dict]:
         """(Quantization fields, Recipe fields) of this backend's usual recipe for `precision`:
@@ -40,16 +84,35 @@ def first_import_error(*modules: str) -> str | None:
     return None
 
 
+QUIET = Path(__file__).resolve().parent / "quiet"  # a stand-in openvino_telemetry that refuses
+
+
+def quiet_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A converter's environment with the runtimes' telemetry off (runner/core.py's
+    quiet_runtimes, for a child process): ORT_DISABLE_TELEMETRY, and QUIET first on PYTHONPATH."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(QUIET), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_tool(cmd: list[str], log: Callable[[str], None], what: str, expect: Path,
              cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
     """Run a converter, log its output, and fail with its last lines if it did not produce
     `expect` (a tool can exit 0 without writing anything)."""
     log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=cwd, env=env)
-    log(proc.stdout)
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", cwd=cwd, env=quiet_env(env))
+    except OSError as e:
+        raise PhikitError(f"{what}: cannot run {cmd[0]}: {e.strerror}") from None
+    with proc:
+        for line in proc.stdout:  # as the tool writes it: `build --verbose` shows it live
+            lines.append(line.rstrip("\n"))
+            log(lines[-1])
     if proc.returncode != 0 or not expect.exists():
-        tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
+        tail = "\n".join([ln for ln in lines if ln.strip()][-5:])
         raise PhikitError(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 

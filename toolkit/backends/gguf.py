@@ -19,12 +19,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
+
+from pydantic import Field
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
-from ..schema import Recipe, Target
-from .common import BackendDefaults, first_import_error, run_tool, versions
+from ..schema import BackendOptions, Recipe, Target
+from .common import BackendDefaults, Honest, first_import_error, run_tool, versions
 
 # Architectures whose published config the pinned converter maps (class name -> gguf-py arch).
 ARCHITECTURES = {"Phi3ForCausalLM": "PHI3", "PhiMoEForCausalLM": "PHIMOE"}
@@ -37,7 +39,6 @@ NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}
 OUTTYPES = {"fp16": "f16", "fp32": "f32"}
 # The converter's intermediate file keeps the checkpoint's own float type (no rounding twice).
 INTERMEDIATE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
-OPTIONS = {"type", "imatrix_chunk_tokens", "imatrix_max_chunks"}
 MODEL_FILE = "model.gguf"
 # Files copied beside the GGUF: the runner reads the special tokens' strip flags and the EOS set
 # from them (see runner/llamacpp_rt.py); they also document the source tokenizer.
@@ -49,6 +50,13 @@ def llama_cpp_dir() -> Path:
                 or Path(sys.prefix) / "share" / "phikit" / "llama.cpp")
 
 
+class GgufOptions(BackendOptions):
+    label: ClassVar[str] = "GGUF"
+    type: str | None = None  # a llama.cpp file type (Q4_K_M, IQ2_XS, ...): checked by support()
+    imatrix_chunk_tokens: int = Field(512, gt=0)  # importance matrix: tokens per chunk
+    imatrix_max_chunks: int = Field(64, gt=0)
+
+
 class GgufBackend(BackendDefaults):
     name = "gguf"
     home_target = "ollama"
@@ -57,6 +65,15 @@ class GgufBackend(BackendDefaults):
     # phikit writes the tokenizer into the GGUF (and a tokenizer.model when the checkpoint has
     # none), so any tokenization difference is a conversion defect: validation requires all rows.
     exact_tokenizer = True
+    # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
+    honest = {
+        "int4": Honest(kld_mean=0.00331, kld_p99=0.0166, top1=0.936, ppl_ratio=0.9998,
+                       greedy_match_mean=15.8),
+        "int8": Honest(kld_mean=5.82e-05, kld_p99=0.000281, top1=0.9935, ppl_ratio=1.001,
+                       greedy_match_mean=22.1),
+        "fp32": Honest(kld_mean=1.98e-08, kld_p99=1.67e-07, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.8),
+    }
 
     def unavailable(self) -> str | None:
         converter = llama_cpp_dir() / "convert_hf_to_gguf.py"
@@ -65,18 +82,12 @@ class GgufBackend(BackendDefaults):
                     "PHIKIT_LLAMA_CPP at a llama.cpp source tree)")
         return first_import_error("llama_cpp", "sentencepiece", "jinja2")
 
-    def options(self, recipe: Recipe) -> dict:
-        opts = dict(recipe.quantization.options.get(self.name, {}))
-        unknown = set(opts) - OPTIONS
-        if unknown:
-            raise PhikitError(f"unknown GGUF option {sorted(unknown)[0]!r} (known: "
-                              f"{', '.join(sorted(OPTIONS))})", field="quantization.options.gguf")
-        return opts
+    options_model = GgufOptions
 
     def file_type(self, recipe: Recipe) -> str | None:
         """The llama.cpp type name (None for fp16/fp32, which the converter writes itself)."""
         quant = recipe.quantization
-        explicit = self.options(recipe).get("type")
+        explicit = self.options(recipe).type
         if explicit is not None:
             return str(explicit).upper()
         if quant.precision in OUTTYPES:
@@ -204,8 +215,8 @@ class GgufBackend(BackendDefaults):
                                "calibration": str(recipe.quantization.calibration),
                                "gguf_py": str(llama_cpp_dir() / "gguf-py"),
                                "gguf_arch": ARCHITECTURES[config["architectures"][0]],
-                               "chunk_tokens": opts.get("imatrix_chunk_tokens", 512),
-                               "max_chunks": opts.get("imatrix_max_chunks", 64)}
+                               "chunk_tokens": opts.imatrix_chunk_tokens,
+                               "max_chunks": opts.imatrix_max_chunks}
         run_tool([sys.executable, "-m", "toolkit.backends.gguf_quantize", json.dumps(spec)], log,
                  f"llama.cpp's quantizer ({ftype})", out_file,
                  cwd=Path(__file__).resolve().parents[2])

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ..checkpoint import ModelInfo
-from ..errors import PhikitError
-from ..schema import Recipe, Target
-from .common import BackendDefaults, describe_quantization, first_import_error, run_tool, versions
+from ..schema import BackendOptions, Recipe, Target
+from .common import BackendDefaults, Honest, describe_quantization, first_import_error, run_tool, versions
 
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM", "Phi3SmallForCausalLM"}
 GROUP_SIZES = {32, 64, 128}
 BITS = {"int4": 4, "int8": 8}
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 PRESETS = {"mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"}
+
+
+class MlxOptions(BackendOptions):
+    label: ClassVar[str] = "MLX"
+    quant_predicate: str | None = None  # an mlx-lm mixed-precision preset: checked by support()
 
 
 class MlxBackend(BackendDefaults):
@@ -26,17 +30,23 @@ class MlxBackend(BackendDefaults):
     runtime_module = "mlx_rt"
     tool = "mlx_lm convert"
     exact_tokenizer = False  # the checkpoint's tokenizer files are used as they are
+    # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
+    honest = {
+        "int4": Honest(kld_mean=0.00604, kld_p99=0.0238, top1=0.905, ppl_ratio=1.004,
+                       greedy_match_mean=7.13),
+        "int8": Honest(kld_mean=1.93e-05, kld_p99=7.04e-05, top1=0.9974, ppl_ratio=0.9996,
+                       greedy_match_mean=21.6),
+        "fp32": Honest(kld_mean=1.09e-09, kld_p99=2.53e-08, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.8),
+    }
 
     def unavailable(self) -> str | None:
         return first_import_error("mlx.core", "mlx_lm")
 
+    options_model = MlxOptions
+
     def preset(self, recipe: Recipe) -> str | None:
-        opts = recipe.quantization.options.get(self.name, {})
-        unknown = set(opts) - {"quant_predicate"}
-        if unknown:
-            raise PhikitError(f"unknown MLX option {sorted(unknown)[0]!r} (known: quant_predicate)",
-                              field="quantization.options.mlx")
-        return opts.get("quant_predicate")
+        return self.options(recipe).quant_predicate
 
     def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
         quant = recipe.quantization

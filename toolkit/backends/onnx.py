@@ -6,11 +6,11 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ..checkpoint import ModelInfo, read_model_info
-from ..schema import Recipe, Target
-from .common import (BackendDefaults, describe_quantization, first_import_error, provider_runtime_options,
+from ..schema import BackendOptions, Recipe, Target
+from .common import (BackendDefaults, Honest, describe_quantization, first_import_error, provider_runtime_options,
                      run_tool, versions)
 
 # Architectures whose published config the 0.18 builder converts, as it names them.
@@ -29,15 +29,33 @@ PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 
 
+class OnnxOptions(BackendOptions):
+    label: ClassVar[str] = "ONNX"
+    # passed to the ORT GenAI builder's --extra_options as they are (they win over phikit's)
+    extra_options: dict[str, str | int | float | bool] = {}
+
+
 class OnnxBackend(BackendDefaults):
     name = "onnx"
+    options_model = OnnxOptions
     home_target = "generic-cpu"
     # Bumped when phikit asks the builder for something different with the same recipe, so
     # cached conversions made before are not reused (2: sliding window, LongRoPE lm_head).
     revision = 2
     runtime_module = "ortgenai"
     tool = "onnxruntime_genai.models.builder"
-    exact_tokenizer = False  # the checkpoint's tokenizer files are used as they are
+    # the runner tokenizes with the checkpoint's tokenizer.json (runner/hf_tokens.py): any row
+    # tokenized otherwise than by transformers is a defect
+    exact_tokenizer = True
+    # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
+    honest = {
+        "int4": Honest(kld_mean=0.00642, kld_p99=0.0317, top1=0.912, ppl_ratio=1.001,
+                       greedy_match_mean=6.56),
+        "int8": Honest(kld_mean=5.54e-05, kld_p99=0.000237, top1=0.9915, ppl_ratio=1,
+                       greedy_match_mean=23.6),
+        "fp32": Honest(kld_mean=1.09e-09, kld_p99=2.53e-08, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.8),
+    }
 
     def unavailable(self) -> str | None:
         return first_import_error("onnxruntime_genai", "onnxruntime", "onnx_ir", "onnxscript",
@@ -76,12 +94,13 @@ class OnnxBackend(BackendDefaults):
         """The builder's --extra_options: the recipe's fields, phikit's measured CPU defaults,
         then the recipe's raw `quantization.options.onnx.extra_options` (which win).
 
-        CPU defaults (bench/runtime.py, Phi-3-mini shapes, this 2-core machine):
-        - accuracy_level 4 (int8 activations in MatMulNBits) decoded 1.28x faster than the
-          builder's 0 (fp32 activations), tiny-phi3 KLD unchanged (0.00642 vs 0.00640);
+        CPU defaults (measured side by side by bench/runtime.py; figures in the README's
+        Performance section):
+        - accuracy_level 4 (int8 activations in MatMulNBits) decodes faster than the builder's
+          0 (fp32 activations) at an unchanged KLD;
         - prune_lm_head: without it the graph computes lm_head (vocab 32064) for every prompt
-          position, which made ONNX prefill several times slower than OpenVINO and llama.cpp.
-          The runner then measures teacher-forced logits through the decode path."""
+          position, which makes prefill several times slower. The runner then measures
+          teacher-forced logits through the decode path."""
         quant = recipe.quantization
         extra: dict[str, object] = {}
         if quant.precision in ("int4", "int8"):
@@ -106,7 +125,7 @@ class OnnxBackend(BackendDefaults):
             extra["windowed_kv_cache"] = "false"
         if recipe.trust_remote_code:  # the builder's own switch for AutoConfig/AutoTokenizer
             extra["hf_remote"] = "true"
-        extra.update(quant.options.get(self.name, {}).get("extra_options", {}))
+        extra.update(self.options(recipe).extra_options)
         return extra
 
     @staticmethod

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal
+
+from pydantic import Field
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
-from ..schema import Recipe, Target
-from .common import BackendDefaults, describe_quantization, first_import_error, run_tool, versions
+from ..schema import BackendOptions, Recipe, Target
+from .common import BackendDefaults, Honest, describe_quantization, first_import_error, run_tool, versions
 
 ARCHITECTURES = {"Phi3ForCausalLM", "PhiMoEForCausalLM"}
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
@@ -27,28 +29,48 @@ FLAGS = {"ratio": "--ratio", "all_layers": "--all-layers", "backup_precision": "
 DATA_AWARE = {"awq", "scale_estimation", "gptq"}
 
 
+class OpenVinoOptions(BackendOptions):
+    """optimum-cli export openvino's weight-compression flags (FLAGS)."""
+    label: ClassVar[str] = "OpenVINO"
+    ratio: float | None = Field(None, gt=0, le=1)
+    all_layers: bool | None = None
+    backup_precision: Literal["none", "int8_sym", "int8_asym"] | None = None
+    awq: bool | None = None
+    scale_estimation: bool | None = None
+    gptq: bool | None = None
+    sensitivity_metric: str | None = None
+    num_samples: int | None = Field(None, gt=0)
+    group_size_fallback: Literal["error", "ignore", "adjust"] | None = None
+
+
 class OpenVinoBackend(BackendDefaults):
     name = "openvino"
     home_target = "intel-cpu"
     runtime_module = "openvino_rt"
     tool = "optimum-cli export openvino"
     exact_tokenizer = False  # optimum-intel converts the tokenizer; its drift is reported, not fatal
+    # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
+    honest = {
+        "int4": Honest(kld_mean=0.00205, kld_p99=0.00973, top1=0.954, ppl_ratio=0.9961,
+                       greedy_match_mean=14.7),
+        "int8": Honest(kld_mean=2.82e-05, kld_p99=0.000113, top1=0.9967, ppl_ratio=1,
+                       greedy_match_mean=26.8),
+        "fp32": Honest(kld_mean=1.09e-09, kld_p99=2.53e-08, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.8),
+    }
 
     def unavailable(self) -> str | None:
         return first_import_error("openvino", "openvino_genai", "openvino_tokenizers",
                                   "optimum.intel", "nncf")
 
-    def options(self, recipe: Recipe) -> dict:
-        opts = dict(recipe.quantization.options.get(self.name, {}))
-        unknown = set(opts) - set(FLAGS)
-        if unknown:
-            raise PhikitError(f"unknown OpenVINO option {sorted(unknown)[0]!r} (known: "
-                              f"{', '.join(sorted(FLAGS))})", field="quantization.options.openvino")
-        return opts
+    options_model = OpenVinoOptions
+
+    def given(self, recipe: Recipe) -> dict:
+        return self.options(recipe).given()
 
     def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
         quant = recipe.quantization
-        opts = self.options(recipe)
+        opts = self.given(recipe)
         if DATA_AWARE & {k for k, v in opts.items() if v} and quant.calibration is None:
             return "AWQ / scale estimation / GPTQ need quantization.calibration (a local text file)"
         if quant.precision != "int4" and (DATA_AWARE | {"ratio"}) & set(opts):
@@ -76,7 +98,7 @@ class OpenVinoBackend(BackendDefaults):
                 cmd.append("--sym")
             if quant.precision == "int4":
                 cmd += ["--group-size", str(quant.block_size)]
-        for key, value in self.options(recipe).items():
+        for key, value in self.given(recipe).items():
             if value is True:
                 cmd.append(FLAGS[key])
             elif value not in (False, None):
@@ -89,7 +111,7 @@ class OpenVinoBackend(BackendDefaults):
         if quant.calibration is not None and quant.precision == "int4":
             spec = {"source": str(source), "out": str(out), "calibration": str(quant.calibration),
                     "bits": 4, "sym": quant.symmetric, "group_size": quant.block_size,
-                    **self.options(recipe)}
+                    **self.given(recipe)}
             cmd = [sys.executable, "-m", "toolkit.backends.openvino_calibrated", json.dumps(spec)]
         else:
             cmd = [str(Path(sys.executable).parent / "optimum-cli"), *self.cli_command(

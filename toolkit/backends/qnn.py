@@ -20,23 +20,30 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal
+
+from pydantic import Field
 
 from ..checkpoint import ModelInfo, read_model_info
-from ..errors import PhikitError
 from ..paths import EVALSETS_DIR
-from ..schema import Recipe, Target
+from ..schema import BackendOptions, Recipe, Target
 from .common import BackendDefaults, first_import_error, provider_runtime_options, run_tool, versions
 
 OLIVE_GENAI = Path(os.environ.get("PHIKIT_OLIVE_GENAI")
                    or Path(sys.prefix) / "share" / "phikit" / "olive-genai")
-OPTIONS = {"chunk", "slices", "activation_type", "calibration_samples"}
-ACTIVATION_TYPES = {"uint16", "uint8"}
 # Tokenizer and generation files the runner reads beside the graphs.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json", "special_tokens_map.json", "config.json")
 SURGERIES = ["RemoveRopeMultiCache", "AttentionMaskToSequenceLengths",
              "SimplifiedLayerNormToL2Norm"]
+
+
+class QnnOptions(BackendOptions):
+    label: ClassVar[str] = "QNN"
+    chunk: int | None = Field(None, gt=0)  # prefill chunk (tokens per graph call)
+    slices: int | None = Field(None, gt=0)  # the decoder split into this many graphs
+    activation_type: Literal["uint16", "uint8"] | None = None
+    calibration_samples: int | None = Field(None, gt=0)
 
 
 class QnnBackend(BackendDefaults):
@@ -60,20 +67,15 @@ class QnnBackend(BackendDefaults):
                     "(make install puts it there; PHIKIT_OLIVE_GENAI overrides)")
         return None
 
+    options_model = QnnOptions
+
     def options(self, recipe: Recipe, info: ModelInfo | None = None) -> dict:
-        """quantization.options.qnn with phikit's defaults filled in."""
-        raw = dict(recipe.quantization.options.get(self.name, {}))
-        unknown = set(raw) - OPTIONS
-        if unknown:
-            raise PhikitError(f"unknown QNN option {sorted(unknown)[0]!r} (known: "
-                              f"{', '.join(sorted(OPTIONS))})", field="quantization.options.qnn")
+        """quantization.options.qnn with phikit's defaults filled in (slices: one per 8
+        layers of this model)."""
+        given = super().options(recipe).given()
         layers = info.num_layers if info else 32
-        out = {"chunk": 64, "slices": max(1, layers // 8), "activation_type": "uint16",
-               "calibration_samples": 32, **raw}
-        if out["activation_type"] not in ACTIVATION_TYPES:
-            raise PhikitError(f"activation_type must be one of {sorted(ACTIVATION_TYPES)}",
-                              field="quantization.options.qnn.activation_type")
-        return out
+        return {"chunk": 64, "slices": max(1, layers // 8), "activation_type": "uint16",
+                "calibration_samples": 32, **given}
 
     def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
         quant = recipe.quantization

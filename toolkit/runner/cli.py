@@ -1,4 +1,5 @@
-"""The bundle's command line: `python run.py --prompt ... | --chat | serve | verify`.
+"""The bundle's command line: `python run.py --prompt ... | --chat | serve | verify | validate |
+tune`.
 
 Standard library only, plus the runtime module the bundle names (through core.py).
 """
@@ -11,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .core import (MANIFEST, BundleError, Sampling, Session, TextStream, chat_ids, open_bundle,
-                   verify_bundle)
+from .core import (MANIFEST, BundleError, Sampling, Session, TextStream, chat_ids, check_bundle,
+                   open_bundle)
 
 
 def stream_reply(session: Session, prompt_ids: list[int], sampling: Sampling,
@@ -34,16 +35,31 @@ def _report_speed(n: int, seconds: float) -> None:
     print(f"\n[{n} tokens, {seconds:.2f} s, {rate:.1f} tok/s]", file=sys.stderr)
 
 
-def chat_loop(session: Session, sampling: Sampling, system: str | None) -> None:
-    messages = [{"role": "system", "content": system}] if system else []
-    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+def chat_loop(session: Session, sampling: Sampling, system: str | None,
+              first: str | None = None) -> None:
+    """Interactive chat; `first` (--prompt) is sent as the first user turn."""
+    try:
+        import readline  # noqa: F401 - line editing and history for input(), where it exists
+    except ImportError:
+        pass
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    print("chat: /reset starts over; /exit, an empty line or Ctrl-D quits", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        if first is not None:
+            line, first = first, None
+            print(f"> {line}")
+        else:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+        if not line.strip() or line.strip() == "/exit":
             break
-        if not line.strip():
-            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            print("(conversation reset)", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
         ids = chat_ids(session, messages)
         text, n, seconds = stream_reply(session, ids, sampling)
@@ -53,8 +69,11 @@ def chat_loop(session: Session, sampling: Sampling, system: str | None) -> None:
 
 def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Run a phikit bundle.")
-    ap.add_argument("command", nargs="?", choices=["generate", "verify", "serve"],
-                    default="generate")
+    ap.add_argument("command", nargs="?",
+                    choices=["generate", "verify", "serve", "validate", "tune"],
+                    default="generate", help="validate: re-measure parity here against the "
+                    "reference the bundle carries (exit 1 when a check fails); tune: measure "
+                    "runtime options here, keep the fastest that validates (tuned.json)")
     ap.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent.parent,
                     help="bundle directory (default: the one this runner sits in)")
     ap.add_argument("--prompt", help="prompt text; with --chat-format it is sent as a user turn")
@@ -67,6 +86,14 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, help="override the bundle's thread count")
+    ap.add_argument("--key", type=Path, help="verify: the manifest must be signed by this "
+                    "OpenSSH ed25519 public key (ssh-keygen -Y; file like id_ed25519.pub)")
+    ap.add_argument("--json", type=Path, help="validate: write the parity report here")
+    ap.add_argument("--limit", type=int, help="validate: the first N eval rows only")
+    ap.add_argument("--candidates", help="tune: thread counts to try, e.g. 1,2,4 (default: 1, "
+                    "half the cores, all of them)")
+    ap.add_argument("--thresholds", type=Path, help="validate: a JSON object of bounds in place "
+                    "of the bundle's (e.g. for a --limit subset)")
     ap.add_argument("--allow-failed", action="store_true", help="run a bundle that failed parity")
     ap.add_argument("--host", default="127.0.0.1", help="serve: address (loopback by default)")
     ap.add_argument("--port", type=int, default=8000, help="serve: port")
@@ -92,10 +119,41 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         if args.command == "verify":
-            manifest = verify_bundle(args.bundle)
-            print(f"ok: {len(manifest['files'])} files match {MANIFEST}")
+            manifest = check_bundle(args.bundle, args.key).data
+            signed = f", signature by {args.key} ok" if args.key else ""
+            print(f"ok: {len(manifest['files'])} files match {MANIFEST}{signed}")
+            from .core import describe_tuned
+
+            tuned = describe_tuned(args.bundle)
+            if tuned:
+                print(tuned)
             return 0
+        if args.command == "tune":
+            from .tune import tune
+
+            try:
+                threads = ([int(x) for x in args.candidates.split(",")] if args.candidates
+                           else None)
+            except ValueError:
+                raise BundleError(f"--candidates: thread counts like 1,2,4, got "
+                                  f"{args.candidates!r}") from None
+            return tune(args.bundle, threads)
         overrides = {"threads": args.threads} if args.threads else {}
+        if args.command == "validate":
+            from .device import validate_here
+
+            bounds = None
+            if args.thresholds is not None:
+                import json
+
+                try:
+                    bounds = json.loads(args.thresholds.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as e:
+                    raise BundleError(f"{args.thresholds}: not a JSON object of bounds: {e}")
+                if not isinstance(bounds, dict):
+                    raise BundleError(f"{args.thresholds}: not a JSON object of bounds")
+            return validate_here(args.bundle, args.json, overrides=overrides, limit=args.limit,
+                                 thresholds=bounds)
         session, manifest = open_bundle(args.bundle, allow_failed=args.allow_failed,
                                         overrides=overrides, worker=args.command == "serve"
                                         and not args.in_process)
@@ -110,7 +168,7 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
                                 max_queue=args.max_queue))
             return 0
         if args.chat:
-            chat_loop(session, sampling, args.system)
+            chat_loop(session, sampling, args.system, args.prompt)
             return 0
         if args.prompt is None:
             print(f"{prog}: give --prompt TEXT or --chat", file=sys.stderr)

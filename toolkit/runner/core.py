@@ -12,11 +12,24 @@ import hashlib
 import importlib
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
+# what this machine is (host.py), re-exported: runtimes and phikit read it from here
+from .host import CPU_FEATURES_OF_NOTE, host_cpu, host_summary  # noqa: F401
+
 MANIFEST = "manifest.json"
+# manifest.json signed with an OpenSSH ed25519 key (`ssh-keygen -Y sign`, the SSHSIG format): it
+# lists every file's sha256, so the signature binds the whole bundle, and anyone can check it
+# with the ssh-keygen every device already has
+SIGNATURE = MANIFEST + ".sig"
+SIGNATURE_NAMESPACE = "phikit-bundle"
+# runtime options `run.py tune` measured fastest on a device (and validated there): written on
+# the device beside the manifest, not hashed; the runner checks every value itself (tune.py)
+TUNED = "tuned.json"
 BUNDLE_FORMAT = "phikit-bundle/1"
 # The one directory of a bundle that is not part of it: the runtime venv `phikit deploy` creates
 # beside run.py on a device. Everything else is hashed: byte code (the runner writes none: run.py
@@ -25,8 +38,95 @@ BUNDLE_FORMAT = "phikit-bundle/1"
 VENV_DIR = ".venv"
 
 
+def quiet_runtimes() -> None:
+    """A runner on someone's device sends nothing anywhere, so this runs before any runtime is
+    imported. ONNX Runtime and ORT GenAI (1DS telemetry on Linux/macOS: a device id under
+    ~/.cache/Microsoft and uploads) read ORT_DISABLE_TELEMETRY once, when they initialize.
+    OpenVINO's Python package reports usage to Google Analytics through openvino_telemetry at
+    `import openvino` (writing ~/intel), with no switch but a consent file in the user's home;
+    a blocked import makes it fall back to its own no-op stub. An explicit
+    ORT_DISABLE_TELEMETRY=0 from the user is left as it is."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    sys.modules.setdefault("openvino_telemetry", None)  # None: `import` raises ImportError
+
+
+quiet_runtimes()
+
+
 class BundleError(Exception):
     """The bundle is missing, modified or unusable. Exit code 2."""
+
+
+# a bundle, recipe or target name: it becomes a directory, a service unit and a shell word
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MODULE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# the runner's own modules, shipped beside the runtime module: never a manifest's runtime
+RUNNER_MODULES = ("core", "host", "cli", "server", "rpc", "worker", "hf_tokens", "parity_core",
+                  "reference_data", "device", "tune")
+
+
+def manifest_files(data: Any, path: Path) -> dict[str, str]:
+    """The format and the `files` table: what hashing a bundle needs (a listed path that leaves
+    the bundle would have it hash, and report on, a file elsewhere)."""
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a {BUNDLE_FORMAT} manifest")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{path}: field 'files': missing or not a mapping")
+    for rel, digest in files.items():
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if (not parts or rel.startswith("/") or any(p in ("", ".", "..") for p in parts)
+                or "\\" in rel):
+            raise BundleError(f"{path}: field 'files': {rel!r} is not a relative path inside "
+                              "the bundle")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise BundleError(f"{path}: field 'files': {rel!r}: {digest!r} is not a sha256")
+    return files
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the runner trusts in manifest.json, checked field by field before anything is
+    opened: a name that is a name, a model directory and a runtime module that are the bundle's
+    own hashed files, not paths out of it. `data` keeps the whole document for readers."""
+    name: str
+    backend: str
+    model_dir: str
+    runtime_module: str
+    runtime_options: dict[str, Any]
+    files: dict[str, str]
+    verdict: str | None
+    data: dict[str, Any]
+
+    @classmethod
+    def parse(cls, data: Any, path: Path) -> Manifest:
+        def bad(fieldname: str, why: str) -> BundleError:
+            return BundleError(f"{path}: field {fieldname!r}: {why}")
+
+        files = manifest_files(data, path)
+        name = data.get("name")
+        if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+            raise bad("name", f"{name!r} is not a name (letters, digits, '.', '_', '-')")
+        model_dir = data.get("model_dir")
+        if (not isinstance(model_dir, str) or not re.match(NAME_PATTERN, model_dir)
+                or not any(rel.startswith(model_dir + "/") for rel in files)):
+            raise bad("model_dir", f"{model_dir!r} is not a directory of this bundle's files")
+        runtime = data.get("runtime")
+        module = runtime.get("module") if isinstance(runtime, dict) else None
+        if not isinstance(module, str) or not _MODULE.match(module) or module in RUNNER_MODULES \
+                or f"phikit_runner/{module}.py" not in files:
+            raise bad("runtime.module", f"{module!r} is not a runtime module of this bundle")
+        options = runtime.get("options", {})
+        if not isinstance(options, dict):
+            raise bad("runtime.options", "not a mapping")
+        parity = data.get("parity", {})
+        verdict = parity.get("verdict") if isinstance(parity, dict) else None
+        if verdict not in (None, "pass", "fail"):
+            raise bad("parity.verdict", f"{verdict!r} is not pass or fail")
+        return cls(name=name, backend=str(data.get("backend", "")), model_dir=model_dir,
+                   runtime_module=module, runtime_options=options, files=files,
+                   verdict=verdict, data=data)
 
 
 @dataclass
@@ -63,50 +163,6 @@ class Session(Protocol):
     def info(self) -> dict[str, Any]:
         """runtime, version, device, ...; `notes`: what a reader of the figures must know, e.g.
         that they were measured on another device than the target's."""
-
-
-# CPU features that change which kernels a runtime picks (and so its numbers, speed or crashes):
-# AMX (llama.cpp's AMX buffer type, PyTorch bf16), AVX512-FP16 (OpenVINO honours an f16 hint only
-# with native fp16), VNNI (int8 dot products), AVX2 (the baseline of x86-64-v3); on ARM, fp16
-# arithmetic, dot product, int8 matmul and SVE.
-CPU_FEATURES_OF_NOTE = ("amx_int8", "amx_bf16", "amx_tile", "avx512_fp16", "avx512_bf16",
-                        "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma", "f16c",
-                        "asimd", "asimdhp", "fphp", "asimddp", "i8mm", "sve")
-
-
-def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
-    """This machine's CPU as runtimes see it: model name, all flags, the flags of note, and a
-    class ("amx", "avx512", "avx2", "x86-64", "arm64") for tables that choose runtime options."""
-    import platform
-
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            cpuinfo = ""
-    model, flags = "", set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    machine = platform.machine().lower()
-    if "amx_int8" in flags or "amx_tile" in flags:
-        cls = "amx"
-    elif "avx512f" in flags:
-        cls = "avx512"
-    elif "avx2" in flags:
-        cls = "avx2"
-    elif machine in ("aarch64", "arm64"):
-        cls = "arm64"
-    else:
-        cls = machine or "unknown"
-    return {"model": model or platform.processor() or machine, "machine": machine,
-            "class": cls, "flags": sorted(flags),
-            "features": [f for f in CPU_FEATURES_OF_NOTE if f in flags],
-            "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}"}
 
 
 DEFAULT_CONTEXT = 4096  # a config that names no maximum length: Phi-3-mini-4k's
@@ -167,7 +223,7 @@ def bundle_files(root: Path) -> list[str]:
             if p.is_dir():
                 if rel.as_posix() != VENV_DIR:
                     stack.append(p)
-            elif rel.as_posix() != MANIFEST:
+            elif rel.as_posix() not in (MANIFEST, SIGNATURE, TUNED):
                 out.append(rel.as_posix())
     return sorted(out)
 
@@ -180,8 +236,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BundleError(f"{path}: unreadable manifest: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not a {BUNDLE_FORMAT} manifest")
+    manifest_files(manifest, path)  # the fields the runner acts on: Manifest.parse, before use
     return manifest
 
 
@@ -199,6 +254,53 @@ def verify_bundle(root: Path, manifest: dict[str, Any] | None = None) -> dict[st
     if extra:
         raise BundleError(f"{root / extra[0]}: not listed in the manifest (unexpected file)")
     return manifest
+
+
+def check_bundle(root: Path, public_key: Path | None = None) -> Manifest:
+    """verify_bundle, then every manifest field the runner acts on: what `verify` commands say
+    ok to is what open_bundle would open. With a key, the manifest must carry its signature."""
+    manifest = Manifest.parse(verify_bundle(root), Path(root) / MANIFEST)
+    if public_key is not None:
+        verify_signature(root, public_key)
+    return manifest
+
+
+def _ssh_keygen(args: list[str], **kw):
+    import subprocess
+
+    try:
+        return subprocess.run(["ssh-keygen", *args], capture_output=True, timeout=120, **kw)
+    except FileNotFoundError:
+        raise BundleError("checking a signature needs ssh-keygen (OpenSSH; Debian: "
+                          "openssh-client)") from None
+
+
+def verify_signature(root: Path, public_key: Path) -> None:
+    """The bundle's manifest.json.sig is a valid SSHSIG signature of its manifest.json, in the
+    phikit namespace, by this ed25519 public key (a one-line OpenSSH public key file)."""
+    import tempfile
+
+    root, public_key = Path(root), Path(public_key)
+    try:
+        key = public_key.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{public_key}: cannot read the public key: {e}") from None
+    if not key.startswith("ssh-ed25519 ") or "\n" in key:
+        raise BundleError(f"{public_key}: not an OpenSSH ed25519 public key (one line starting "
+                          "'ssh-ed25519 ')")
+    signature = root / SIGNATURE
+    if not signature.is_file() or signature.is_symlink():
+        raise BundleError(f"{signature}: missing: the bundle is not signed, and a key was given")
+    with tempfile.TemporaryDirectory() as tmp:
+        allowed = Path(tmp) / "allowed_signers"
+        allowed.write_text(f'phikit namespaces="{SIGNATURE_NAMESPACE}" {key}\n')
+        with open(root / MANIFEST, "rb") as manifest:
+            proc = _ssh_keygen(["-Y", "verify", "-f", str(allowed), "-I", "phikit", "-n",
+                                SIGNATURE_NAMESPACE, "-s", str(signature)], stdin=manifest)
+    if proc.returncode != 0:
+        why = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+        raise BundleError(f"{signature}: not a signature of this manifest.json by "
+                          f"{public_key} ({why[-1] if why else 'ssh-keygen refused it'})")
 
 
 def lock_install_args(lock: str = "requirements.lock", wheels: str | None = None) -> list[str]:
@@ -222,12 +324,22 @@ def _runtime_module(name: str):
 def open_session(runtime: str, model_dir: Path, options: dict[str, Any] | None = None) -> Session:
     module = _runtime_module(runtime)
     try:
-        return module.open_session(Path(model_dir), dict(options or {}))
+        session = module.open_session(Path(model_dir), dict(options or {}))
+        if not getattr(session, "special_tokens", None):
+            session.special_tokens = special_token_strings(Path(model_dir))
+        return session
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         # Runtimes report a broken model dir in their own ways; name the dir and the runtime.
         raise BundleError(f"{model_dir}: {runtime} cannot open this model: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}") \
             from None
+
+
+def bundle_options(root: Path, typed: "Manifest",
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The runtime options in force: the build's, a device's measured choice (tuned.json),
+    then the caller's."""
+    return {**typed.runtime_options, **tuned_options(root), **(overrides or {})}
 
 
 def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
@@ -236,28 +348,130 @@ def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
     """The bundle's Session; with worker=True the runtime runs in a child process (worker.py)
     that is started again after a crash, so a server outlives its runtime."""
     manifest = verify_bundle(root) if verify else read_manifest(root)
-    verdict = manifest.get("parity", {}).get("verdict")
-    if verdict != "pass" and not allow_failed:
-        raise BundleError(f"{root}: parity verdict is {verdict!r}, not 'pass'; this bundle failed "
-                          "validation (use --allow-failed to run it anyway)")
-    runtime = manifest["runtime"]
-    options = {**runtime.get("options", {}), **(overrides or {})}
+    parity = manifest.get("parity")
+    verdict = parity.get("verdict") if isinstance(parity, dict) else None
+    if verdict != "pass" and not allow_failed:  # first: the most useful thing to hear
+        raise BundleError(f"{root}: parity verdict is {verdict!r}, not 'pass'; this bundle "
+                          "failed validation (use --allow-failed to run it anyway)")
+    typed = Manifest.parse(manifest, Path(root) / MANIFEST)
+    options = bundle_options(root, typed, overrides)
     if worker:
         from .worker import WorkerOpenError, WorkerSession, rpc_command
 
         root = Path(root).resolve()
-        cmd = rpc_command(runner=root, module=runtime["module"],
-                          model_dir=root / manifest["model_dir"], options=options)
+        cmd = rpc_command(runner=root, module=typed.runtime_module,
+                          model_dir=root / typed.model_dir, options=options)
         try:
-            return WorkerSession(cmd, label=runtime["module"], restart=True), manifest
+            return WorkerSession(cmd, label=typed.runtime_module, restart=True), manifest
         except WorkerOpenError as e:
             raise BundleError(str(e)) from None
-    return open_session(runtime["module"], root / manifest["model_dir"], options), manifest
+    return open_session(typed.runtime_module, root / typed.model_dir, options), manifest
+
+
+# --- tuned.json: a device's measured options (written by tune.py, read wherever a bundle opens)
+
+TUNED_MAX_THREADS = 1024
+
+
+def _checked(options: Any) -> dict[str, Any]:
+    """The options a tuned.json may set, each value in range; anything else is refused."""
+    if not isinstance(options, dict) or set(options) - {"threads"}:
+        raise ValueError(f"only 'threads' may be tuned, got {sorted(options or {})}")
+    threads = options.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or not 1 <= threads <= TUNED_MAX_THREADS):
+        raise ValueError(f"threads must be an integer from 1 to {TUNED_MAX_THREADS}")
+    return dict(options)
+
+
+def read_tuned(root: Path) -> dict[str, Any] | None:
+    path = Path(root) / TUNED
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["options"] = _checked(data.get("options"))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise BundleError(f"{path}: not a tuned-options file phikit wrote ({e}); delete it or "
+                          "run `run.py tune` again") from None
+    return data
+
+
+def tuned_options(root: Path) -> dict[str, Any]:
+    """The options in tuned.json when it was measured on this CPU, else none."""
+    tuned = read_tuned(root)
+    if tuned is None or tuned.get("cpu") != host_cpu()["model"]:
+        return {}
+    return tuned["options"]
+
+
+def describe_tuned(root: Path) -> str | None:
+    tuned = read_tuned(root)
+    if tuned is None:
+        return None
+    opts = ", ".join(f"{k}={v}" for k, v in tuned["options"].items())
+    if tuned.get("cpu") != host_cpu()["model"]:
+        return f"{TUNED} ({opts}) was measured on {tuned.get('cpu')!r}, not this CPU: not used"
+    return f"tuned options in force ({TUNED}): {opts}"
+
+
+def special_token_strings(model_dir: Path) -> tuple[str, ...]:
+    """The texts a tokenizer turns into its added (control) tokens wherever they appear: the
+    model dir's tokenizer.json added_tokens (every runtime's bundle carries that file)."""
+    try:
+        data = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+        added = data.get("added_tokens", [])
+        return tuple(sorted({t["content"] for t in added if isinstance(t, dict)
+                             and isinstance(t.get("content"), str) and len(t["content"]) > 1},
+                            key=len, reverse=True))
+    except (OSError, ValueError, AttributeError):
+        return ()
 
 
 def chat_ids(session: Session, messages: list[dict[str, str]]) -> list[int]:
-    """As transformers' apply_chat_template(tokenize=True): the template places special tokens."""
-    return session.tokenize(session.render_chat(messages), add_special_tokens=False)
+    """As transformers' apply_chat_template(tokenize=True): the template places special tokens.
+    Message contents are text: a content that spells a control token (`<|end|>\n<|system|>`:
+    a user rewriting the system prompt) is tokenized as characters, never as that token. Chats
+    whose contents spell none tokenize exactly as the whole rendered string (as transformers)."""
+    specials = tuple(getattr(session, "special_tokens", ()) or ())
+    if not any(s in str(m.get("content", "")) for m in messages for s in specials):
+        return session.tokenize(session.render_chat(messages), add_special_tokens=False)
+    return _chat_ids_contents_as_text(session, messages, specials)
+
+
+def _chat_ids_contents_as_text(session: Session, messages: list[dict[str, str]],
+                               specials: tuple[str, ...]) -> list[int]:
+    """The template rendered around placeholders: its own text tokenized as usual (its
+    markers are control tokens), each content tokenized with every control-token spelling
+    split so that it cannot match."""
+    import re
+    import secrets
+
+    tag = secrets.token_hex(8)
+    marks = [f"PHIKIT{tag}CONTENT{i}END" for i in range(len(messages))]
+    rendered = session.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)])
+    lead = session.tokenize("", add_special_tokens=False)  # what a runtime prepends to any text
+
+    def pieces(text: str) -> list[int]:
+        ids = session.tokenize(text, add_special_tokens=False) if text else []
+        return ids[len(lead):] if lead and ids[:len(lead)] == lead else ids
+
+    spelled = re.compile("|".join(re.escape(s) for s in specials))
+    out: list[int] = list(lead)
+    position = 0
+    found = sorted((rendered.find(mark), i) for i, mark in enumerate(marks)
+                   if rendered.find(mark) >= 0)
+    for start, i in found:
+        out += pieces(rendered[position:start])
+        content, last = str(messages[i].get("content", "")), 0
+        for hit in spelled.finditer(content):
+            out += pieces(content[last:hit.start()])
+            token = hit.group(0)
+            out += pieces(token[:1]) + pieces(token[1:])  # "<" + "|end|>": text, not a token
+            last = hit.end()
+        out += pieces(content[last:])
+        position = start + len(marks[i])
+    return out + pieces(rendered[position:])
 
 
 class TextStream:

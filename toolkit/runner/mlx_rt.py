@@ -3,7 +3,12 @@
 Copied into bundles beside core.py; imports only mlx, mlx_lm (which brings its HF tokenizer)
 and numpy. On Apple silicon it runs on Metal; on Linux `mlx[cpu]` runs the same code on the CPU
 (a correctness path: about 200x slower than Metal).
-Options: seed handling only; MLX picks its device itself.
+Options: compute_dtype = auto | float16 | bfloat16 | float32. MLX picks its device itself; on
+Metal `auto` computes in the model's dtype. On the CPU backend `auto` computes in float32: the
+weights keep their exact values (4/8-bit codes; float16 scales widen exactly to float32), only
+activations are wider. MLX's CPU kernels have no fast half-precision path (its float16 quantized
+matmul is tens of times slower than float32, see bench/runtime.py); the report names the dtype
+executed, and compute_dtype=float16 measures the half-precision rounding on a CPU at that cost.
 
 mlx-lm 0.31.3 computes three Phi-3-family traits differently from the model as trained (and as
 transformers, the reference, computes it); measured on fp32 tiny fixtures, KLD up to 0.5. The
@@ -19,23 +24,47 @@ With the corrections the same fixtures match transformers to KLD <= 2e-8. `mlx_l
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import mlx.core as mx
-import numpy as np
-from mlx_lm import load
-from mlx_lm.generate import generate_step
-from mlx_lm.models import base as mlx_base
-from mlx_lm.models import phi3 as mlx_phi3
-from mlx_lm.models import phimoe as mlx_phimoe
-from mlx_lm.models.rope_utils import SuScaledRoPE
-from mlx_lm.sample_utils import make_sampler
 
-from .core import DEFAULT_CONTEXT, check_length, generation_eos, stop_ids
+def _optimised_cpu_blas() -> str | None:
+    """On Linux, an OpenBLAS made global before MLX loads: `mlx[cpu]` wheels link netlib's
+    reference BLAS, and every float matmul (the lm_head above all) runs through its cblas_sgemm,
+    tens of times slower than an optimised one. The dynamic linker resolves libmlx's cblas_*
+    symbols in the global scope first, so the library loaded here answers them. None: MLX keeps
+    the BLAS it ships with (macOS: Accelerate)."""
+    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:  # too late then
+        return None
+    name = ctypes.util.find_library("openblas")
+    if not name:
+        return None
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None
+    return name
+
+
+CPU_BLAS = _optimised_cpu_blas()  # before the import below: only then does it take effect
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm import load  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models import base as mlx_base  # noqa: E402
+from mlx_lm.models import phi3 as mlx_phi3  # noqa: E402
+from mlx_lm.models import phimoe as mlx_phimoe  # noqa: E402
+from mlx_lm.models.rope_utils import SuScaledRoPE  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
+from .core import DEFAULT_CONTEXT, check_length, generation_eos, stop_ids  # noqa: E402
 
 
 def _use_window(window: int | None) -> None:
@@ -99,6 +128,29 @@ if not hasattr(SuScaledRoPE, "_phikit_corrected"):  # once per process
     mlx_phimoe.PhiMoESparseMoeBlock.__call__ = _phimoe_block_call
 
 REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _floating_dtype(model) -> str:
+    """The dtype most of the model's floating parameters are stored in."""
+    from mlx.utils import tree_flatten
+
+    sizes: dict[str, int] = {}
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            name = str(value.dtype).rsplit(".", 1)[-1]
+            sizes[name] = sizes.get(name, 0) + value.size
+    return max(sizes, key=sizes.get) if sizes else "float32"
+
+
+def _compute_dtype(option: Any, stored: str) -> str:
+    value = str(option).lower()
+    if value == "auto":
+        return "float32" if "cpu" in str(mx.default_device()).lower() else stored
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: {option!r} is not auto or one of "
+                         f"{', '.join(COMPUTE_DTYPES)}")
+    return value
 
 
 class MlxSession:
@@ -109,6 +161,11 @@ class MlxSession:
                              f"{', '.join(missing) or '*.safetensors'})")
         self.model, self.tokenizer = load(str(model_dir))
         config = json.loads((model_dir / "config.json").read_text())
+        self.stored_dtype = _floating_dtype(self.model)
+        self.compute_dtype = _compute_dtype(options.get("compute_dtype", "auto"),
+                                            self.stored_dtype)
+        if self.compute_dtype != self.stored_dtype:
+            self.model.set_dtype(getattr(mx, self.compute_dtype))
         window = config.get("sliding_window")
         self.window = int(window) if window and window < config.get(
             "max_position_embeddings", 1 << 62) else None
@@ -155,13 +212,22 @@ class MlxSession:
 
     def info(self) -> dict[str, Any]:
         device = str(mx.default_device())
+        cpu = "cpu" in device.lower()
         notes = ["measured with MLX's CPU backend; the Metal path is not exercised here"] \
-            if "cpu" in device.lower() else []
+            if cpu else []
+        if self.compute_dtype != self.stored_dtype:
+            notes.append(f"computed in {self.compute_dtype} (the model stores "
+                         f"{self.stored_dtype}; on Metal it computes in {self.stored_dtype}): "
+                         "MLX's CPU backend has no fast half-precision kernels; "
+                         f"--option compute_dtype={self.stored_dtype} measures that rounding")
         if self.window or any(isinstance(m, SuScaledRoPE) for _, m in self.model.named_modules()):
             notes.append("phikit's runner corrects mlx-lm's sliding window / LongRoPE short "
                          "factors / PhiMoE routing (toolkit/runner/mlx_rt.py)")
-        return {"runtime": "mlx-lm", "version": mx.__version__, "device": device,
+        blas = {"cpu_blas": CPU_BLAS or "the BLAS MLX ships with"} if cpu else {}
+        return {"runtime": "mlx-lm", "version": mx.__version__, "device": device, **blas,
                 "quantization": self.quantization, "context_length": self.context_length,
+                "executed_precision": {"activations": self.compute_dtype,
+                                       "stored": self.stored_dtype},
                 "notes": notes}
 
 

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+# core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
+from .core import DEFAULT_CONTEXT, check_length, stop_ids, thread_count
 import openvino as ov
 import openvino_genai as ovg
 
-from .core import DEFAULT_CONTEXT, check_length, stop_ids, thread_count
-
-# OpenVINO's usage telemetry is opt-in through this variable; make sure it stays off.
-os.environ.setdefault("OPENVINO_TELEMETRY_OPTOUT", "1")
 
 REQUIRED = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
             "openvino_detokenizer.xml")

@@ -1,4 +1,5 @@
-"""Runtime module: ONNX Runtime GenAI (og.Model / og.Generator). Imports only that runtime + numpy.
+"""Runtime module: ONNX Runtime GenAI (og.Model / og.Generator). Imports only that runtime, numpy
+and `tokenizers` (hf_tokens.py: the model's own tokenizer, so ids are exactly the reference's).
 
 Copied into bundles beside core.py. Options (from the bundle manifest or the caller):
   threads: int | "auto"       intra-op threads (ORT GenAI ran on ONE thread by default on
@@ -22,10 +23,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+# core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
+from .core import DEFAULT_CONTEXT, auto_threads, check_length, stop_ids
+from .hf_tokens import HfTokenizer
 import onnxruntime_genai as og
 
-from .core import DEFAULT_CONTEXT, auto_threads, check_length, stop_ids
-
+# core.quiet_runtimes() (imported above) already set ORT_DISABLE_TELEMETRY before the import;
+# the API call covers an older onnxruntime-genai that does not read it
 if hasattr(og, "disable_telemetry_events"):
     og.disable_telemetry_events()
 
@@ -82,27 +87,6 @@ def load_model(model_dir: Path, threads: int, provider: str,
     return model, "cpu", reason
 
 
-def _template_bos(model_dir: Path) -> int | None:
-    """The id tokenizer.json's post-processor puts first (Llama/Phi-3 '<s>'), if any.
-
-    ORT GenAI's tokenizer does not apply the post-processor template, so without this its ids
-    would lack the BOS that the reference tokenizer (and training) put there.
-    """
-    try:
-        tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    post = tok.get("post_processor") or {}
-    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for proc in processors:
-        if proc.get("type") == "TemplateProcessing" and proc.get("single"):
-            first = proc["single"][0].get("SpecialToken")
-            if first:
-                ids = proc.get("special_tokens", {}).get(first["id"], {}).get("ids")
-                return ids[0] if ids else None
-    return None
-
-
 class OrtGenaiSession:
     def __init__(self, model_dir: Path, options: dict[str, Any]):
         self.model_dir = model_dir
@@ -112,22 +96,19 @@ class OrtGenaiSession:
         self.model, self.provider, self.fallback_reason = load_model(
             model_dir, threads, self.requested_provider, options.get("provider_options"))
         self.threads = threads
-        self.tokenizer = og.Tokenizer(self.model)
+        self.tokenizer = og.Tokenizer(self.model)  # its chat template only
+        self.hf_tokenizer = HfTokenizer(model_dir)  # the ids the model was trained on
         eos = genai["model"].get("eos_token_id", [])
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
         self.context_length = int(genai["model"].get("context_length", DEFAULT_CONTEXT))
         self.vocab_size = int(genai["model"].get("vocab_size", 0))
-        self.bos_id = _template_bos(model_dir)
         self.pruned_lm_head = False  # set when the graph returns only the last position
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [int(t) for t in self.tokenizer.encode(text)]
-        if add_special_tokens and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids.insert(0, self.bos_id)
-        return ids
+        return self.hf_tokenizer.tokenize(text, add_special_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(np.asarray(ids, dtype=np.int32))
+        return self.hf_tokenizer.detokenize(ids)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(json.dumps(messages),

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+# core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
+from .core import auto_threads, check_length, generation_eos, stop_ids
+from .hf_tokens import HfTokenizer
 import onnxruntime as ort
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
 
-from .core import auto_threads, check_length, generation_eos, stop_ids
 
 PIPELINE = "qnn_pipeline.json"
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -95,7 +97,7 @@ class QnnSession:
         self.nodes_on: dict[str, Counter] = {}  # graph -> execution provider -> node count
         self.qnn = self._qnn_provider() if self.provider == "qnn" else None
         self.graphs = {name: self._open(name) for name in spec["graphs"]}
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer = HfTokenizer(model_dir)
         template, self.special = _chat_template(model_dir)
         self.template = (ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
                          .from_string(template) if template else None)
@@ -163,10 +165,10 @@ class QnnSession:
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer.tokenize(text, add_special_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.tokenizer.detokenize(ids)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if self.template is None:

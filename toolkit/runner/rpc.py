@@ -16,7 +16,7 @@ Protocol (binary pipes, one JSON object per line):
             `logits` replies {"ok": {"shape": [n, vocab], "nbytes": N}} followed by N raw bytes
             of little-endian float32.
   The first line the child writes (unasked) is the hello: {"ok": {"eos_token_ids", "context_length",
-  "known_crash"}} once the session is open, or {"error": why} when it cannot open.
+  "special_tokens", "known_crash"}} once the session is open, or {"error": why} when it cannot open.
 Anything the runtime prints to stdout is moved to stderr: stdout carries only the protocol.
 """
 
@@ -30,12 +30,43 @@ import sys
 from pathlib import Path
 
 
+def source_only_imports(root: str) -> None:
+    """Modules found under `root` (a bundle) are compiled from their verified source: byte code
+    there is never read, and no native extension loads from it. Every other directory keeps its
+    own byte code (a runtime's imports compile once at install, not at every start)."""
+    import importlib.machinery as machinery
+
+    class SourceOnlyLoader(machinery.SourceFileLoader):
+        def get_code(self, fullname):
+            return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+
+    finder = machinery.FileFinder.path_hook((SourceOnlyLoader, machinery.SOURCE_SUFFIXES))
+    root = os.path.realpath(root)
+    venv = os.path.join(root, ".venv")  # what its lock installed there is not the bundle's
+
+    def hook(path: str):
+        real = os.path.realpath(path or os.curdir)
+        inside = real == root or real.startswith(root + os.sep)
+        if not inside or real == venv or real.startswith(venv + os.sep):
+            raise ImportError("not the bundle's own code")  # the next hook handles it
+        return finder(path)
+
+    sys.path_hooks.insert(0, hook)
+    sys.path_importer_cache.clear()
+
+
 def _open(args: argparse.Namespace):
+    # No runtime uses PyTorch and no bundle's lock installs it. Where the host has it (phikit's
+    # own environment), transformers (mlx-lm's tokenizer) would import it anyway: seconds per
+    # worker, and a process unlike the one on the device. Hidden, transformers sees no torch.
+    sys.modules.setdefault("torch", None)
     if args.bundle is not None:
+        source_only_imports(str(args.bundle))
         sys.path.insert(0, str(args.bundle))
         core = importlib.import_module("phikit_runner.core")
         session, _ = core.open_bundle(args.bundle, allow_failed=True)
         return core, session
+    source_only_imports(str(args.runner))
     sys.path.insert(0, str(args.runner))
     core = importlib.import_module(f"{args.package}.core")
     return core, core.open_session(args.module, args.model_dir, json.loads(args.options))
@@ -50,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path)
     ap.add_argument("--options", default="{}")
     args = ap.parse_args(argv)
-    sys.pycache_prefix = os.devnull  # never read byte code from a bundle's __pycache__
     # the protocol gets its own descriptor; fd 1 (what native libraries print to) becomes stderr
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -69,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     send({"ok": {"eos_token_ids": list(session.eos_token_ids),
                  "context_length": session.context_length,
+                 "special_tokens": list(getattr(session, "special_tokens", ()) or ()),
                  "known_crash": getattr(session, "known_crash", None)}})
     stdin = sys.stdin.buffer
 
@@ -113,4 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The caller closed the pipe: every answer is written and nothing is left to save. Skip the
+    # interpreter's teardown, where torch's and MLX's destructors take seconds per worker.
+    os._exit(code)

@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP server for a bundle: standard library only (nothing more to install on a
 Raspberry Pi than the runtime itself).
 
-  POST /v1/chat/completions   messages, max_tokens, temperature, top_p, stop, seed, stream
-                              (SSE, `data: [DONE]`), stream_options.include_usage
+  POST /v1/chat/completions   messages (string or text-part contents), max_completion_tokens /
+                              max_tokens, temperature, top_p, stop, seed, stream
+                              (SSE, `data: [DONE]`), stream_options.include_usage; n must be 1
+  POST /v1/completions        the same with `prompt` (raw text, no chat template) for messages
   GET  /v1/models             the one model this server holds
   GET  /health
 
@@ -78,23 +80,54 @@ def _number(body: dict, key: str, default, lo: float, hi: float, kind=float):
     return kind(value)
 
 
-def parse_request(body: Any, model_name: str) -> dict[str, Any]:
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    turns = []
+    for i, m in enumerate(messages):
+        content = _content(m.get("content")) if isinstance(m, dict) else None
+        if content is None or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] must have role system|user|assistant and string "
+                           "content (or text content parts)", param=f"messages[{i}]")
+        turns.append({"role": m["role"], "content": content})
+    return turns
+
+
+def _content(value: Any) -> str | None:
+    """A message's content: a string, or the content-parts form [{type: text, text}] (text
+    parts only: this server holds a text model)."""
+    if _text(value):
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(p, dict) and p.get("type") == "text" and _text(p.get("text"))
+            for p in value):
+        return "".join(p["text"] for p in value)
+    return None
+
+
+def _prompt(body: dict) -> str:
+    """/v1/completions' prompt: a string, or a list holding one (one choice per request)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not _text(prompt) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string (or a list of one)",
+                       param="prompt")
+    return prompt
+
+
+def parse_request(body: Any, model_name: str, chat: bool = True) -> dict[str, Any]:
+    """A /v1/chat/completions (chat) or /v1/completions request, checked field by field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != model_name:
         raise ApiError(404, f"The model '{model}' does not exist; this server has "
                        f"'{model_name}'", param="model", code="model_not_found")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    turns = []
-    for i, m in enumerate(messages):
-        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                or not _text(m.get("content"))):
-            raise ApiError(400, f"messages[{i}] must have role system|user|assistant and string "
-                           "content", param=f"messages[{i}]")
-        turns.append({"role": m["role"], "content": m["content"]})
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "'n' must be 1: this server returns one choice per request",
+                       param="n")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -107,12 +140,17 @@ def parse_request(body: Any, model_name: str) -> dict[str, Any]:
         raise ApiError(400, f"'seed' must be an integer from 0 to {MAX_SEED}", param="seed")
     options = body.get("stream_options") or {}
     return {
-        "messages": turns,
+        "chat": chat,
+        "messages": _messages(body) if chat else None,
+        "prompt": None if chat else _prompt(body),
         "stream": bool(body.get("stream", False)),
         "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
         "stop": stop or [],
         "sampling": Sampling(
-            max_new_tokens=_number(body, "max_tokens", 256, 1, 1 << 20, int),
+            # current OpenAI clients send max_completion_tokens; older ones max_tokens
+            max_new_tokens=_number(body, "max_completion_tokens"
+                                   if body.get("max_completion_tokens") is not None
+                                   else "max_tokens", 256, 1, 1 << 20, int),
             temperature=_number(body, "temperature", 0.0, 0, 2),
             top_p=_number(body, "top_p", 1.0, 0, 1), seed=seed),
     }
@@ -123,7 +161,8 @@ class Generation:
 
     def __init__(self, session: Session, request: dict[str, Any]):
         self.session, self.request = session, request
-        self.prompt_ids = chat_ids(session, request["messages"])
+        self.prompt_ids = (chat_ids(session, request["messages"]) if request["chat"]
+                           else session.tokenize(request["prompt"]))
         budget = session.context_length - len(self.prompt_ids)
         if budget < 1:
             raise ApiError(400, f"This model's maximum context length is "
@@ -270,13 +309,13 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 self._guard(lambda: self._post(raw))
 
         def _post(self, raw: bytes) -> None:
-            if self.path != "/v1/chat/completions":
+            if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 raise ApiError(404, f"no route {self.path}", code="not_found")
             try:
                 body = json.loads(raw or b"null")
             except (ValueError, RecursionError) as e:  # RecursionError: nested 100 000 deep
                 raise ApiError(400, f"malformed JSON: {type(e).__name__}") from None
-            request = parse_request(body, model_name)
+            request = parse_request(body, model_name, chat=self.path == "/v1/chat/completions")
             if not queue.acquire(blocking=False):
                 raise ApiError(429, f"{limits.max_queue} requests are already waiting for the "
                                "model; retry later", kind="rate_limit_error",
@@ -293,15 +332,19 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                     self._stream(gen)
                 else:
                     text = "".join(gen.pieces())
+                    choice = ({"message": {"role": "assistant", "content": text}}
+                              if request["chat"] else {"text": text, "logprobs": None})
                     self._send_json(200, {
-                        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                        "id": f"{'chatcmpl' if request['chat'] else 'cmpl'}-{uuid.uuid4().hex}",
+                        "object": "chat.completion" if request["chat"] else "text_completion",
                         "created": int(time.time()), "model": model_name,
                         "choices": [{"index": 0, "finish_reason": gen.finish_reason,
-                                     "message": {"role": "assistant", "content": text}}],
+                                     **choice}],
                         "usage": gen.usage()})
 
         def _stream(self, gen: Generation) -> None:
-            cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            chat = gen.request["chat"]
+            cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -310,16 +353,20 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
             self.close_connection = True
 
             def event(delta: dict | None, finish: str | None = None, usage=None) -> None:
-                chunk = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                         "model": model_name,
+                # chat: {"delta": {...}}; completions: {"text": ...} (the legacy shape)
+                body = {} if delta is None else {"delta": delta} if chat else {
+                    "text": delta.get("content", ""), "logprobs": None}
+                chunk = {"id": cid, "object": "chat.completion.chunk" if chat
+                         else "text_completion", "created": created, "model": model_name,
                          "choices": [] if delta is None else [
-                             {"index": 0, "delta": delta, "finish_reason": finish}]}
+                             {"index": 0, **body, "finish_reason": finish}]}
                 if usage is not None:
                     chunk["usage"] = usage
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
-            event({"role": "assistant", "content": ""})
+            if chat:
+                event({"role": "assistant", "content": ""})
             pieces = gen.pieces()
             try:
                 for piece in pieces:

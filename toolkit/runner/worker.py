@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -61,6 +62,7 @@ class WorkerSession:
         self.cmd, self.env, self.label, self.restart = cmd, env, label, restart
         self.extra_info = extra_info or {}
         self.cleanup = cleanup
+        self._lock = threading.RLock()
         self.stage = "opening the model"
         self.doing = "starting"
         self.proc = None
@@ -84,6 +86,7 @@ class WorkerSession:
         attrs = hello["ok"]
         self.eos_token_ids = tuple(attrs["eos_token_ids"])
         self.context_length = int(attrs["context_length"])
+        self.special_tokens = tuple(attrs.get("special_tokens", ()))
         self.known_crash = attrs.get("known_crash")
 
     def _open_error(self, message: str) -> Exception:
@@ -126,8 +129,9 @@ class WorkerSession:
             raise self._crashed() from None
 
     def _call(self, op: str, args: list, doing: str) -> Any:
-        self._send(op, args, doing)
-        reply = self._reply()
+        with self._lock:
+            self._send(op, args, doing)
+            reply = self._reply()
         if "error" in reply:
             raise ValueError(reply["error"])
         return reply["ok"]
@@ -145,9 +149,10 @@ class WorkerSession:
 
     def logits_bytes(self, ids: Sequence[int]) -> tuple[list[int], bytes]:
         """(shape, little-endian float32 bytes): numpy is the caller's (logits())."""
-        r = self._call("logits", [list(map(int, ids))],
-                       f"computing logits for {len(ids)} tokens")
-        data = self.proc.stdout.read(r["nbytes"])
+        with self._lock:  # the header and its bytes, with no other call between them
+            r = self._call("logits", [list(map(int, ids))],
+                           f"computing logits for {len(ids)} tokens")
+            data = self.proc.stdout.read(r["nbytes"])
         if len(data) != r["nbytes"]:
             raise self._crashed()
         return r["shape"], data
@@ -159,6 +164,13 @@ class WorkerSession:
         return np.frombuffer(data, dtype="<f4").reshape(shape)
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
+        # The pipe is one conversation: a generation holds it until it ends, so another
+        # thread's call (a server tokenizing the next request) waits instead of interleaving;
+        # this thread's own calls between tokens (detokenize while streaming) re-enter.
+        with self._lock:
+            yield from self._generate(ids, sampling)
+
+    def _generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         self._send("generate", [list(map(int, ids)), {
             "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,

@@ -1,0 +1,65 @@
+"""Crash leftovers and races (issue 17, item 8): a build killed mid-way leaves directories that
+look complete; the next build removes those of dead processes. Two builds of one artifact at
+once: the second to finish uses the first one's result instead of failing on the rename."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from toolkit.build import convert_cached
+from toolkit.package import publish, staging_dir
+
+from .conftest import synthetic_bundle
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_builds_staging_copy_is_swept(tmp_path):
+    out = tmp_path / "b"
+    pid = dead_pid()
+    leftover = synthetic_bundle(tmp_path / f".b.partial-{pid}")  # complete-looking, verifies
+    live = tmp_path / f".b.partial-{os.getppid()}"  # a build still running: left alone
+    live.mkdir()
+    stage = staging_dir(out)
+    assert not leftover.exists() and live.is_dir() and stage.is_dir()
+
+
+def test_publish_replaces_the_old_bundle_and_leaves_nothing_aside(tmp_path):
+    out = tmp_path / "b"
+    synthetic_bundle(out)
+    (out / "old-marker").write_text("old")
+    stage = staging_dir(out)
+    (stage / "new-marker").write_text("new")
+    final = publish(stage, out, passed=True)
+    assert final == out and (out / "new-marker").exists() and not (out / "old-marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_concurrent_conversion_of_one_artifact(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path / "cache"))
+
+    def convert(source, out, recipe, target, log):
+        # `out` is TMP/model, TMP = <artifact>.tmp-PID: the other build renames its result
+        # into <artifact> while this one is still converting
+        other = out.parent.with_name(out.parent.name.split(".tmp-")[0])
+        (other / "model").mkdir(parents=True)
+        (other / "conversion.json").write_text("{}")
+        out.mkdir()
+
+    backend = SimpleNamespace(name="standin", convert=convert, describe=lambda *a: "stand-in",
+                              toolchain=lambda: {}, revision=1)
+    plan = SimpleNamespace(
+        backend=backend, recipe=SimpleNamespace(quantization=SimpleNamespace(
+            model_dump=lambda mode: {})),
+        target=SimpleNamespace(execution_provider="cpu", runtime=SimpleNamespace(threads=None)))
+    artifact, cached = convert_cached(plan, tmp_path, "digest", None, lambda s: None)
+    assert cached and (artifact / "conversion.json").exists()
+    # no *.tmp-PID left beside it
+    assert [p.name for p in artifact.parent.iterdir()] == [artifact.name]

@@ -1,0 +1,72 @@
+"""`python run.py tune`: the fastest runtime options on this machine that still validate here,
+kept in tuned.json beside the manifest (issue 18). No timed assertion: the test checks that the
+choice is the measured fastest of the sets that validated, and prints the figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from defects.formats import copy_bundle
+
+pytestmark = pytest.mark.slow
+
+
+def run(bundle, *args, cwd):
+    return subprocess.run([sys.executable, str(bundle / "run.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def tuned(int4_bundle, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    bundle = copy_bundle(int4_bundle, tmp / "b")
+    proc = run(bundle, "tune", "--candidates", "1,2", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    return bundle, json.loads((bundle / "tuned.json").read_text()), proc.stderr
+
+
+def test_tune_keeps_the_fastest_set_that_validates(tuned):
+    bundle, data, log = tuned
+    measured = {m["options"]["threads"]: m for m in data["measured"]}
+    assert set(measured) == {1, 2}
+    fastest = min(measured, key=lambda n: measured[n]["request_seconds"])
+    assert data["options"] == {"threads": fastest} and measured[fastest]["validated"] is True
+    print(f"\ntune: threads 1 {measured[1]['request_seconds'] * 1e3:.0f} ms, threads 2 "
+          f"{measured[2]['request_seconds'] * 1e3:.0f} ms per request; kept {data['options']} "
+          f"({data['speedup_vs_slowest']}x)")
+    assert "validated on this machine" in log
+
+
+def test_a_tuned_bundle_verifies_and_validates_with_its_options(tuned, tmp_path):
+    bundle, data, _ = tuned
+    verify = run(bundle, "verify", cwd=tmp_path)
+    assert verify.returncode == 0 and "tuned options in force" in verify.stdout, verify.stderr
+    proc = run(bundle, "validate", "--json", str(tmp_path / "r.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["runtime_options"]["threads"] == data["options"]["threads"]
+    assert any("tuned options in force" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("options, why", [({"threads": 0}, "threads must be"),
+                                          ({"threads": "2; rm -rf /"}, "threads must be"),
+                                          ({"provider_options": {"x": 1}}, "only 'threads'")])
+def test_tuned_json_is_not_trusted(tuned, options, why, tmp_path):
+    bundle = copy_bundle(tuned[0], tmp_path / "b")
+    (bundle / "tuned.json").write_text(json.dumps({"options": options, "cpu": tuned[1]["cpu"]}))
+    for args in (["verify"], ["--prompt", "hi", "--max-tokens", "2"]):
+        proc = run(bundle, *args, cwd=tmp_path)
+        assert proc.returncode == 2 and "tuned.json" in proc.stderr and why in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_options_tuned_on_another_cpu_are_not_used(tuned, tmp_path):
+    bundle = copy_bundle(tuned[0], tmp_path / "b")
+    (bundle / "tuned.json").write_text(json.dumps({"options": {"threads": 1},
+                                                   "cpu": "some other CPU"}))
+    verify = run(bundle, "verify", cwd=tmp_path)
+    assert verify.returncode == 0 and "not this CPU: not used" in verify.stdout

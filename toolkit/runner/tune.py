@@ -1,0 +1,88 @@
+"""`python run.py tune`: on the device, measure the runtime options that depend on it, keep the
+fastest set that still validates, and record it in tuned.json beside the manifest.
+
+What is measured, per candidate set: prefill (one forward pass over a 128-token prompt taken
+from the bundle's reference texts) and generation (up to 32 greedy tokens after it), the best of
+two runs each; the score is the time of that request. The fastest set is validated
+(device.validate_here) before it is written; a set that fails is skipped, with the reason.
+Candidates: `threads` (1, half the cores, every core). tuned.json is not part of the hashed
+bundle (a device writes it), so the runner trusts none of it blindly: only known options with
+in-range values, and only on the CPU it was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .core import (MANIFEST, TUNED, BundleError, Manifest, Sampling, host_cpu, open_session,
+                   verify_bundle)
+from .reference_data import load_reference
+
+PROMPT_TOKENS, NEW_TOKENS = 128, 32
+def measure(session, prompt: list[int], repeats: int = 2) -> dict[str, float]:
+    """Best-of-`repeats` seconds of one prefill and of a short greedy generation."""
+    session.logits(prompt[:8])  # warm-up: first-call allocations are not the option's cost
+    prefill, generate, tokens = [], [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.logits(prompt)
+        prefill.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tokens = len(list(session.generate(prompt, Sampling(max_new_tokens=NEW_TOKENS))))
+        generate.append(time.perf_counter() - t0)
+    return {"prefill_seconds": round(min(prefill), 4),
+            "generate_seconds": round(min(generate), 4), "generated_tokens": tokens,
+            "request_seconds": round(min(prefill) + min(generate), 4)}
+
+
+def tune(root: Path, threads: list[int] | None = None,
+         log=lambda s: print(s, file=sys.stderr)) -> int:
+    from .device import validate_here
+
+    root = Path(root)
+    manifest = verify_bundle(root)
+    typed = Manifest.parse(manifest, root / MANIFEST)
+    if not isinstance(manifest.get("reference_file"), str):
+        raise BundleError(f"{root}: this bundle carries no reference: rebuild it to tune it")
+    reference = load_reference(root / manifest["reference_file"])
+    longest = max(reference.texts, key=lambda t: t.ids.size)
+    prompt = longest.ids[:PROMPT_TOKENS].tolist()
+    cores = os.cpu_count() or 1
+    candidates = sorted(set(threads or {1, max(1, cores // 2), cores}))
+    results = []
+    for n in candidates:
+        options = {**typed.runtime_options, "threads": n}
+        session = open_session(typed.runtime_module, root / typed.model_dir, options)
+        try:
+            figures = measure(session, prompt)
+        finally:
+            if hasattr(session, "close"):
+                session.close()
+        results.append({"options": {"threads": n}, **figures})
+        log(f"threads={n}: prefill {len(prompt)} tokens {figures['prefill_seconds'] * 1e3:.1f} "
+            f"ms, {figures['generated_tokens']} tokens in {figures['generate_seconds']:.3f} s")
+    for result in sorted(results, key=lambda r: r["request_seconds"]):
+        log(f"validating the fastest: {result['options']}")
+        if validate_here(root, None, overrides=result["options"], log=lambda s: None) != 0:
+            result["validated"] = False
+            log(f"{result['options']} fails validation here: skipped")
+            continue
+        result["validated"] = True
+        slowest = max(r["request_seconds"] for r in results)
+        data = {"options": result["options"], "cpu": host_cpu()["model"],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "request": f"prefill {len(prompt)} tokens + up to {NEW_TOKENS} generated",
+                "speedup_vs_slowest": round(slowest / result["request_seconds"], 2),
+                "measured": results}
+        tmp = root / (TUNED + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(root / TUNED)
+        log(f"{TUNED}: {result['options']} ({data['speedup_vs_slowest']}x the slowest set), "
+            "validated on this machine")
+        return 0
+    log("no candidate set passed validation here: nothing written")
+    return 1
