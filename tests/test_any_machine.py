@@ -54,6 +54,36 @@ def test_llama_cpp_extra_buffer_types_off_only_where_amx_crashes():
     assert extra_buffer_types("true", host_cpu(SAPPHIRE_RAPIDS))[0] is True
 
 
+def test_a_validation_is_reused_only_for_the_same_content_bounds_runtime_and_cpu(
+        tmp_path, monkeypatch):
+    """The build's validation cache key (the e2e rebuild test shows a hit): it follows the
+    model and runner files, the bounds and the host CPU, not the re-written reference file."""
+    import toolkit.validate as validate
+    from toolkit.schema import Thresholds
+
+    stage = tmp_path / "stage"
+    (stage / "model").mkdir(parents=True)
+    (stage / "eval").mkdir()
+    (stage / "model" / "weights.bin").write_bytes(b"w" * 64)
+    (stage / "eval" / "reference.npz").write_bytes(b"r1")
+
+    def key(bounds=Thresholds(kld_mean_max=0.02)):
+        return validate.validation_key(stage, "ortgenai", {"threads": 2}, "refkey", bounds, 32,
+                                       ["onnxruntime-genai"])
+
+    first = key()
+    (stage / "eval" / "reference.npz").write_bytes(b"r2")  # re-saved on every build
+    assert key() == first
+    assert key(Thresholds(kld_mean_max=0.01)) != first
+    (stage / "model" / "weights.bin").write_bytes(b"v" * 64)
+    changed = key()
+    assert changed != first
+    monkeypatch.setattr(validate, "host_summary", lambda all_flags=False: host_cpu(ZEN4))
+    assert key() != changed
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path / "cache"))
+    assert validate.cached_validation(changed) is None
+
+
 def test_doctor_names_the_cpu_and_what_it_changes():
     proc = phikit("doctor", check=0)
     text = " ".join(proc.stdout.split())

@@ -133,13 +133,22 @@ def test_failed_build_leaves_no_valid_looking_bundle(tmp_path):
     assert not list(tmp_path.glob(".strict.partial-*"))
 
 
-def test_archive_is_reproducible(tmp_path):
+def test_archive_is_reproducible_and_a_rebuild_reuses_its_validation(tmp_path):
     outs = []
-    for name in ("a", "b"):
+    for name, extra in (("a", ()), ("b", ()), ("c", ("--revalidate",))):
         out = tmp_path / name / "bundle"
         phikit("build", "recipes/tiny-phi3-int8.yaml", "--target", "generic-cpu", "--out", out,
-               "--archive", check=0)
+               "--archive", *extra, check=0)
         outs.append(out.with_name("bundle.tar.gz"))
+    a, b, c = (json.loads((tmp_path / n / "bundle" / "parity.json").read_text()) for n in "abc")
+    # b is a's bundle, byte for byte where it counts: its figures are a's, and it says so
+    assert b["reused"]["measured_at"] and b["metrics"] == a["metrics"]
+    assert any("validation reused" in n for n in b["notes"])
+    # --revalidate measures again: the same figures (the runtime is deterministic here)
+    assert c.get("reused") is None and not any("validation reused" in n for n in c["notes"])
+    assert c["verdict"] == a["verdict"]
+    assert abs(c["metrics"]["kld_mean"] - a["metrics"]["kld_mean"]) < 1e-6
+    outs.pop()
     # Manifests carry a creation time, so compare everything else: the model and runner files.
     import tarfile
 

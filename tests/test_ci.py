@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -77,3 +78,27 @@ def test_ci_init_workflows_and_their_steps_run_here(tmp_path):
         outputs.append(proc.stdout)
     assert "reference" in outputs[0]
     assert "2 of 2 reports pass" in outputs[-1] and outputs[-1].count("| PASS |") == 2
+
+
+def test_generated_workflows_pass_the_published_ci_schemas(tmp_path):
+    """`ci init` output and the examples under examples/ci, against the GitHub Actions and
+    GitLab CI JSON schemas that check-jsonschema vendors (SchemaStore's)."""
+    check = (shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+             or shutil.which("check-jsonschema"))
+    assert check, "check-jsonschema is not installed (requirements.txt installs it)"
+    args = ["ci", "init", "recipes/tiny-phi3-int4.yaml", "-t", "generic-cpu", "-t", "intel-cpu"]
+    github, gitlab = tmp_path / "phikit.yml", tmp_path / ".gitlab-ci.yml"
+    github.write_text(phikit(*args, "--github", check=0).stdout)
+    gitlab.write_text(phikit(*args, "--gitlab", check=0).stdout)
+    examples = REPO / "examples" / "ci"
+    for schema, files in (("vendor.github-workflows", [github, examples / "github-actions.yml"]),
+                          ("vendor.gitlab-ci", [gitlab, examples / "gitlab-ci.yml"])):
+        proc = subprocess.run([check, "--builtin-schema", schema, *map(str, files)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    # a broken workflow is refused: the check sees the schema, not only YAML syntax
+    broken = tmp_path / "broken.yml"
+    broken.write_text(github.read_text().replace("runs-on:", "runs_on:", 1))
+    proc = subprocess.run([check, "--builtin-schema", "vendor.github-workflows", str(broken)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -31,7 +31,8 @@ from .remote import local_session
 from .report.model import ParityReport
 from .runner.reference_data import REFERENCE_FILE, save_reference
 from .schema import PRECISION_BITS, Recipe, Target, load_recipe, load_target
-from .validate import Candidate, effective_thresholds, prepare_reference, run_parity
+from .validate import (Candidate, cached_validation, effective_thresholds, prepare_reference,
+                       run_parity, store_validation, validation_key)
 
 
 
@@ -188,7 +189,7 @@ class BuildResult:
 
 
 def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
-            sign: Path | None = None,
+            sign: Path | None = None, revalidate: bool = False,
             log: Callable[[str], None] = lambda s: None,
             stage_cb: Callable[[str], None] = lambda s: None,
             progress=None) -> BuildResult:
@@ -229,19 +230,27 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         # the reference travels: `run.py validate` re-measures parity on a device without the
         # checkpoint, with these very figures
         save_reference(stage / REFERENCE_FILE, reference.reference)
-        session = local_session(plan.backend.runtime_module, stage / "model", options,
-                                runner=stage)
-        try:
-            report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
-                                          backend=plan.backend),
-                                progress, reference)
-        finally:
-            session.close()
+        packages = plan.target.runtime.packages[plan.backend.name]
+        key = validation_key(stage, plan.backend.runtime_module, options,
+                             reference.reference.meta["key"],
+                             effective_thresholds(plan.recipe, plan.backend),
+                             plan.recipe.eval.max_new_tokens, packages)
+        report = None if revalidate else cached_validation(key)
+        if report is None:
+            measured_at = now()
+            session = local_session(plan.backend.runtime_module, stage / "model", options,
+                                    runner=stage)
+            try:
+                report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
+                                              backend=plan.backend),
+                                    progress, reference)
+            finally:
+                session.close()
+            store_validation(key, report, measured_at)
         timings["validate"] = time.perf_counter() - t1
 
         stage_cb("package")
         t2 = time.perf_counter()
-        packages = plan.target.runtime.packages[plan.backend.name]
         write_json(stage / "parity.json", report.to_json())
         (stage / "requirements.lock").write_text(
             resolve_lock(packages, plan.target.platform,

@@ -97,6 +97,9 @@ def build(
                                  "output as it runs"),
     precision: Optional[str] = typer.Option(None, help="without a recipe: the precision (the "
                                             "recipe `phikit init` would write is used)"),
+    revalidate: bool = typer.Option(False, "--revalidate", help="measure parity even when this "
+                                    "very bundle was validated on this CPU with this runtime "
+                                    "before (the report says when a validation is reused)"),
 ) -> None:
     """Build a bundle: convert, validate against the reference, package."""
     import tempfile
@@ -115,12 +118,14 @@ def build(
             recipe = str(Path(tmp) / f"{recipe_name(source, precision)}.yaml")
             Path(recipe).write_text(text, encoding="utf-8")
             source = None
-        _build(recipe, target, backend, source, out_dir, dry_run, archive, with_wheels,
-               trust_remote_code, sign_key, json_out, verbose)
+        _build(recipe, target, backend, source, out_dir, dry_run, trust_remote_code, json_out,
+               verbose, dict(archive=archive, with_wheels=with_wheels, sign=sign_key,
+                             revalidate=revalidate))
 
 
-def _build(recipe, target, backend, source, out_dir, dry_run, archive, with_wheels,
-           trust_remote_code, sign_key, json_out, verbose) -> None:
+def _build(recipe, target, backend, source, out_dir, dry_run, trust_remote_code, json_out,
+           verbose, packaging: dict) -> None:
+    """packaging: execute()'s keyword options (archive, wheels, signing, revalidation)."""
     from .build import execute, make_plan
 
     plan = make_plan(recipe, target, backend=backend, source=source, out=out_dir,
@@ -132,7 +137,7 @@ def _build(recipe, target, backend, source, out_dir, dry_run, archive, with_whee
         return
     log_lines: list[str] = []
     with progress_bars() as bars:
-        result = execute(plan, archive=archive, with_wheels=with_wheels, sign=sign_key,
+        result = execute(plan, **packaging,
                          log=(lambda s: console.print(s, markup=False, highlight=False))
                          if verbose else log_lines.append,
                          stage_cb=lambda s: console.print(f"[cyan]> {s}[/]"), progress=bars)

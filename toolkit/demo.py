@@ -100,6 +100,8 @@ def run_demo(out_dir: Path, out, console, progress_bars) -> int:
         table.add_row(plan.target.name, plan.backend.name, plan.recipe.quantization.precision,
                       f"{bundle_size(result.bundle) / 1e6:.1f} MB", f"{m.kld_mean:.4f}",
                       f"{m.top1:.3f}", f"{m.greedy_match_mean:.1f}", f"{rate:.0f}",
-                      "[green]pass[/]" if result.passed else "[red]FAIL[/]", where)
+                      "[green]pass[/]" if result.passed else "[red]FAIL[/]",
+                      where + (f" (measured {result.report.reused['measured_at']})"
+                               if result.report.reused else ""))
     out.print(table)
     return 1 if failures else 0

@@ -7,13 +7,16 @@ names the checkpoint, --recipe the thresholds and eval set).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .backends import detect_backend, get_backend
-from .checkpoint import read_model_info, resolve_source
+from .checkpoint import cache_root, read_model_info, resolve_source
 from .family import check_remote_code
 from .errors import PhikitError
 from .evalset import load_evalset
@@ -22,7 +25,8 @@ from .reference import load_or_compute
 from .paths import RECIPES_DIR
 from .remote import bundle_session, local_session
 from .report.model import ParityReport
-from .runner.core import BundleError, Session, host_summary, read_manifest, verify_bundle
+from .runner.core import (BundleError, Session, host_summary, read_manifest, sha256_file,
+                          verify_bundle)
 from .schema import Recipe, Thresholds, load_recipe
 
 DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
@@ -218,3 +222,58 @@ def compare_native(candidate: Candidate, ref, report: ParityReport) -> dict[str,
             "greedy_match_vs_native_min": min(matches, default=0), "prompts": rows,
             "native_metrics_note": "run `phikit validate` without --emulate for this "
                                    "machine's figures"}
+
+
+# --- the validation cache -----------------------------------------------------------------------
+# A build measures parity once per (bundle content, reference, bounds, installed runtime, CPU):
+# the figures are a function of those, so an identical rebuild (the demo after a build, a CI job
+# on a warm cache) reuses them, and says so in the report. `phikit validate` always measures.
+
+TOOLKIT_DIR = Path(__file__).resolve().parent
+
+
+def validation_key(stage: Path, runtime: str, options: dict[str, Any], reference_key: str,
+                   thresholds: Thresholds, max_new_tokens: int, packages: list[str]) -> str:
+    """Everything a parity figure depends on. `stage`: the bundle being built (its model and
+    runner files; the reference by its own key, since its npz is re-written on every build)."""
+    from .lock import pinned_requirements
+
+    files = {str(p.relative_to(stage)): sha256_file(p)
+             for p in sorted(stage.rglob("*")) if p.is_file() and p.parts[-2:-1] != ("eval",)}
+    phikit = hashlib.sha256()  # the measuring side (parity, validate, report model, ...)
+    for path in sorted(TOOLKIT_DIR.rglob("*.py")):
+        phikit.update(path.read_bytes())
+    data = {"files": files, "runtime": runtime, "options": options, "reference": reference_key,
+            "thresholds": thresholds.model_dump(mode="json"), "max_new_tokens": max_new_tokens,
+            "installed": sorted(pinned_requirements(packages)), "phikit": phikit.hexdigest(),
+            "host": host_summary(all_flags=True)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _validation_path(key: str) -> Path:
+    return cache_root() / "validations" / f"{key[:32]}.json"
+
+
+def cached_validation(key: str) -> ParityReport | None:
+    """The report measured for this key, marked as reused; None when there is none (or it no
+    longer reads)."""
+    path = _validation_path(key)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        report = ParityReport.read(data["report"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    report.reused = {"key": key[:32], "measured_at": data.get("measured_at")}
+    report.notes = [*report.notes, f"validation reused: this bundle's model and runner files, "
+                    "reference, bounds, installed runtime and CPU are those measured at "
+                    f"{data.get('measured_at')} (phikit build --revalidate measures again)"]
+    return report
+
+
+def store_validation(key: str, report: ParityReport, measured_at: str) -> None:
+    path = _validation_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"measured_at": measured_at, "report": report.to_json()}),
+                   encoding="utf-8")
+    tmp.replace(path)  # a reader sees the whole entry or none

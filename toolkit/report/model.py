@@ -205,6 +205,7 @@ class ParityReport(_Sparse):
     artifact: str | None = None
     host: dict[str, Any] = {}
     emulation: dict[str, Any] | None = None
+    reused: dict[str, Any] | None = None  # a build's cached validation: key, measured_at
     notes: list[str] = []
 
     @property
