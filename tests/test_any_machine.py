@@ -196,7 +196,7 @@ def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch
                       .replace("backends: [onnx, gguf]", "backends: [segv-standin]")
                       .replace("    onnx: [", "    segv-standin: ["))
     recipe = str(small_recipe(tmp_path, limit=6))
-    monkeypatch.setattr(demo, "demo_builds", lambda: [
+    monkeypatch.setattr(demo, "demo_builds", lambda only=None: [
         (recipe, "generic-cpu", "this CPU"), (recipe, str(target), "this CPU"),
         (recipe, "intel-cpu", "this CPU")])
     text = io.StringIO()

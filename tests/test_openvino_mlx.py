@@ -73,10 +73,11 @@ def test_intel_gpu_validated_on_cpu_says_so(dist, tmp_path):
 # --- MLX ------------------------------------------------------------------------------------
 
 def test_mlx_int4_validates_and_runs(mlx_int4_bundle, tmp_path):
-    proc = phikit("validate", mlx_int4_bundle, "--json", tmp_path / "r.json", check=0,
-                  timeout=1800)
-    assert "Metal path is not exercised" in proc.stdout.replace("\n", " ")
-    report = json.loads((tmp_path / "r.json").read_text())
+    # the build validated it through the bundle's runner (a second validation of quantized MLX
+    # costs minutes on Linux's CPU kernels; test_lock_venv validates an MLX bundle again)
+    report = json.loads((mlx_int4_bundle / "parity.json").read_text())
+    assert report["verdict"] == "pass"
+    assert any("Metal path is not exercised" in n for n in report["notes"]), report["notes"]
     assert report["candidate"]["runtime"] == "mlx-lm"
     assert report["candidate"]["quantization"]["bits"] == 4
     proc = run_py(mlx_int4_bundle)

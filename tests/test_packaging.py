@@ -4,10 +4,10 @@ checkout, `phikit list` and `phikit build --dry-run` find them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -46,25 +46,84 @@ def test_the_wheel_carries_extras_and_data(wheel):
             "models/tiny-phi3/model.safetensors"} <= set(data)
 
 
-def test_installed_from_the_wheel_alone(wheel, tmp_path):
+def test_extras_pin_what_the_constraints_verified():
+    """constraints.txt stays the one truth: every extra's pin is its version there; the cuda
+    extra's runtime is the one the nvidia-cuda target locks."""
+    import re
+    import tomllib
+
+    import yaml
+
+    def name(req: str) -> str:
+        return re.split(r"[\[=<>!~; ]", req, 1)[0].lower().replace("_", "-")
+
+    pins = {name(line): line.split("==", 1)[1].split("+")[0]
+            for line in (REPO / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    target = yaml.safe_load((REPO / "targets" / "nvidia-cuda.yaml").read_text())
+    cuda = {name(r): r.split("==")[1] for r in target["runtime"]["packages"]["onnx"] if "==" in r}
+    for extra, requirements in extras.items():
+        for req in requirements:
+            if req.startswith("phikit["):
+                continue
+            version = re.search(r"==([^;\s]+)", req)
+            assert version, f"[{extra}] {req} is not pinned"
+            expected = cuda.get(name(req)) if extra == "cuda" and name(req) in cuda else \
+                pins.get(name(req))
+            assert version.group(1) == expected, f"[{extra}] {req}: constraints say {expected}"
+
+
+def test_one_extra_into_a_fresh_venv_runs_the_demo(wheel, tmp_path):
+    """What a user does: a new venv away from any checkout, torch's CPU wheel, then the wheel
+    with the `openvino` extra and constraints.txt, and `phikit demo --target intel-cpu` from an
+    empty directory. The session's PHIKIT_CACHE is shared, so the demo's conversions and
+    validations are the ones this session measured (nothing installed here is trusted for more
+    than running them)."""
     venv = tmp_path / "venv"
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
-                   timeout=600)
-    # phikit's dependencies from this environment (a .pth line), phikit itself from the wheel
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], capture_output=True, text=True).stdout.strip()
-    (Path(purelib) / "zz-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    def pip(*args: str) -> None:
+        proc = subprocess.run([str(py), "-m", "pip", "install", "-q",
+                               "--disable-pip-version-check", *args], capture_output=True,
+                              text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    pip("torch==2.13.0")  # the CPU wheel first, as the README says
+    pip("-c", str(REPO / "constraints.txt"), f"phikit[openvino] @ {wheel.as_uri()}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     phikit = venv / "bin" / "phikit"
     where = subprocess.run([str(py), "-c", "import toolkit.paths as p; print(p.REPO)"],
-                           capture_output=True, text=True, cwd=tmp_path)
+                           capture_output=True, text=True, cwd=empty)
     assert where.stdout.strip() == str(venv / "share" / "phikit"), where.stderr
-    listed = subprocess.run([str(phikit), "list"], capture_output=True, text=True, cwd=tmp_path)
-    assert listed.returncode == 0 and "tiny-phi3-int4" in listed.stdout and \
-        "generic-cpu" in listed.stdout, listed.stderr
-    plan = subprocess.run([str(phikit), "build", "tiny-phi3-int4", "--target", "generic-cpu",
-                           "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
-    assert plan.returncode == 0 and str(venv / "share" / "phikit" / "models") in plan.stdout, \
-        plan.stderr
+
+    def doctor() -> dict:
+        proc = subprocess.run([str(phikit), "doctor", "--json"], capture_output=True,
+                              text=True, cwd=empty, timeout=300)
+        return {r["name"]: r for r in json.loads(proc.stdout)[0]["rows"]}
+
+    # optimum-intel pulls PyPI's torchvision, built for CUDA torch: with the CPU wheel it breaks
+    # transformers' model imports. doctor says so and what to do; the README's step does it.
+    rows = doctor()
+    if "torchvision" in subprocess.run([str(py), "-m", "pip", "list"], capture_output=True,
+                                       text=True).stdout:
+        assert "broken" in rows["torch"]["status"] and "pip uninstall torchvision" in \
+            rows["torch"]["why"]
+        subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", "torchvision"],
+                       check=True)
+        rows = doctor()
+    assert "usable" in rows["torch"]["status"] and "usable" in rows["openvino"]["status"]
+    assert "no" in rows["gguf"]["status"] and "phikit[gguf]" in rows["gguf"]["why"]
+    demo = subprocess.run([str(phikit), "demo", "--target", "intel-cpu", "--out", "dist"],
+                          capture_output=True, text=True, cwd=empty, timeout=1800)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert sorted(p.name for p in (empty / "dist").iterdir()) == [
+        f"tiny-phi3-{p}-intel-cpu" for p in ("fp32", "int4", "int8")]
+    assert "FAIL" not in demo.stdout
+    refused = subprocess.run([str(phikit), "demo", "--target", "ollama"], capture_output=True,
+                             text=True, cwd=empty)
+    assert refused.returncode == 2 and "phikit doctor" in refused.stderr

@@ -272,3 +272,23 @@ def test_json_schema_for_editors():
     assert "BoundOverrides" in json.dumps(schema)
     assert "properties" in json.loads(phikit("schema", "target", check=0).stdout)
     phikit("schema", "nothing", check=2)
+
+
+def test_a_search_path_of_ones_own_recipes_and_targets(tmp_path):
+    """`phikit --path DIR` (or PHIKIT_PATH): DIR/recipes and DIR/targets are found by name,
+    before phikit's own, by list, build and doctor."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "my-box.yaml").write_text(
+        (REPO / "targets" / "generic-cpu.yaml").read_text().replace("name: generic-cpu",
+                                                                    "name: my-box"))
+    (tmp_path / "recipes" / "my-tiny.yaml").write_text(
+        (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text().replace("../", f"{REPO}/")
+        .replace("name: tiny-phi3-int4", "name: my-tiny"))
+    listed = phikit("--path", tmp_path, "list", "--json", check=0).stdout
+    assert "my-tiny" in listed and "my-box" in listed and "tiny-phi3-int4" in listed
+    plan = phikit("--path", tmp_path, "build", "my-tiny", "--target", "my-box", "--dry-run",
+                  check=0).stdout
+    assert "plan my-tiny -> my-box (onnx)" in plan
+    unknown = phikit("build", "tiny-phi3-int4", "--target", "my-box", "--dry-run", check=2)
+    assert "unknown target 'my-box'" in unknown.stderr and "Traceback" not in unknown.stderr

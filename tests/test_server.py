@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server, driven by the real `openai` client (slow: needs bundles)."""
+"""The OpenAI-compatible server, driven by the real `openai` client and Azure AI Inference's
+(slow: needs bundles)."""
 
 from __future__ import annotations
 
@@ -200,14 +201,47 @@ def test_disconnect_mid_stream_frees_the_model(onnx_server):
     assert time.time() - start < 60
 
 
-def test_api_key_is_checked(int4_bundle):
-    port = free_port()
+def test_api_key_is_checked_and_azure_ai_inference_clients_work(int4_bundle):
+    """A key-protected server, driven by OpenAI's client and by Azure AI Inference's (what
+    code written for GitHub Models / Azure AI uses): same answers, its ?api-version= query,
+    its api-key header and get_model_info()."""
+    from azure.ai.inference import ChatCompletionsClient
+    from azure.ai.inference.models import UserMessage
+    from azure.core.credentials import AzureKeyCredential
+    from azure.core.exceptions import HttpResponseError
+
+    port, name = free_port(), model_name(int4_bundle)
     with server([sys.executable, str(int4_bundle / "run.py"), "serve", "--api-key", "s3cret"],
                 port):
         with pytest.raises(APIStatusError) as e:
             client(port, "wrong").models.list()
         assert e.value.status_code == 401
-        assert [m.id for m in client(port, "s3cret").models.list()] == [model_name(int4_bundle)]
+        assert [m.id for m in client(port, "s3cret").models.list()] == [name]
+        expected = client(port, "s3cret").chat.completions.create(
+            model=name, messages=CHAT, max_tokens=8).choices[0].message.content
+
+        def azure(key: str) -> ChatCompletionsClient:
+            return ChatCompletionsClient(endpoint=f"http://127.0.0.1:{port}/v1",
+                                         credential=AzureKeyCredential(key))
+
+        with azure("s3cret") as c:
+            assert c.get_model_info().model_name == name
+            full = c.complete(messages=[UserMessage(content=CHAT[0]["content"])], model=name,
+                              max_tokens=8)
+            assert full.choices[0].message.content == expected  # greedy: the same answer
+            assert full.usage.total_tokens == (full.usage.prompt_tokens
+                                               + full.usage.completion_tokens)
+            streamed = "".join(u.choices[0].delta.content or "" for u in c.complete(
+                messages=[UserMessage(content=CHAT[0]["content"])], model=name, max_tokens=8,
+                stream=True) if u.choices)
+            assert streamed == expected
+        with azure("wrong") as c, pytest.raises(HttpResponseError) as e:
+            c.complete(messages=[UserMessage(content="hi")], max_tokens=2)
+        assert e.value.status_code == 401
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/v1/models?api-version=2024-05-01-preview",
+                     headers={"api-key": "s3cret"})  # the Azure header alone is enough
+        assert conn.getresponse().status == 200
 
 
 def test_openvino_bundle_serves(ov_int4_bundle):

@@ -26,7 +26,7 @@ from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
 from .package import (finish_manifest, now, publish, sign_manifest, staging_dir, sweep_leftovers,
                       write_archive, write_json, write_report_html, write_runner)
-from .paths import RECIPES_DIR, TARGETS_DIR
+from .paths import RECIPES_DIR, named_files
 from .remote import local_session
 from .report.model import ParityReport
 from .runner.reference_data import REFERENCE_FILE, save_reference
@@ -40,18 +40,18 @@ def find_target(ref: str) -> Path:
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    candidate = TARGETS_DIR / f"{ref}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in TARGETS_DIR.glob("*.yaml")))
-        raise PhikitError(f"unknown target {ref!r} (known: {known})", field="--target")
-    return candidate
+    targets = named_files("targets")
+    if ref not in targets:
+        raise PhikitError(f"unknown target {ref!r} (known: {', '.join(targets)})",
+                          field="--target")
+    return targets[ref]
 
 
 def find_recipe(ref: str) -> Path:
     path = Path(ref)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
-    return RECIPES_DIR / f"{ref}.yaml"
+    return named_files("recipes").get(ref, RECIPES_DIR / f"{ref}.yaml")
 
 
 @dataclass
@@ -68,9 +68,11 @@ class Plan:
 
 def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
               source: str | None = None, out: Path | None = None,
-              trust_remote_code: bool = False) -> Plan:
+              trust_remote_code: bool = False, revision: str | None = None) -> Plan:
     recipe_path = find_recipe(recipe_ref)
     recipe = load_recipe(recipe_path, source_override=source)
+    if revision is not None:  # a hub branch, tag or commit over the recipe's own
+        recipe = recipe.model_copy(update={"revision": revision})
     # First, before any other check or work: a checkpoint that would run remote code.
     info = known_info(recipe.source)
     check_remote_code(info, trust_remote_code, recipe.source)

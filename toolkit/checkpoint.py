@@ -49,14 +49,37 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return refuse_pickles(Path(snapshot_download(source, revision=revision,
-                                                     allow_patterns=list(CHECKPOINT_FILES))))
+        snapshot = Path(snapshot_download(source, revision=revision,
+                                          allow_patterns=list(CHECKPOINT_FILES)))
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "not here"
         why = " ".join(str(e).split())[:300] or type(e).__name__
         raise PhikitError(f"cannot fetch {source!r} from the Hugging Face hub: {why} "
                           f"({type(e).__name__}). Offline (HF_HUB_OFFLINE=1) only HF_HOME's "
                           "cache is read; download the checkpoint and pass --source DIR") \
             from None
+    return refuse_pickles(check_complete(snapshot, source))
+
+
+def check_complete(snapshot: Path, source: str) -> Path:
+    """Offline, the hub client returns a cached snapshot as it is, even one whose download was
+    cut short: its config and every weights file it names must be there."""
+    missing = [] if (snapshot / "config.json").is_file() else ["config.json"]
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            raise PhikitError("unreadable safetensors index", file=index) from None
+        missing += sorted(f for f in shards if not (snapshot / f).is_file())
+    elif not any(p for pattern in ("*.safetensors", *PICKLE_WEIGHTS)
+                 for p in snapshot.glob(pattern)):
+        missing.append("model.safetensors")
+    if missing:
+        raise PhikitError(f"the Hugging Face cache holds an incomplete {source!r} (missing "
+                          f"{', '.join(missing[:4])}): an interrupted download? Run it again "
+                          "online (or `huggingface-cli download`), or pass --source DIR",
+                          file=snapshot)
+    return snapshot
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from .errors import PhikitError
-
-console, out = Console(stderr=True), Console()
+from .terminal import console, out
 
 ci_app = typer.Typer(no_args_is_help=True, help="The quantization gate in CI: run it in one job, "
                      "or write a workflow that spreads it over jobs.")
+
+
 @ci_app.command("run")
 def ci_run(
     recipes: list[str] = typer.Argument(..., help="recipe YAMLs (or names in recipes/)"),

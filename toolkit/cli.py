@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import typer
 import yaml
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .errors import PhikitError
 from .runner.core import BundleError
+from .terminal import JSON_HELP, console, out, print_checks, progress_bars, tables_json
 
-if TYPE_CHECKING:
-    from .report.model import ParityReport
+__all__ = ["app", "main", "progress_bars"]  # progress_bars: demo callers (tests) take it here
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Convert, validate, package and run Phi-3 / Phi-3.5 models for devices.")
-console = Console(stderr=True)
 KEY_HELP = ("OpenSSH ed25519 public key (id_ed25519.pub) that must have signed the manifest; "
             "an unsigned or otherwise signed bundle is refused")
 TRUST_HELP = ("let transformers and the converter import and run the Python code a checkpoint "
               "ships (Phi-3-small, Phi-3/3.5-vision); off by default, read that code first")
-out = Console()
 
 
 def _version(value: bool) -> None:
@@ -42,38 +36,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                          help="print phikit's version and exit")) -> None:
+                                          help="print phikit's version and exit"),
+             path: list[Path] = typer.Option([], "--path", help="a directory holding your own "
+                                             "recipes/ and targets/, searched by name before "
+                                             "phikit's (repeatable; or PHIKIT_PATH)")) -> None:
     """Convert, validate, package and run Phi-3 / Phi-3.5 models for devices."""
+    if path:  # the environment, so that child processes (ci, demo) search the same way
+        import os
 
-
-@contextmanager
-def progress_bars():
-    """A rich Progress and a factory of per-stage advance callbacks for the parity engine."""
-    with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as bars:
-        def factory(description: str, total: int):
-            task = bars.add_task(description, total=total)
-            return lambda: bars.advance(task)
-
-        yield factory
-
-
-def print_checks(report: ParityReport) -> None:
-    table = Table(title=f"parity: {report.verdict.upper()}", title_justify="left")
-    for col in ("metric", "measured", "bound", "result", "where"):
-        table.add_column(col)
-    for c in report.checks:
-        table.add_row(escape(c.metric), f"{c.measured:.4g}", f"{c.relation} {c.bound:.4g}",
-                      "[green]ok[/]" if c.passed else "[red]FAIL[/]", escape(c.detail))
-    m = report.metrics
-    out.print(table)
-    out.print(f"KLD mean {m.kld_mean or 0:.4g} median {m.kld_median or 0:.4g} "
-              f"p99 {m.kld_p99 or 0:.4g} max {m.kld_max or 0:.4g} | top-1 "
-              f"{m.top1 or 0:.4f} | ppl {m.ppl_reference or 0:.2f} -> "
-              f"{m.ppl_candidate or 0:.2f} | greedy match {m.greedy_match_mean or 0:.1f}"
-              f" tokens | token agreement {m.token_agreement or 0:.3f}")
-    for note in report.notes:
-        out.print(f"[yellow]note:[/] {note}", highlight=False)
+        os.environ["PHIKIT_PATH"] = os.pathsep.join(
+            [str(p.resolve()) for p in path] + [os.environ.get("PHIKIT_PATH", "")]).rstrip(
+                os.pathsep)
 
 
 @app.command()
@@ -83,6 +56,8 @@ def build(
     target: str = typer.Option(..., "--target", "-t", help="target name or YAML"),
     backend: Optional[str] = typer.Option(None, help="override the target's default backend"),
     source: Optional[str] = typer.Option(None, help="checkpoint dir or hub id (overrides recipe)"),
+    revision: Optional[str] = typer.Option(None, help="hub branch, tag or commit of the source "
+                                           "(overrides the recipe's `revision`)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate inputs and print the plan"),
     archive: bool = typer.Option(False, help="also write a deterministic <out>.tar.gz"),
@@ -118,18 +93,19 @@ def build(
             recipe = str(Path(tmp) / f"{recipe_name(source, precision)}.yaml")
             Path(recipe).write_text(text, encoding="utf-8")
             source = None
-        _build(recipe, target, backend, source, out_dir, dry_run, trust_remote_code, json_out,
-               verbose, dict(archive=archive, with_wheels=with_wheels, sign=sign_key,
-                             revalidate=revalidate))
+        plan_args = dict(backend=backend, source=source, out=out_dir,
+                         trust_remote_code=trust_remote_code, revision=revision)
+        _build(recipe, target, plan_args, dry_run, json_out, verbose,
+               dict(archive=archive, with_wheels=with_wheels, sign=sign_key,
+                    revalidate=revalidate))
 
 
-def _build(recipe, target, backend, source, out_dir, dry_run, trust_remote_code, json_out,
-           verbose, packaging: dict) -> None:
-    """packaging: execute()'s keyword options (archive, wheels, signing, revalidation)."""
+def _build(recipe, target, plan_args: dict, dry_run, json_out, verbose, packaging: dict) -> None:
+    """plan_args: make_plan()'s keyword options; packaging: execute()'s (archive, wheels,
+    signing, revalidation)."""
     from .build import execute, make_plan
 
-    plan = make_plan(recipe, target, backend=backend, source=source, out=out_dir,
-                     trust_remote_code=trust_remote_code)
+    plan = make_plan(recipe, target, **plan_args)
     out.print(f"[bold]plan[/] {plan.recipe.name} -> {plan.target.name} ({plan.backend.name})")
     for step in plan.steps:
         out.print("  " + step)
@@ -140,7 +116,7 @@ def _build(recipe, target, backend, source, out_dir, dry_run, trust_remote_code,
         result = execute(plan, **packaging,
                          log=(lambda s: console.print(s, markup=False, highlight=False))
                          if verbose else log_lines.append,
-                         stage_cb=lambda s: console.print(f"[cyan]> {s}[/]"), progress=bars)
+                         stage_cb=bars.stage, progress=bars)
     if json_out:
         json_out.write_text(json.dumps(result.report.to_json(), indent=2) + "\n")
     print_checks(result.report)
@@ -341,28 +317,14 @@ def sign(bundle: Path = typer.Argument(..., help="bundle directory"),
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("dist"), "--out", help="where bundles go")) -> None:
+def demo(out_dir: Path = typer.Option(Path("dist"), "--out", help="where bundles go"),
+         target: list[str] = typer.Option([], "--target", "-t", help="only this target "
+                                          "(repeatable); default: every one whose backend is "
+                                          "installed")) -> None:
     """The embedded tiny-phi3 through every target runnable here, with a summary table."""
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(out_dir, out, console, progress_bars))
-
-
-JSON_HELP = "print the tables as JSON (a list of {title, rows: [{column: cell}]}) on stdout"
-
-
-def tables_json(tables: list[Table]) -> str:
-    """Rich tables as data: the cells as shown, keyed by column header."""
-    def text(cell) -> str:
-        return cell.plain if hasattr(cell, "plain") else str(cell)
-
-    out_tables = []
-    for table in tables:
-        headers = [text(c.header) for c in table.columns]
-        cells = [[text(x) for x in c._cells] for c in table.columns]
-        out_tables.append({"title": text(table.title or ""),
-                           "rows": [dict(zip(headers, row)) for row in zip(*cells)]})
-    return json.dumps(out_tables, indent=2)
+    raise typer.Exit(run_demo(out_dir, out, console, progress_bars, target or None))
 
 
 @app.command()

@@ -29,11 +29,25 @@ PRECISIONS = ("int4", "int8", "fp32")
 QUESTION = "What does json.dumps do?"
 
 
-def demo_builds() -> list[tuple[str, str, str]]:
-    """(recipe path, target name, where it is measured) for every target whose backend runs here."""
+def demo_builds(only: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """(recipe path, target name, where it is measured) for every target whose backend runs
+    here (`only`: those targets, each of which must be one of them)."""
     builds = []
     cpu = host_cpu()
-    for _, target, reason in usable_targets():
+    rows = usable_targets()
+    if only:
+        known = {t.name: (t, reason) for _, t, reason in rows if t is not None}
+        for name in only:
+            if name not in known:
+                raise PhikitError(f"unknown target {name!r} (known: {', '.join(sorted(known))})",
+                                  field="--target")
+            backend = BACKENDS[known[name][0].backend]
+            if backend.unavailable():
+                raise PhikitError(f"target {name}'s backend {backend.name} is not usable here: "
+                                  f"{backend.unavailable()}; install: {backend.install} "
+                                  "(phikit doctor lists every backend)", field="--target")
+        rows = [row for row in rows if row[1] is not None and row[1].name in only]
+    for _, target, reason in rows:
         backend = BACKENDS[target.backend] if target is not None else None
         if backend is None or backend.unavailable():
             continue
@@ -67,21 +81,20 @@ def answer(bundle: Path, manifest: dict, question: str = QUESTION) -> tuple[str,
         session.close()
 
 
-def run_demo(out_dir: Path, out, console, progress_bars) -> int:
+def run_demo(out_dir: Path, out, console, progress_bars, only: list[str] | None = None) -> int:
     table = Table(title="phikit demo: tiny-phi3", title_justify="left")
     for col in ("target", "backend", "precision", "size", "KLD mean", "top-1", "greedy match",
                 "tok/s", "verdict", "measured on"):
         table.add_column(col, justify="left" if col in ("target", "backend", "measured on")
                          else "right")
     failures = 0
-    for recipe, target, where in demo_builds():
+    for recipe, target, where in demo_builds(only):
         plan = make_plan(recipe, target)
         plan.out = out_dir / f"{Path(recipe).stem}-{plan.target.name}"
         console.print(f"[bold]{plan.recipe.name} -> {plan.target.name}[/]")
         try:
-            with progress_bars() as bars:
-                result = execute(plan, progress=bars,
-                                 stage_cb=lambda s: console.print(f"  [cyan]> {s}[/]"))
+            with progress_bars("  ") as bars:
+                result = execute(plan, progress=bars, stage_cb=bars.stage)
             text, rate = answer(result.bundle, result.manifest) if result.passed else ("", 0.0)
         except PhikitError as e:
             # one target's runtime crashing (or refusing) is that row's result, not the demo's end

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from rich.table import Table
 
 from .backends import BACKENDS
-from .paths import RECIPES_DIR, TARGETS_DIR
+from .paths import named_files
 from .errors import PhikitError
 from .runner.core import host_cpu
 from .schema import load_recipe, load_target
@@ -30,7 +33,7 @@ def host_matches(target) -> str | None:
 def usable_targets() -> list[tuple[Path, object, str | None]]:
     """(path, target or None, reason it cannot run here or None)."""
     rows = []
-    for path in sorted(TARGETS_DIR.glob("*.yaml")):
+    for path in named_files("targets").values():
         try:
             target = load_target(path, set(BACKENDS))
         except PhikitError as e:
@@ -41,6 +44,32 @@ def usable_targets() -> list[tuple[Path, object, str | None]]:
     return rows
 
 
+TORCH_HINT = "install torch==2.13.0 from PyTorch's CPU index first (README: Install)"
+
+
+def torch_status() -> tuple[bool, str, str]:
+    """(ok, status, why) of the torch every reference and converter imports: present, which
+    build, and whether a torchvision beside it imports (transformers imports one that is there,
+    and PyPI's CUDA-built torchvision breaks every import of a model with torch's CPU wheel)."""
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return False, "[red]no[/]", TORCH_HINT
+    build = "CUDA build" if "+cu" in torch else "CPU build" if "+cpu" in torch else "PyPI build"
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return True, "[green]usable[/]", f"torch {torch} ({build})"
+    proc = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode != 0:
+        return False, "[red]broken[/]", (
+            f"torchvision {vision} does not import with torch {torch} ({build}): transformers "
+            "imports it, so no model loads; `pip uninstall torchvision` (phikit does not use "
+            "it) or install the matching build")
+    return True, "[green]usable[/]", f"torch {torch} ({build}), torchvision {vision}"
+
+
 def doctor_table() -> tuple[Table, bool]:
     table = Table(title="phikit doctor", title_justify="left")
     for col in ("kind", "name", "status", "why"):
@@ -49,11 +78,14 @@ def doctor_table() -> tuple[Table, bool]:
     cpu = host_cpu()
     table.add_row("cpu", cpu["model"], cpu["class"],
                   f"{cpu['cores']} cores; " + (" ".join(cpu["features"]) or "no features of note"))
+    torch_ok, status, why = torch_status()
+    ok &= torch_ok
+    table.add_row("python", "torch", status, why)
     for name, backend in sorted(BACKENDS.items()):
         reason = backend.unavailable()
         ok &= reason is None
         table.add_row("backend", name, "[green]usable[/]" if not reason else "[red]no[/]",
-                      reason or backend.tool)
+                      f"{reason}; install: {backend.install}" if reason else backend.tool)
         if reason is None:
             for note in backend.host_notes(cpu):
                 table.add_row("", "", "[cyan]on this CPU[/]", note)
@@ -69,7 +101,7 @@ def list_tables() -> list[Table]:
     recipes = Table(title="recipes", title_justify="left")
     for col in ("name", "source", "precision", "file"):
         recipes.add_column(col)
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    for path in named_files("recipes").values():
         try:
             r = load_recipe(path)
             recipes.add_row(r.name, r.source if not r.source_is_local else

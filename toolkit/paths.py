@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,3 +20,21 @@ TARGETS_DIR = REPO / "targets"
 RECIPES_DIR = REPO / "recipes"
 EVALSETS_DIR = REPO / "evalsets"
 MODELS_DIR = REPO / "models"
+
+
+def search_dirs(kind: str) -> list[Path]:
+    """Where a recipe or target is found by name (kind: "recipes" or "targets"): each directory
+    of PHIKIT_PATH (`phikit --path DIR`), as DIR/recipes and DIR/targets, before phikit's own.
+    A user's file of the same name shadows the shipped one."""
+    extra = [Path(p).expanduser() for p in os.environ.get("PHIKIT_PATH", "").split(os.pathsep)
+             if p]
+    return [d / kind for d in extra] + [REPO / kind]
+
+
+def named_files(kind: str) -> dict[str, Path]:
+    """name -> YAML file, the first found along search_dirs(kind)."""
+    found: dict[str, Path] = {}
+    for directory in search_dirs(kind):
+        for path in sorted(directory.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))

@@ -33,6 +33,11 @@ HONEST = sorted({("tiny-phi3", p, b) for b in ("onnx", "openvino", "gguf", "mlx"
                  for p in ("int4", "int8", "fp32")}
                 | {(*host(DEFECTS[d], b), b) for (d, b), planter in PLANTERS.items()
                    if not isinstance(planter, NotPlantable)})
+# An honest row reads its build's own report: `phikit build` validated the bundle through the
+# bundle's runner, with the bounds a planted copy is held to. One row per backend (fp32, the
+# quickest to run) also takes the planted bundles' path minus the defect (copy, re-write the
+# manifest, `phikit validate`), so that path is shown to pass by itself.
+CONTROLS = {("tiny-phi3", "fp32", b) for b in ("onnx", "openvino", "gguf", "mlx")}
 
 
 def failed_checks(report: dict) -> dict[str, dict]:
@@ -58,10 +63,14 @@ def test_honest_bundle_passes(family, precision, backend, honest, table, tmp_pat
     except Unbuildable as e:
         table.record(row, backend, "n/a: cannot build", note=str(e))
         pytest.skip(str(e))
-    # the same path as a planted bundle, minus the defect: copy, re-write the manifest, validate
-    bundle = copy_bundle(bundle, tmp_path / bundle.name)
-    rehash_manifest(bundle)
-    rc, report, output = validate(bundle, tmp_path / "r.json")
+    if (family, precision, backend) in CONTROLS:  # a planted bundle's path, minus the defect
+        bundle = copy_bundle(bundle, tmp_path / bundle.name)
+        rehash_manifest(bundle)
+        rc, report, output = validate(bundle, tmp_path / "r.json")
+    else:
+        report = json.loads((bundle / "parity.json").read_text())
+        rc = 0 if report["verdict"] == "pass" else 1
+        output = json.dumps(report["checks"], indent=1)
     failed = sorted(failed_checks(report)) if report else []
     if rc == 0:
         table.record(row, backend, "pass")

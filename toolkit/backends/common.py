@@ -73,6 +73,11 @@ class BackendDefaults:
     def host_notes(self, cpu: dict) -> list[str]:
         return []
 
+    @property
+    def install(self) -> str:
+        """What to install where unavailable() says no (doctor, demo --target)."""
+        return f'pip install -c constraints.txt "phikit[{self.name}]"'
+
 
 def first_import_error(*modules: str) -> str | None:
     """None when all modules import, else why the first one does not."""
@@ -113,7 +118,20 @@ def run_tool(cmd: list[str], log: Callable[[str], None], what: str, expect: Path
             log(lines[-1])
     if proc.returncode != 0 or not expect.exists():
         tail = "\n".join([ln for ln in lines if ln.strip()][-5:])
-        raise PhikitError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        hints = [hint for marker, hint in KNOWN_FAILURES if any(marker in ln for ln in lines)]
+        raise PhikitError(f"{what} failed (exit {proc.returncode}):\n{tail}"
+                          + "".join(f"\nhint: {h}" for h in hints))
+
+
+# A line in a converter's output -> what the user does about it (environment problems that
+# otherwise surface as an unrelated import error deep inside the tool)
+KNOWN_FAILURES = (
+    ("torchvision::nms does not exist",
+     "torchvision does not match the installed torch (optimum-intel pulls PyPI's CUDA-built "
+     "torchvision beside torch's CPU wheel, and transformers imports it): `pip uninstall "
+     "torchvision` (phikit does not use it), or install the matching one from PyTorch's CPU "
+     "index"),
+)
 
 
 def versions(*dists: str) -> dict[str, str]:

@@ -75,6 +75,10 @@ class GgufBackend(BackendDefaults):
                        greedy_match_mean=27.8),
     }
 
+    install = ('pip install -c constraints.txt "phikit[gguf]" (compiles llama.cpp, minutes), '
+               "then the converter from the same source: `make llama-cpp` in a checkout, or "
+               "PHIKIT_LLAMA_CPP=<llama.cpp source tree>")
+
     def unavailable(self) -> str | None:
         converter = llama_cpp_dir() / "convert_hf_to_gguf.py"
         if not converter.is_file():

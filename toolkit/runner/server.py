@@ -6,7 +6,11 @@ Raspberry Pi than the runtime itself).
                               (SSE, `data: [DONE]`), stream_options.include_usage; n must be 1
   POST /v1/completions        the same with `prompt` (raw text, no chat template) for messages
   GET  /v1/models             the one model this server holds
+  GET  /v1/info               the same, as Azure AI model inference's get_model_info() reads it
   GET  /health
+
+Azure AI Inference clients (GitHub Models / Azure AI code) work unchanged: their ?api-version=
+query is ignored and the key is read from `api-key` as well as `Authorization: Bearer`.
 
 One model in memory, one generation at a time: requests queue on a lock and are all answered,
 up to `Limits.max_queue` waiting (then 429 with Retry-After). A streaming client that disconnects
@@ -26,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from .core import Sampling, Session, TextStream, chat_ids
 from .worker import WorkerCrashed
@@ -253,15 +258,23 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 raise ApiError(400, "the body is shorter than its Content-Length")
             return data
 
+        @property
+        def route(self) -> str:
+            """The path without its query: Azure AI Inference clients add ?api-version=..."""
+            return urlsplit(self.path).path
+
         def _authorized(self) -> bool:
+            """The OpenAI form (Authorization: Bearer KEY) or the Azure one (api-key: KEY)."""
             if api_key is None:
                 return True
-            given = self.headers.get("Authorization", "")
-            return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+            bearer = self.headers.get("Authorization", "").encode()
+            azure = self.headers.get("api-key", "").encode()
+            return (hmac.compare_digest(bearer, f"Bearer {api_key}".encode())
+                    | hmac.compare_digest(azure, api_key.encode()))
 
         def _guard(self, fn) -> None:
             try:
-                if self.path != "/health" and not self._authorized():
+                if self.route != "/health" and not self._authorized():
                     raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
                 fn()
             except ApiError as e:
@@ -293,14 +306,18 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 return
 
             def get():
-                if self.path == "/health":
+                if self.route == "/health":
                     self._send_json(200, {"status": "ok", "model": model_name})
-                elif self.path == "/v1/models":
+                elif self.route == "/v1/models":
                     self._send_json(200, {"object": "list", "data": [
                         {"id": model_name, "object": "model", "created": 0,
                          "owned_by": "phikit"}]})
+                elif self.route == "/v1/info":  # Azure AI model inference: get_model_info()
+                    self._send_json(200, {"model_name": model_name,
+                                          "model_type": "chat-completion",
+                                          "model_provider_name": "phikit"})
                 else:
-                    raise ApiError(404, f"no route {self.path}", code="not_found")
+                    raise ApiError(404, f"no route {self.route}", code="not_found")
             self._guard(get)
 
         def do_POST(self) -> None:
@@ -309,13 +326,13 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 self._guard(lambda: self._post(raw))
 
         def _post(self, raw: bytes) -> None:
-            if self.path not in ("/v1/chat/completions", "/v1/completions"):
-                raise ApiError(404, f"no route {self.path}", code="not_found")
+            if self.route not in ("/v1/chat/completions", "/v1/completions"):
+                raise ApiError(404, f"no route {self.route}", code="not_found")
             try:
                 body = json.loads(raw or b"null")
             except (ValueError, RecursionError) as e:  # RecursionError: nested 100 000 deep
                 raise ApiError(400, f"malformed JSON: {type(e).__name__}") from None
-            request = parse_request(body, model_name, chat=self.path == "/v1/chat/completions")
+            request = parse_request(body, model_name, chat=self.route == "/v1/chat/completions")
             if not queue.acquire(blocking=False):
                 raise ApiError(429, f"{limits.max_queue} requests are already waiting for the "
                                "model; retry later", kind="rate_limit_error",
