@@ -104,7 +104,8 @@ def test_malformed_requests_are_400(serve, body):
     assert reply["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("first", ["/v1/embeddings", "/v1/chat/completions?x"],
+# (a query string is ignored on a known route: Azure AI Inference clients add ?api-version=)
+@pytest.mark.parametrize("first", ["/v1/embeddings", "/v1/embeddings?api-version=x"],
                          ids=["404", "404-query"])
 def test_keep_alive_survives_an_early_error(serve, first):
     """An error answered before the body was read used to leave the body in the stream: the
