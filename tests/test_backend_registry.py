@@ -3,9 +3,7 @@ support matrix and the demo's plan with no other module naming it."""
 
 from __future__ import annotations
 
-import shutil
 
-import toolkit.doctor as doctor
 from conftest import REPO
 from toolkit.backends import BACKENDS
 from toolkit.backends.common import BackendDefaults
@@ -43,15 +41,15 @@ def test_a_registered_backend_reaches_the_matrix_and_the_demo(monkeypatch, tmp_p
     assert "standin (generic-cpu)" in header
     assert "the stand-in converts quantized models only" in notes.values()
 
-    targets = tmp_path / "targets"
-    shutil.copytree(REPO / "targets", targets)
+    targets = tmp_path / "targets"  # a target of one's own, on phikit's search path
+    targets.mkdir()
     (targets / "standin-gpu.yaml").write_text(
         (REPO / "targets" / "intel-gpu.yaml").read_text()
         .replace("name: intel-gpu", "name: standin-gpu")
         .replace("backend: openvino", "backend: standin")
         .replace("backends: [openvino]", "backends: [standin]")
         .replace("    openvino: [", "    standin: ["))
-    monkeypatch.setattr(doctor, "TARGETS_DIR", targets)
+    monkeypatch.setenv("PHIKIT_PATH", str(tmp_path))
     mine = [b for b in demo_builds() if b[1] == "standin-gpu"]
     # off its device (a GPU target on this CPU): the backend's own off-device precision
     assert [(r.rsplit("/", 1)[-1], w.split(",")[0]) for r, _, w in mine] == [
