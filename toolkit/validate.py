@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,9 @@ from .reference import load_or_compute
 from .paths import RECIPES_DIR
 from .remote import bundle_session, local_session
 from .report.model import ParityReport
-from .runner.core import (BundleError, Session, host_summary, read_manifest, sha256_file,
-                          verify_bundle)
+from .report import write_text_atomic
+from .runner.core import (BundleError, Session, bundle_files, host_summary, read_manifest,
+                          sha256_file, verify_bundle)
 from .schema import Recipe, Thresholds, load_recipe
 
 DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
@@ -238,8 +238,8 @@ def validation_key(stage: Path, runtime: str, options: dict[str, Any], reference
     runner files; the reference by its own key, since its npz is re-written on every build)."""
     from .lock import pinned_requirements
 
-    files = {str(p.relative_to(stage)): sha256_file(p)
-             for p in sorted(stage.rglob("*")) if p.is_file() and p.parts[-2:-1] != ("eval",)}
+    files = {rel: sha256_file(stage / rel) for rel in bundle_files(stage)
+             if not rel.startswith("eval/")}
     phikit = hashlib.sha256()  # the measuring side (parity, validate, report model, ...)
     for path in sorted(TOOLKIT_DIR.rglob("*.py")):
         phikit.update(path.read_bytes())
@@ -271,9 +271,5 @@ def cached_validation(key: str) -> ParityReport | None:
 
 
 def store_validation(key: str, report: ParityReport, measured_at: str) -> None:
-    path = _validation_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"measured_at": measured_at, "report": report.to_json()}),
-                   encoding="utf-8")
-    tmp.replace(path)  # a reader sees the whole entry or none
+    write_text_atomic(_validation_path(key),  # a reader sees the whole entry or none
+                      json.dumps({"measured_at": measured_at, "report": report.to_json()}))
