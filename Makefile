@@ -68,11 +68,11 @@ demo: install
 
 # Everything, slow end-to-end builds included.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 # The quick loop: no conversions.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 # Side-by-side measurements (ratios printed; never timed assertions).
 bench: install

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny-phi3"
@@ -24,9 +27,39 @@ def phikit(*args: str, check: int | None = None, timeout: int = 900) -> subproce
     return proc
 
 
+# tests/defects' detection table: a plugin here, so that with pytest-xdist the process that
+# prints the summary (which collects no test) has it too
+pytest_plugins = ("defects.detection",)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each may hold a runtime and a reference
+    model; the suite's memory was measured with 2)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `longest` tests first: a parallel run then does not end on one of them alone."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
 @pytest.fixture(scope="session")
 def dist(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("dist")
+    """Where bundles are built once per session. With pytest-xdist every worker gets the same
+    directory (beside the workers' own base temp dirs); `once` serialises each bundle's build."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "dist"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextmanager
+def once(out: Path) -> Iterator[None]:
+    """Held while `out` is built: the workers of a run share `dist`, the first builds."""
+    with FileLock(out.with_name(out.name + ".lock")):
+        yield
 
 
 def build_bundle(dist: Path, precision: str, target: str = "generic-cpu",
@@ -35,12 +68,13 @@ def build_bundle(dist: Path, precision: str, target: str = "generic-cpu",
     validate on the first rows of the eval set only (runtimes too slow here for all of it)."""
     out = dist / (f"tiny-phi3-{precision}-{target}-{backend or 'default'}"
                   + (f"-limit{limit}" if limit else ""))
-    if not (out / "manifest.json").exists():
-        extra = ("--backend", backend) if backend else ()
-        recipe = (small_recipe(dist, precision, limit) if limit
-                  else f"recipes/tiny-phi3-{precision}.yaml")
-        phikit("build", recipe, "--target", target, "--out", out, *extra,
-               "--json", out.with_name(out.name + ".report.json"), check=0, timeout=1800)
+    with once(out):
+        if not (out / "manifest.json").exists():
+            extra = ("--backend", backend) if backend else ()
+            recipe = (small_recipe(dist, precision, limit) if limit
+                      else f"recipes/tiny-phi3-{precision}.yaml")
+            phikit("build", recipe, "--target", target, "--out", out, *extra,
+                   "--json", out.with_name(out.name + ".report.json"), check=0, timeout=1800)
     return out
 
 
@@ -102,6 +136,8 @@ def small_recipe(tmp_path: Path, precision: str = "int4", limit: int = 6) -> Pat
     # text's perplexity, one prompt's greedy run): these tests check emulation, locks and
     # runtimes, not the bounds, so the subset gets the loose bounds all backends once shared
     text += "thresholds:\n" + "".join(f"  {k}: {v}\n" for k, v in SUBSET_BOUNDS[precision].items())
-    path = tmp_path / f"small-{precision}.yaml"
-    path.write_text(text)
+    path = tmp_path / f"small-{precision}-limit{limit}.yaml"
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)  # the workers of a run share dist: a reader never sees half a file
     return path

@@ -92,6 +92,7 @@ def test_doctor_names_the_cpu_and_what_it_changes():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binfmt_misc registration needs root")
+@pytest.mark.xdist_group("aarch64-binfmt")  # it unregisters qemu-aarch64 for a moment
 def test_binfmt_script_registers_aarch64_from_scratch():
     """What `make system-deps` runs: with the registration removed (a fresh machine without
     systemd), the script registers qemu-aarch64 again and proves an aarch64 binary runs."""

@@ -27,6 +27,7 @@ def test_doctor_and_list():
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_demo_builds_validates_and_answers(dist):
     out = dist / "demo"  # in the session's dist: tests/test_qnn.py reuses its NPU bundle
     proc = phikit("demo", "--out", out, check=0, timeout=1800)

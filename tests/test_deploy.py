@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import phikit
+from conftest import once, phikit
 from test_server import free_port
 from toolkit.package import finish_manifest
 
@@ -55,9 +55,10 @@ StrictModes no
 @pytest.fixture(scope="module")
 def wheel_bundle(dist):
     out = dist / "tiny-phi3-int4-with-wheels"
-    if not (out / "manifest.json").exists():
-        phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "generic-cpu", "--out", out,
-               "--with-wheels", check=0)
+    with once(out):
+        if not (out / "manifest.json").exists():
+            phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "generic-cpu", "--out",
+                   out, "--with-wheels", check=0)
     return out
 
 

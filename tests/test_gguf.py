@@ -193,6 +193,7 @@ def test_llama_cpp_default_chat_tokenization_drifts_and_validation_sees_it(ollam
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_gguf_types_ordered_by_precision_and_imatrix_applied(ollama_bundle, tmp_path):
     """Q8_0 < Q5_K_M < Q4_0 in KLD, every type passes, and the importance matrix changes the
     IQ4_NL weights (and lowers its KLD) — the figures go in the README."""

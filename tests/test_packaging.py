@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+# one worker runs the module: its fixture builds the wheel once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_packaging")]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,7 @@ def test_extras_pin_what_the_constraints_verified():
             assert version.group(1) == expected, f"[{extra}] {req}: constraints say {expected}"
 
 
+@pytest.mark.longest
 def test_one_extra_into_a_fresh_venv_runs_the_demo(wheel, tmp_path):
     """What a user does: a new venv away from any checkout, torch's CPU wheel, then the wheel
     with the `openvino` extra and constraints.txt, and `phikit demo --target intel-cpu` from an

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, phikit, small_recipe
+from conftest import REPO, once, phikit, small_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pi_bundle(dist) -> Path:
     out = dist / "tiny-phi3-int4-raspberry-pi"
-    if not (out / "manifest.json").exists():
-        phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "raspberry-pi", "--out", out,
-               "--with-wheels", check=0)
+    with once(out):
+        if not (out / "manifest.json").exists():
+            phikit("build", "recipes/tiny-phi3-int4.yaml", "--target", "raspberry-pi", "--out",
+                   out, "--with-wheels", check=0)
     return out
 
 
@@ -48,6 +49,8 @@ def test_memory_budget_refuses_with_both_numbers(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("debootstrap")
                     or not Path("/usr/bin/qemu-aarch64-static").exists(),
                     reason="needs root, debootstrap and qemu-user-static (.ci/run installs them)")
+@pytest.mark.xdist_group("aarch64-binfmt")  # not while the binfmt test unregisters qemu
+@pytest.mark.longest
 def test_parity_on_emulated_aarch64(pi_bundle, tmp_path):
     report_path = tmp_path / "r.json"
     # 6 rows (2 texts, 2 prompts, 2 chats): qemu runs the aarch64 kernels ~40x slower than

@@ -12,7 +12,8 @@ import pytest
 
 from defects.formats import copy_bundle
 
-pytestmark = pytest.mark.slow
+# one worker runs the module: its fixture tunes once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_tune")]
 
 
 def run(bundle, *args, cwd):

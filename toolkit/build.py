@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backends import BACKENDS, Backend, get_backend
-from .checkpoint import (ModelInfo, cache_root, checkpoint_digest, read_model_info,
+from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, read_model_info,
                          resolve_source)
 from .errors import PhikitError
 from .evalset import load_evalset
@@ -162,22 +162,20 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
     final = cache_root() / "artifacts" / key[:32]
     if final.is_dir():
         return final, True
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(final.parent, "*.tmp")  # conversions killed mid-way
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        plan.backend.convert(source_dir, tmp / "model", plan.recipe, plan.target, log)
-        write_json(tmp / "conversion.json", key_data)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():
-                raise
+    with cache_lock(f"artifact-{key[:32]}"):
+        if final.is_dir():
             return final, True  # a concurrent build of the same artifact finished first
-    finally:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(final.parent, "*.tmp")  # conversions killed mid-way
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            plan.backend.convert(source_dir, tmp / "model", plan.recipe, plan.target, log)
+            write_json(tmp / "conversion.json", key_data)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final, False
 
 
@@ -237,18 +235,19 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
                              reference.reference.meta["key"],
                              effective_thresholds(plan.recipe, plan.backend),
                              plan.recipe.eval.max_new_tokens, packages)
-        report = None if revalidate else cached_validation(key)
-        if report is None:
-            measured_at = now()
-            session = local_session(plan.backend.runtime_module, stage / "model", options,
-                                    runner=stage)
-            try:
-                report = run_parity(Candidate(session, plan.recipe, str(source_dir), "bundle",
-                                              backend=plan.backend),
-                                    progress, reference)
-            finally:
-                session.close()
-            store_validation(key, report, measured_at)
+        with cache_lock(f"validation-{key[:32]}"):
+            report = None if revalidate else cached_validation(key)
+            if report is None:
+                measured_at = now()
+                session = local_session(plan.backend.runtime_module, stage / "model", options,
+                                        runner=stage)
+                try:
+                    report = run_parity(Candidate(session, plan.recipe, str(source_dir),
+                                                  "bundle", backend=plan.backend),
+                                        progress, reference)
+                finally:
+                    session.close()
+                store_validation(key, report, measured_at)
         timings["validate"] = time.perf_counter() - t1
 
         stage_cb("package")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from filelock import FileLock
 
 from .errors import PhikitError
 from .schema import HUB_ID
@@ -34,6 +37,18 @@ def refuse_pickles(path: Path) -> Path:
 
 def cache_root() -> Path:
     return Path(os.environ.get("PHIKIT_CACHE", Path.home() / ".cache" / "phikit"))
+
+
+@contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Held while one process fills the cache entry `name` (a conversion, a reference, a
+    validation, an emulated root): processes sharing a cache (a CI matrix on one runner, test
+    workers) wait for the first and then find its entry, instead of computing it again or
+    writing over each other. Not re-entrant: never nest two locks of the same name."""
+    path = cache_root() / "inflight" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path):
+        yield
 
 
 def resolve_source(source: str, revision: str | None = None) -> Path:

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import cache_root
+from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
 from .runner.core import lock_install_args, read_manifest, verify_bundle
@@ -178,6 +179,16 @@ class EmulatedValidation:
                               "the device; compiling it under qemu user mode is not supported "
                               "(validate it on this machine's ISA instead)", field="--emulate")
         ensure_binfmt(arch)
+        with cache_lock(f"emulation-{arch}"):  # one root, venv and bundle copy per cache
+            root, venv, copy = self._aarch64_prepare(arch, bundle, manifest)
+        self.prefix, self.python, self.inside = [CHROOT, str(root)], \
+            f"/opt/phikit/{venv.name}/bin/python", root
+        self.run_py, self.env = f"/opt/phikit/bundles/{copy.name}/run.py", ROOT_ENV
+        return {"root": "Debian bookworm arm64"}
+
+    def _aarch64_prepare(self, arch: str, bundle: Path, manifest: dict) -> tuple[Path, Path, Path]:
+        """The emulated root, the venv of the bundle's lock in it and the bundle's copy, each
+        made once per cache."""
         root = ensure_root(arch, self.log)
         lock_text = (bundle / "requirements.lock").read_text()
         lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()[:16]
@@ -202,10 +213,7 @@ class EmulatedValidation:
             shutil.copytree(bundle, copy.with_name(copy.name + ".tmp"), dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__", ".venv"))
             copy.with_name(copy.name + ".tmp").rename(copy)
-        self.prefix, self.python, self.inside = [CHROOT, str(root)], \
-            f"/opt/phikit/{venv.name}/bin/python", root
-        self.run_py, self.env = f"/opt/phikit/bundles/{copy.name}/run.py", ROOT_ENV
-        return {"root": "Debian bookworm arm64"}
+        return root, venv, copy
 
     def run(self, thresholds: dict, limit: int | None) -> dict:
         """The report `run.py validate` wrote on the emulated CPU, with these bounds (the
@@ -217,13 +225,15 @@ class EmulatedValidation:
         cmd = [*self.prefix, self.python, "-I", self.run_py, "validate",
                "--json", f"{seen}/{name}.json", "--thresholds", f"{seen}/{name}.thresholds.json",
                *(["--limit", str(limit)] if limit else [])]
-        mounts = _Mounts(self.inside) if self.inside else None
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
-                                  timeout=7200)
-        finally:
-            if mounts is not None:
-                mounts.close()
+        # the root's /proc, /sys and /dev mounts are shared: one process in the root at a time
+        with cache_lock(f"emulation-{self.arch}") if self.inside else nullcontext():
+            mounts = _Mounts(self.inside) if self.inside else None
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
+                                      timeout=7200)
+            finally:
+                if mounts is not None:
+                    mounts.close()
         out = scratch / f"{name}.json"
         try:
             if proc.returncode not in (0, 1) or not out.is_file():

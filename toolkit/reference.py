@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import cache_root, checkpoint_digest
+from .checkpoint import cache_lock, cache_root, checkpoint_digest
 from .evalset import EvalRow, EvalSet
 from .runner.reference_data import (PromptRef, Reference, TextRef,  # noqa: F401
                                     load_reference, save_reference)
@@ -132,17 +132,18 @@ def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new
     digest = checkpoint_digest(checkpoint)
     key = reference_key(digest, evalset, max_tokens, max_new_tokens, dtype)
     path = cache_root() / "reference" / f"{key}.npz"
-    if path.is_file():
-        try:
-            return load_reference(path), True
-        except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)  # corrupt entry: recompute
-    if before_compute is not None:
-        before_compute()
-    ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
-                            progress_factory() if progress_factory else None, dtype,
-                            trust_remote_code)
-    gc.collect()  # the transformers model is garbage now; free it before the candidate loads
-    ref.meta.update({"checkpoint_sha256": digest, "key": key})
-    save_reference(path, ref)
+    with cache_lock(f"reference-{key[:32]}"):
+        if path.is_file():
+            try:
+                return load_reference(path), True
+            except (OSError, ValueError, KeyError):
+                path.unlink(missing_ok=True)  # corrupt entry: recompute
+        if before_compute is not None:
+            before_compute()
+        ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
+                                progress_factory() if progress_factory else None, dtype,
+                                trust_remote_code)
+        gc.collect()  # the transformers model is garbage now; free it before the candidate loads
+        ref.meta.update({"checkpoint_sha256": digest, "key": key})
+        save_reference(path, ref)
     return ref, False

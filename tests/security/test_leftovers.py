@@ -1,12 +1,14 @@
 """Crash leftovers and races (issue 17, item 8): a build killed mid-way leaves directories that
 look complete; the next build removes those of dead processes. Two builds of one artifact at
-once: the second to finish uses the first one's result instead of failing on the rename."""
+once: the second waits for the first one's result instead of converting again."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 from toolkit.build import convert_cached
@@ -43,15 +45,17 @@ def test_publish_replaces_the_old_bundle_and_leaves_nothing_aside(tmp_path):
 
 
 def test_concurrent_conversion_of_one_artifact(tmp_path, monkeypatch):
+    """Two builds of one artifact at once (a CI matrix on one runner, test workers): the tool
+    runs once, the second build waits for it and takes its result."""
     monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path / "cache"))
+    calls, started = [], threading.Event()
 
     def convert(source, out, recipe, target, log):
-        # `out` is TMP/model, TMP = <artifact>.tmp-PID: the other build renames its result
-        # into <artifact> while this one is still converting
-        other = out.parent.with_name(out.parent.name.split(".tmp-")[0])
-        (other / "model").mkdir(parents=True)
-        (other / "conversion.json").write_text("{}")
+        calls.append(out)
+        started.set()
+        time.sleep(0.5)  # the other build asks for the artifact meanwhile
         out.mkdir()
+        (out / "weights").write_text("w")
 
     backend = SimpleNamespace(name="standin", convert=convert, describe=lambda *a: "stand-in",
                               toolchain=lambda: {}, revision=1)
@@ -59,7 +63,19 @@ def test_concurrent_conversion_of_one_artifact(tmp_path, monkeypatch):
         backend=backend, recipe=SimpleNamespace(quantization=SimpleNamespace(
             model_dump=lambda mode: {})),
         target=SimpleNamespace(execution_provider="cpu", runtime=SimpleNamespace(threads=None)))
-    artifact, cached = convert_cached(plan, tmp_path, "digest", None, lambda s: None)
-    assert cached and (artifact / "conversion.json").exists()
+    results = {}
+
+    def build(name):
+        results[name] = convert_cached(plan, tmp_path, "digest", None, lambda s: None)
+
+    first = threading.Thread(target=build, args=("first",))
+    first.start()
+    assert started.wait(30)
+    build("second")
+    first.join(30)
+    assert len(calls) == 1
+    assert results["first"] == (results["second"][0], False) and results["second"][1] is True
+    artifact = results["first"][0]
+    assert (artifact / "model" / "weights").read_text() == "w"
     # no *.tmp-PID left beside it
     assert [p.name for p in artifact.parent.iterdir()] == [artifact.name]
