@@ -14,7 +14,7 @@ LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
 # ONNX backend keeps the 0.18 builder.
 OLIVE_GENAI      := $(VENV)/share/phikit/olive-genai
 
-.PHONY: install llama-cpp olive-genai system-deps demo test test-fast bench bench-full fixture matrix clean
+.PHONY: install llama-cpp olive-genai system-deps demo test test-fast bench bench-full bench-medium fixture matrix clean
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,13 @@ bench-full: install
 	rm -rf /tmp/phikit-ck32
 	$(PY) bench/convert.py --layers 32 --keep /tmp/phikit-ck32 --backends gguf,openvino --precisions int4
 	$(VENV)/bin/phikit build bench/phi3-mini-shape-int4.yaml --source /tmp/phikit-ck32 --target generic-cpu --backend gguf --out dist/phi3-mini-shape-int4
+
+# Phi-3-medium's shape (40 layers, hidden 5120, 40/10 heads, 14B parameters, 28 GB of bf16; random
+# weights made tensor by tensor): each backend's int4 conversion with the peak memory of its
+# processes; one whose processes pass 22 GB is stopped (24 GB machines). Disk: about 70 GB (the
+# checkpoint, llama.cpp's bf16 intermediate, one artifact at a time).
+bench-medium: install
+	$(PY) bench/convert.py --shape medium --layers 40 --backends gguf,openvino,onnx --precisions int4 --rss-limit-gb 22
 
 # Regenerate the embedded fixtures and eval sets (needs npm; ~45 min of CPU). Step counts are
 # the ones the shipped models were trained with (deterministic given the step count).

@@ -4,7 +4,8 @@ Each conversion runs in a fresh process through phikit's own backend (which runs
 child), and the peak resident set of that child is read from getrusage(RUSAGE_CHILDREN). Source:
 the embedded tiny-phi3 by default, or random weights with Phi-3-mini's layer shapes (--layers N).
 
-Usage: python bench/convert.py [--layers N] [--backends onnx,openvino,gguf,mlx] [--precisions int4,int8,fp32]
+Usage: python bench/convert.py [--layers N [--shape mini|medium]] [--backends onnx,openvino,gguf,mlx]
+       [--precisions int4,int8,fp32] [--rss-limit-gb G]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,41 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
     print(json.dumps({"seconds": wall, "peak_rss_mb": peak_kb / 1024, "size_mb": size / 1e6}))
 
 
+def watched(cmd: list[str], limit_mb: float | None) -> tuple[subprocess.CompletedProcess,
+                                                                  dict[str, float], bool]:
+    """Run `cmd`; sample the memory of its whole process tree twice a second and stop the tree
+    if its anonymous memory passes `limit_mb` (a conversion that would not fit must not take the
+    machine down with it). Resident pages of memory-mapped files (safetensors shards read in
+    place) count in RSS but the kernel can drop them; anonymous memory is what runs a machine
+    out. (process, {"rss": peak MB, "anon": peak MB}, stopped?)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent, peak, stopped = psutil.Process(proc.pid), {"rss": 0.0, "anon": 0.0}, False
+    while proc.poll() is None:
+        rss = anon = 0.0
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            for p in tree:
+                info = p.memory_info()
+                rss += info.rss / 1e6
+                anon += (info.rss - info.shared) / 1e6
+        except psutil.Error:
+            tree = []
+        peak = {"rss": max(peak["rss"], rss), "anon": max(peak["anon"], anon)}
+        if limit_mb and anon > limit_mb:
+            for p in reversed(tree):
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            stopped = True
+            break
+        time.sleep(0.5)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak, stopped
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=0, help="0 = the embedded tiny-phi3")
@@ -48,6 +85,10 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="make the --layers checkpoint here and keep it")
     ap.add_argument("--backends", default="onnx,openvino,gguf,mlx")
     ap.add_argument("--precisions", default="int4,int8,fp32")
+    ap.add_argument("--shape", choices=("mini", "medium"), default="mini",
+                    help="the published checkpoint whose layer shapes --layers uses")
+    ap.add_argument("--rss-limit-gb", type=float, default=None,
+                    help="stop a conversion whose processes' anonymous memory passes this")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -60,26 +101,39 @@ def main() -> None:
         elif args.layers:
             from shapes import make_checkpoint
 
-            source = make_checkpoint(args.keep or Path(tmp) / "ckpt", args.layers)
+            source = make_checkpoint(args.keep or Path(tmp) / "ckpt", args.layers,
+                                     shape=args.shape)
         else:
             source = REPO / "models" / "tiny-phi3"
         ckpt_mb = sum(p.stat().st_size for p in source.glob("*.safetensors")) / 1e6
         print(f"source: {source.name} ({ckpt_mb:.0f} MB of safetensors); wall time and peak RSS "
               "of each conversion (the tool's process)")
         print(f"{'backend':<9} {'precision':<9} {'seconds':>8} {'peak RSS MB':>12} "
-              f"{'x checkpoint':>13} {'artifact MB':>12}")
+              f"{'x checkpoint':>13} {'artifact MB':>12} {'tree RSS MB':>12} {'tree anon MB':>12}")
         for backend in args.backends.split(","):
             for precision in args.precisions.split(","):
                 out = Path(tmp) / f"{backend}-{precision}"
-                proc = subprocess.run([sys.executable, __file__, "--one", backend, precision,
-                                       str(source), str(out)], capture_output=True, text=True)
+                limit = args.rss_limit_gb * 1000 if args.rss_limit_gb else None
+                proc, sampled, stopped = watched(
+                    [sys.executable, __file__, "--one", backend, precision, str(source),
+                     str(out)], limit)
+                shutil.rmtree(out, ignore_errors=True)  # a full-size artifact: free the disk
+                if stopped:
+                    print(f"{backend:<9} {precision:<9} STOPPED: its processes' anonymous "
+                          f"memory passed {args.rss_limit_gb:g} GB ({sampled['anon'] / ckpt_mb:.2f}"
+                          f" x checkpoint; RSS {sampled['rss']:.0f} MB)")
+                    continue
                 if proc.returncode != 0:
                     print(f"{backend:<9} {precision:<9} failed: "
                           f"{proc.stderr.strip().splitlines()[-1:]}")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(f"{backend:<9} {precision:<9} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} "
-                      f"{r['peak_rss_mb'] / ckpt_mb:>13.1f} {r['size_mb']:>12.1f}")
+                      f"{r['peak_rss_mb'] / ckpt_mb:>13.2f} {r['size_mb']:>12.1f} "
+                      f"{sampled['rss']:>12.0f} {sampled['anon']:>12.0f}")
+        print("peak RSS: the largest single process (getrusage); tree RSS / anon: all of the "
+              "conversion's processes together, sampled twice a second (anon: RSS less the "
+              "resident pages of mapped files, which the kernel can drop)")
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--engines", default="all")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -271,9 +272,15 @@ def main() -> None:
             row["roofline_tok_s"] = bandwidth * 1e3 / row["read_mb"]
             rows[engine] = row
     report(rows, args, bandwidth)
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=1))
 
 
 def report(rows: dict[str, dict], args, bandwidth: float) -> None:
+    from toolkit.runner.host import host_cpu
+
+    cpu = host_cpu()
+    print(f"CPU: {cpu['model']} ({cpu['class']}; {', '.join(cpu['features']) or 'no flags of note'})")
     print(f"Phi-3-mini shapes x {args.layers} layers (random weights), {os.cpu_count()} cores, "
           f"read bandwidth {bandwidth:.1f} GB/s; median of {args.repeats}; decode after a "
           f"16-token prompt, {DECODE} tokens")
@@ -298,6 +305,65 @@ def report(rows: dict[str, dict], args, bandwidth: float) -> None:
     print("tok/s x roof: decode speed / (bandwidth / weight bytes per token); x torch, x l.cpp: "
           "ratio to PyTorch bf16 and to llama.cpp of the same bits (decode: higher is better; "
           "prefill: lower is better)")
+    goals(rows)
+
+
+# The goals every CPU target's default int4 bundle is held to (the performance issue): decode at
+# DECODE_ROOFLINE_MIN of the memory limit and no slower than any other engine of the run; prefill
+# no slower than the fastest engine of the run (PyTorch bf16 included).
+DECODE_ROOFLINE_MIN = 0.85
+
+
+def cpu_target_defaults() -> dict[str, str]:
+    """target -> the engine of its default int4 bundle, for every target whose device is a CPU
+    (an aarch64 one is stood in for by the same backend on this CPU)."""
+    from toolkit.backends import BACKENDS
+    from toolkit.paths import named_files
+    from toolkit.schema import load_target
+
+    out = {}
+    for name, path in named_files("targets").items():
+        target = load_target(path, set(BACKENDS))
+        if target.device == "cpu" and "int4" in target.precisions:
+            out[name] = f"{target.backend}-int4"
+    return out
+
+
+def goals(rows: dict[str, dict]) -> list[dict]:
+    """Print, per CPU target, its default's figures against the goals; return the rows."""
+    results = []
+    print("\ngoals per CPU target (its default int4 bundle; met / NOT MET)")
+    print(f"{'target':<14} {'engine':<14} {'x roof':>7} {'best other decode':>24} "
+          f"{'decode':>8} {'fastest prefill 128 / 1024':>34} {'prefill':>8}")
+    for target, engine in cpu_target_defaults().items():
+        r = rows.get(engine)
+        if r is None:
+            print(f"{target:<14} {engine:<14} not measured in this run")
+            continue
+        others = {e: o for e, o in rows.items() if e != engine}
+        best = max(others, key=lambda e: others[e]["decode_tok_s"], default=None)
+        roof = r["decode_tok_s"] / r["roofline_tok_s"]
+        decode_met = roof >= DECODE_ROOFLINE_MIN and (
+            best is None or r["decode_tok_s"] >= others[best]["decode_tok_s"])
+        prefill = {}
+        for n in PROMPTS:
+            key = f"prefill_{n}_ms"
+            fastest = min(rows, key=lambda e: rows[e][key])
+            prefill[n] = (fastest, r[key] / rows[fastest][key])
+        prefill_met = all(ratio <= 1.0 for _, ratio in prefill.values())
+        versus = (f"{best} {r['decode_tok_s'] / others[best]['decode_tok_s']:.2f}x"
+                  if best else "-")
+        fastest_text = " / ".join(f"{e} {x:.2f}x" for e, x in prefill.values())
+        print(f"{target:<14} {engine:<14} {roof:>7.2f} {versus:>24} "
+              f"{'met' if decode_met else 'NOT MET':>8} {fastest_text:>34} "
+              f"{'met' if prefill_met else 'NOT MET':>8}")
+        results.append({"target": target, "engine": engine, "decode_x_roofline": roof,
+                        "decode_best_other": best, "decode_met": decode_met,
+                        "prefill": prefill, "prefill_met": prefill_met})
+    print(f"decode: >= {DECODE_ROOFLINE_MIN} x roofline and no slower than the best other engine; "
+          "prefill: <= 1.0 x the fastest engine at 128 and at 1024 tokens (ratios: this "
+          "engine / that one)")
+    return results
 
 
 if __name__ == "__main__":

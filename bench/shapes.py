@@ -1,6 +1,8 @@
-"""Random-weight checkpoints with the real Phi-3-mini layer shapes, for the benchmarks.
+"""Random-weight checkpoints with the real Phi-3-mini (or Phi-3-medium) layer shapes, for the
+benchmarks.
 
-hidden 3072, intermediate 8192, 32 heads (32 KV heads), vocab 32064, N layers; bf16 safetensors
+mini: hidden 3072, intermediate 8192, 32 heads (32 KV heads), vocab 32064, N layers; medium:
+hidden 5120, intermediate 17920, 40 heads (10 KV heads); bf16 safetensors
 (sharded at 2 GB, like the published ones) with the embedded tiny-phi3's tokenizer files. Random weights are fine for speed and memory; they
 say nothing about accuracy (the embedded trained fixture is for that).
 """
@@ -16,19 +18,29 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny-phi3"
 # The target whose settings (threads, provider, options) each backend is benchmarked with.
 TARGETS = {"onnx": "generic-cpu", "openvino": "intel-cpu", "mlx": "apple-metal", "gguf": "ollama"}
-SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=32064)
+# The published checkpoints' layer shapes (their config.json): mini 3.8B at 32 layers, medium
+# 14B at 40 layers (grouped-query attention, 10 KV heads)
+SHAPES = {
+    "mini": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064),
+    "medium": dict(hidden_size=5120, intermediate_size=17920, num_attention_heads=40,
+                   num_key_value_heads=10, vocab_size=32064),
+}
+LAYERS = {"mini": 32, "medium": 40}
 
 
-def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30) -> Path:
+def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30,
+                    shape: str = "mini") -> Path:
     """Write the checkpoint tensor by tensor (never a whole model in memory, so the 32-layer,
     7.6 GB one is made in a few GB), sharded like the published checkpoints, bf16 like them."""
     import torch
     from safetensors.torch import save_file
 
-    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    dims = SHAPES[shape]
+    h, i, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    kv = dims["num_key_value_heads"] * h // dims["num_attention_heads"]
     config = json.loads((TINY / "config.json").read_text())
-    config.update(SHAPE, num_hidden_layers=layers, torch_dtype="bfloat16")
+    config.update(dims, num_hidden_layers=layers, torch_dtype="bfloat16")
     gen = torch.Generator().manual_seed(0)
 
     def tensors():
@@ -36,7 +48,7 @@ def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30) -> Path:
         for n in range(layers):
             pre = f"model.layers.{n}."
             yield pre + "input_layernorm.weight", (h,)
-            yield pre + "self_attn.qkv_proj.weight", (3 * h, h)
+            yield pre + "self_attn.qkv_proj.weight", (h + 2 * kv, h)
             yield pre + "self_attn.o_proj.weight", (h, h)
             yield pre + "post_attention_layernorm.weight", (h,)
             yield pre + "mlp.gate_up_proj.weight", (2 * i, h)

@@ -38,6 +38,20 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+def pytest_configure(config):
+    """A pytest-xdist worker runs on its own share of the CPUs (children inherit it, and the
+    runners' `threads: auto` counts only those): two workers on two cores then never run four
+    runtime threads that contend and spin."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // int(count))
+    start = (int(worker.removeprefix("gw")) * share) % len(cpus)
+    os.sched_setaffinity(0, cpus[start:start + share])
+
+
 def pytest_collection_modifyitems(config, items):
     """The `longest` tests first: a parallel run then does not end on one of them alone."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)

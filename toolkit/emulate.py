@@ -204,9 +204,11 @@ class EmulatedValidation:
             self.log("installing the bundle's aarch64 wheels in the emulated root")
             inside = f"/opt/phikit/{venv.name}"
             _chroot(root, ["/usr/bin/python3", "-m", "venv", inside], "venv in the emulated root")
+            # --no-compile: byte-compiling every installed module under qemu costs minutes;
+            # the modules a validation imports compile when first imported
             _chroot(root, [f"{inside}/bin/python", "-m", "pip", *lock_install_args(
-                        f"/opt/phikit/lock-{lock_sha}.txt", f"/opt/phikit/{wheels.name}")],
-                    "pip install (emulated)")
+                        f"/opt/phikit/lock-{lock_sha}.txt", f"/opt/phikit/{wheels.name}"),
+                           "--no-compile"], "pip install (emulated)")
         digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
         copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
         if not copy.exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 # what this machine is (host.py), re-exported: runtimes and phikit read it from here
-from .host import CPU_FEATURES_OF_NOTE, host_cpu, host_summary  # noqa: F401
+from .host import CPU_FEATURES_OF_NOTE, available_cpus, host_cpu, host_summary  # noqa: F401
 
 MANIFEST = "manifest.json"
 # manifest.json signed with an OpenSSH ed25519 key (`ssh-keygen -Y sign`, the SSHSIG format): it
@@ -175,7 +175,7 @@ def thread_count(option: Any) -> int | None:
 
 
 def auto_threads(option: Any) -> int:
-    return thread_count(option) or os.cpu_count() or 1
+    return thread_count(option) or available_cpus()
 
 
 def stop_ids(session: "Session", sampling: "Sampling") -> set[int]:

@@ -51,6 +51,15 @@ def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
             "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}"}
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: a container's cpuset, `taskset`, a CI job's slice,
+    not every core the machine has (threads beyond them only contend and spin)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on macOS
+        return os.cpu_count() or 1
+
+
 def host_summary(all_flags: bool = False) -> dict[str, Any]:
     """The machine that ran the parity engine (and, unless emulated, the candidate): what a
     figure needs to be traced to the hardware that produced it. all_flags: every CPU flag too

@@ -13,13 +13,12 @@ in-range values, and only on the CPU it was measured on.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from .core import (MANIFEST, TUNED, BundleError, Manifest, Sampling, host_cpu, open_session,
-                   verify_bundle)
+from .core import (MANIFEST, TUNED, BundleError, Manifest, Sampling, available_cpus, host_cpu,
+                   open_session, verify_bundle)
 from .reference_data import load_reference
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
@@ -51,7 +50,7 @@ def tune(root: Path, threads: list[int] | None = None,
     reference = load_reference(root / manifest["reference_file"])
     longest = max(reference.texts, key=lambda t: t.ids.size)
     prompt = longest.ids[:PROMPT_TOKENS].tolist()
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     candidates = sorted(set(threads or {1, max(1, cores // 2), cores}))
     results = []
     for n in candidates:
