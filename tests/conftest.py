@@ -12,6 +12,9 @@ from typing import Iterator
 import pytest
 from filelock import FileLock
 
+from toolkit.report.load import write_text_atomic
+from toolkit.runner.host import available_cpus
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny-phi3"
 
@@ -35,7 +38,7 @@ pytest_plugins = ("defects.detection",)
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core, at most 4 (each may hold a runtime and a reference
     model; the suite's memory was measured with 2)."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    return max(1, min(available_cpus(), 4))
 
 
 def pytest_configure(config):
@@ -151,7 +154,5 @@ def small_recipe(tmp_path: Path, precision: str = "int4", limit: int = 6) -> Pat
     # runtimes, not the bounds, so the subset gets the loose bounds all backends once shared
     text += "thresholds:\n" + "".join(f"  {k}: {v}\n" for k, v in SUBSET_BOUNDS[precision].items())
     path = tmp_path / f"small-{precision}-limit{limit}.yaml"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)  # the workers of a run share dist: a reader never sees half a file
+    write_text_atomic(path, text)  # the workers of a run share dist: never half a file
     return path
