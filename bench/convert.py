@@ -4,6 +4,9 @@ Each conversion runs in a fresh process through phikit's own backend (which runs
 child), and the peak resident set of that child is read from getrusage(RUSAGE_CHILDREN). Source:
 the embedded tiny-phi3 by default, or random weights with Phi-3-mini's layer shapes (--layers N).
 
+Backends: phikit's (onnx runs the ORT GenAI builder streamed, see toolkit/backends/onnx_stream.py)
+and onnx-builder: the same builder arguments run through the builder as it ships.
+
 Usage: python bench/convert.py [--layers N [--shape mini|medium]] [--backends onnx,openvino,gguf,mlx]
        [--precisions int4,int8,fp32] [--rss-limit-gb G]
 """
@@ -33,6 +36,10 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
     from toolkit.schema import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
+    if backend == "onnx-builder":  # the ORT GenAI builder as it ships, not streamed
+        import toolkit.backends.onnx as onnx_backend
+
+        backend, onnx_backend.STREAMED_BUILDER = "onnx", onnx_backend.BACKEND.tool
     target = target_for(backend)
     start = time.perf_counter()
     BACKENDS[backend].convert(source, out, recipe, target, log=lambda s: None)

@@ -45,10 +45,18 @@ PHIKIT = {f"{b}-{p}": (b, p, {}) for b in ("onnx", "openvino", "gguf") for p in 
 PHIKIT["onnx-int4-builder"] = ("onnx", "int4", {
     "accuracy_level": 0, "options": {"onnx": {"extra_options": {"prune_lm_head": "false"}}}})
 PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", {"options": {"gguf": {"type": "Q4_K_M"}}})
-# What the AMX protection costs: llama.cpp's extra buffer types (the Q4_0 repack) turned off, as
-# the gguf runner does by default on AMX CPUs (ggml-org/llama.cpp#20824)
-PHIKIT["gguf-int4-no-extra-bufts"] = ("gguf", "int4", {})
-RUNTIME_OVERRIDES = {"gguf-int4-no-extra-bufts": {"extra_buffer_types": False}}
+# The same artifact run with other runtime options (the host tables' choices, see
+# runner/host.py): engine -> (engine whose artifact it runs, options over its target's)
+VARIANTS = {
+    # what the AMX protection costs: the Q4_0 repack off (ggml-org/llama.cpp#20824)
+    "gguf-int4-no-extra-bufts": ("gguf-int4", {"extra_buffer_types": False}),
+    "onnx-int4-no-spin": ("onnx-int4", {"allow_spinning": False}),
+    "onnx-int4-spin": ("onnx-int4", {"allow_spinning": True}),
+    "openvino-int4-dq0": ("openvino-int4", {"dynamic_quantization_group_size": 0}),
+    "openvino-int4-kv-f16": ("openvino-int4", {"kv_cache_precision": "f16"}),
+    "openvino-int4-kv-u8": ("openvino-int4", {"kv_cache_precision": "u8"}),
+    "openvino-int8-dq0": ("openvino-int8", {"dynamic_quantization_group_size": 0}),
+}
 PEERS = ("torch-bf16", "llamacpp-Q4_0", "llamacpp-Q8_0")
 PROMPTS = (128, 1024)
 DECODE = 64
@@ -118,10 +126,11 @@ def open_engine(engine: str, artifact: Path):
         return TorchSession(artifact)
     if engine.startswith("llamacpp-"):
         return LlamaCppPeer(artifact / "model.gguf")
-    backend, precision, overrides = PHIKIT[engine]
+    base, runtime_overrides = VARIANTS.get(engine, (engine, {}))
+    backend, precision, overrides = PHIKIT[base]
     options = {**BACKENDS[backend].runtime_options(target_for(backend),
                                                    bench_recipe(precision, overrides)),
-               **RUNTIME_OVERRIDES.get(engine, {})}
+               **runtime_overrides}
     return open_session(BACKENDS[backend].runtime_module, artifact, options)
 
 
@@ -152,13 +161,20 @@ def child(engine: str, artifact: Path, repeats: int) -> dict:
     for n in PROMPTS:
         result[f"prefill_{n}_ms"] = 1000 * statistics.median(
             first_token_seconds(session, prompt(n)) for _ in range(repeats))
-    rates = []
+    rates, cpu, wall = [], 0.0, 0.0
     for _ in range(repeats):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         stamps = [time.perf_counter() for _ in session.generate(
             prompt(16), Sampling(max_new_tokens=DECODE, stop_token_ids=()))]
+        cpu, wall = cpu + time.process_time() - cpu0, wall + time.perf_counter() - wall0
         if len(stamps) > 1:
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     result["decode_tok_s"] = statistics.median(rates) if rates else float("nan")
+    # CPUs kept busy while decoding (threads that spin while they wait count here)
+    result["decode_cpus_busy"] = cpu / wall if wall else float("nan")
+    if hasattr(session, "info"):
+        result["options_in_force"] = {k: v["value"] for k, v in
+                                      session.info().get("options_in_force", {}).items()}
     result["decoded"] = len(stamps)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -246,14 +262,21 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], Path(args.child[1]), args.repeats)))
         return
-    engines = [*PHIKIT, *PEERS] if args.engines == "all" else args.engines.split(",")
+    engines = [*PHIKIT, *VARIANTS, *PEERS] if args.engines == "all" else args.engines.split(",")
+    unknown = [e for e in engines if e not in (*PHIKIT, *VARIANTS, *PEERS)]
+    if unknown:
+        ap.error(f"unknown engines {', '.join(unknown)}; known: "
+                 f"{', '.join([*PHIKIT, *VARIANTS, *PEERS])}")
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
         artifacts = {"torch-bf16": source}
         for engine in engines:
-            if engine in PHIKIT:
-                artifacts[engine] = convert(engine, source, Path(tmp) / engine)
+            base = VARIANTS.get(engine, (engine,))[0]
+            if base in PHIKIT and base not in artifacts:
+                artifacts[base] = convert(base, source, Path(tmp) / base)
+            if engine in VARIANTS:
+                artifacts[engine] = artifacts[base]
         for bits, gguf in (("Q4_0", "gguf-int4"), ("Q8_0", "gguf-int8")):
             if f"llamacpp-{bits}" in engines:
                 artifacts[f"llamacpp-{bits}"] = artifacts.get(gguf) or convert(
@@ -284,7 +307,8 @@ def report(rows: dict[str, dict], args, bandwidth: float) -> None:
     print(f"Phi-3-mini shapes x {args.layers} layers (random weights), {os.cpu_count()} cores, "
           f"read bandwidth {bandwidth:.1f} GB/s; median of {args.repeats}; decode after a "
           f"16-token prompt, {DECODE} tokens")
-    cols = ("engine", "MB", "read MB/tok", "cold s", "pre128 ms", "pre1024 ms", "tok/s", "RSS MB",
+    cols = ("engine", "MB", "read MB/tok", "cold s", "pre128 ms", "pre1024 ms", "tok/s",
+            "CPUs busy", "RSS MB",
             "tok/s x roof", "tok/s x torch", "tok/s x l.cpp", "pre128 x torch", "pre128 x l.cpp")
     print(" ".join(f"{c:>14}" if i else f"{c:<15}" for i, c in enumerate(cols)))
     torch_row = rows.get("torch-bf16", {})
@@ -297,11 +321,13 @@ def report(rows: dict[str, dict], args, bandwidth: float) -> None:
 
         cells = [f"{r['size_mb']:.0f}", f"{r['read_mb']:.0f}", f"{r['cold_first_token_s']:.2f}",
                  f"{r['prefill_128_ms']:.0f}", f"{r['prefill_1024_ms']:.0f}",
-                 f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['decode_tok_s']:.1f}", f"{r.get('decode_cpus_busy', math.nan):.2f}",
+                 f"{r['peak_rss_mb']:.0f}",
                  f"{r['decode_tok_s'] / r['roofline_tok_s']:.2f}",
                  ratio("decode_tok_s", torch_row), ratio("decode_tok_s", peer),
                  ratio("prefill_128_ms", torch_row), ratio("prefill_128_ms", peer)]
         print(f"{engine:<15} " + " ".join(f"{c:>14}" for c in cells))
+    print("CPUs busy: process CPU time / wall time while decoding (threads that spin count)")
     print("tok/s x roof: decode speed / (bandwidth / weight bytes per token); x torch, x l.cpp: "
           "ratio to PyTorch bf16 and to llama.cpp of the same bits (decode: higher is better; "
           "prefill: lower is better)")

@@ -46,12 +46,48 @@ def test_host_cpu_classes_and_features_of_note():
 def test_llama_cpp_extra_buffer_types_off_only_where_amx_crashes():
     from toolkit.runner.llamacpp_rt import extra_buffer_types
 
-    assert extra_buffer_types("auto", host_cpu(SAPPHIRE_RAPIDS)) == (
-        False, "off: this CPU has AMX (ggml-org/llama.cpp#20824)")
+    off, why = extra_buffer_types("auto", host_cpu(SAPPHIRE_RAPIDS))
+    assert off is False and why["value"] is False and "llama.cpp#20824" in why["why"]
     assert extra_buffer_types("auto", host_cpu(ZEN4))[0] is True
     assert extra_buffer_types(None, host_cpu(ZEN4))[0] is True
     assert extra_buffer_types(False, host_cpu(ZEN4))[0] is False
     assert extra_buffer_types("true", host_cpu(SAPPHIRE_RAPIDS))[0] is True
+    # a protection: `run.py tune` does not try turning them on where they crash
+    from toolkit.runner.llamacpp_rt import HOST_TABLE
+
+    assert "extra_buffer_types" not in HOST_TABLE.tunable(host_cpu(SAPPHIRE_RAPIDS))
+    assert HOST_TABLE.tunable(host_cpu(ZEN4))["extra_buffer_types"] == (True, False)
+
+
+ZEN1 = """model name\t: AMD EPYC 7571
+flags\t\t: fpu sse avx avx2 fma f16c sha_ni
+"""
+HOST_TABLE_MODULES = ("openvino_rt", "ortgenai", "llamacpp_rt")
+
+
+@pytest.mark.parametrize("module", HOST_TABLE_MODULES)
+def test_host_tables_decide_auto_options_per_cpu_within_their_choices(module):
+    """Every runtime's host table: rows only set options it declares, to values it allows; on
+    each CPU class "auto" (or nothing) becomes a row's value or the runtime's default, with a
+    reason; a set value wins over the table; a value outside the choices is refused."""
+    import importlib
+
+    from toolkit.runner.core import AUTO, one_of
+
+    table = importlib.import_module(f"toolkit.runner.{module}").HOST_TABLE
+    for row in table.rows:
+        assert row.option in table.choices and one_of(row.value, table.choices[row.option]), row
+    for cpuinfo in (SAPPHIRE_RAPIDS, ZEN4, ZEN1, RASPBERRY_PI_5):
+        cpu = host_cpu(cpuinfo)
+        chosen, in_force = table.choose({}, cpu)
+        assert table.choose({name: AUTO for name in table.choices}, cpu) == (chosen, in_force)
+        for name, allowed in table.choices.items():
+            assert chosen[name] is None or one_of(chosen[name], allowed)
+            assert cpu["class"] in in_force[name]["why"]
+            other = allowed[-1]
+            assert table.choose({name: other}, cpu)[0][name] == other
+            with pytest.raises(ValueError, match=name):
+                table.choose({name: "not-a-choice"}, cpu)
 
 
 def test_a_validation_is_reused_only_for_the_same_content_bounds_runtime_and_cpu(
@@ -88,7 +124,9 @@ def test_doctor_names_the_cpu_and_what_it_changes():
     proc = phikit("doctor", check=0)
     text = " ".join(proc.stdout.split())
     assert host_cpu()["model"].split()[0] in text
-    assert "extra buffer types" in text and "f16 hints" in text
+    assert "extra_buffer_types = " in text and "f16 hints" in text
+    # each runtime's host table: what "auto" decides on this CPU, and why
+    assert "allow_spinning = runtime default" in text and "dynamic_quantization_group_size" in text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binfmt_misc registration needs root")
@@ -245,7 +283,7 @@ def test_gguf_validates_with_the_amx_protection_forced(gguf_int4_bundle, tmp_pat
                   "--recipe", small_recipe(tmp_path, limit=6), "--json", report_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(report_path.read_text())
-    assert report["candidate"]["extra_buffer_types"].startswith("off")
+    assert report["candidate"]["options_in_force"]["extra_buffer_types"]["value"] is False
 
 
 # --- an AVX2-only CPU ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def test_onnx_builder_command():
     cmd = BACKENDS["onnx"].builder_command(Path("src"), Path("out"), recipe(
         accuracy_level=4, symmetric=False, options={"onnx": {"extra_options": {
             "matmul_mixed_precision": "last_matmul:int8"}}}), target("generic-cpu"), Path("c"))
-    assert cmd[1:3] == ["-m", "onnxruntime_genai.models.builder"]
+    assert cmd[1:3] == ["-m", "toolkit.backends.onnx_stream"]  # the builder, streamed
     assert cmd[cmd.index("-p") + 1] == "int4" and cmd[cmd.index("-e") + 1] == "cpu"
     extra = cmd[cmd.index("--extra_options") + 1:]
     assert {"block_size=32", "is_symmetric=false", "accuracy_level=4", "prune_lm_head=true",

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
+from ..runner.host import describe_choices
 from ..schema import BackendOptions, Recipe, Target
 from .common import BackendDefaults, Honest, first_import_error, run_tool, versions
 
@@ -239,9 +240,9 @@ class GgufBackend(BackendDefaults):
                 **target.runtime.options}
 
     def host_notes(self, cpu: dict) -> list[str]:
-        from ..runner.llamacpp_rt import extra_buffer_types  # noqa: PLC0415 - imports llama_cpp
+        from ..runner.llamacpp_rt import HOST_TABLE  # noqa: PLC0415 - imports llama_cpp
 
-        return [f"extra buffer types (Q4_0 repack, AMX) {extra_buffer_types('auto', cpu)[1]}"]
+        return describe_choices(HOST_TABLE, cpu)
 
     def toolchain(self) -> dict[str, str]:
         source = llama_cpp_dir() / "SOURCE"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from ..checkpoint import ModelInfo, read_model_info
+from ..runner.host import describe_choices
 from ..schema import BackendOptions, Recipe, Target
 from .common import (BackendDefaults, Honest, describe_quantization, first_import_error, provider_runtime_options,
                      run_tool, versions)
@@ -24,6 +25,7 @@ MOE_REFUSAL = (
     "set-up) after forcing --execution_provider cuda; patched past that (and past its "
     "transformers-4 module names), ONNX Runtime's CPU MoE/QMoE kernels ignore PhiMoE's "
     "sparsemixer routing (use_sparse_mixer): KLD 0.09-0.64 on an fp32 tiny PhiMoE")
+STREAMED_BUILDER = "toolkit.backends.onnx_stream"
 # Execution providers the builder targets, as phikit target files name them.
 PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
@@ -152,7 +154,9 @@ class OnnxBackend(BackendDefaults):
                         cache_dir: Path, info: ModelInfo | None = None) -> list[str]:
         quant = recipe.quantization
         extra = self.extra_options(recipe, target, info)
-        cmd = [sys.executable, "-m", self.tool, "-i", str(source), "-o", str(out),
+        # the builder's own command line, with its weights mapped and quantized one MatMul at
+        # a time (onnx_stream.py): the same model, in a fraction of the memory
+        cmd = [sys.executable, "-m", STREAMED_BUILDER, "-i", str(source), "-o", str(out),
                "-p", BUILDER_PRECISION[quant.precision],
                "-e", PROVIDERS[target.execution_provider], "-c", str(cache_dir)]
         if extra:
@@ -200,7 +204,10 @@ class OnnxBackend(BackendDefaults):
         return provider_runtime_options(target)
 
     def host_notes(self, cpu: dict) -> list[str]:
-        return [f"CPU execution provider kernels for {cpu['class']}"]
+        from ..runner.ortgenai import HOST_TABLE  # noqa: PLC0415 - imports onnxruntime_genai
+
+        return [f"CPU execution provider kernels for {cpu['class']}",
+                *describe_choices(HOST_TABLE, cpu)]
 
     def toolchain(self) -> dict[str, str]:
         # the CUDA builds (-cuda, -gpu) install the same modules under other names

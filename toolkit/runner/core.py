@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 # what this machine is (host.py), re-exported: runtimes and phikit read it from here
-from .host import CPU_FEATURES_OF_NOTE, available_cpus, host_cpu, host_summary  # noqa: F401
+from .host import (AUTO, CPU_FEATURES_OF_NOTE, HostRule, HostTable, available_cpus,  # noqa: F401
+                   host_cpu, host_summary, one_of)
 
 MANIFEST = "manifest.json"
 # manifest.json signed with an OpenSSH ed25519 key (`ssh-keygen -Y sign`, the SSHSIG format): it
@@ -373,14 +374,26 @@ def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
 TUNED_MAX_THREADS = 1024
 
 
-def _checked(options: Any) -> dict[str, Any]:
-    """The options a tuned.json may set, each value in range; anything else is refused."""
-    if not isinstance(options, dict) or set(options) - {"threads"}:
-        raise ValueError(f"only 'threads' may be tuned, got {sorted(options or {})}")
+def host_table(runtime: str) -> HostTable:
+    """A runtime module's options that depend on the CPU (HOST_TABLE; none when it has none):
+    besides `threads`, what `run.py tune` may measure and set."""
+    return getattr(_runtime_module(runtime), "HOST_TABLE", None) or HostTable(choices={})
+
+
+def _checked(options: Any, choices: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """The options a tuned.json may set, each value one the runtime allows; anything else is
+    refused (the file is not hashed: a device writes it)."""
+    names = ["threads", *choices]
+    if not isinstance(options, dict) or set(options) - set(names):
+        raise ValueError(f"only {', '.join(map(repr, names))} may be tuned, got "
+                         f"{sorted(options) if isinstance(options, dict) else options!r}")
     threads = options.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or not 1 <= threads <= TUNED_MAX_THREADS):
         raise ValueError(f"threads must be an integer from 1 to {TUNED_MAX_THREADS}")
+    for name, value in options.items():
+        if name != "threads" and not one_of(value, choices[name]):
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices[name]))}")
     return dict(options)
 
 
@@ -388,9 +401,10 @@ def read_tuned(root: Path) -> dict[str, Any] | None:
     path = Path(root) / TUNED
     if not path.is_file():
         return None
+    runtime = Manifest.parse(read_manifest(root), Path(root) / MANIFEST).runtime_module
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        data["options"] = _checked(data.get("options"))
+        data["options"] = _checked(data.get("options"), host_table(runtime).choices)
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise BundleError(f"{path}: not a tuned-options file phikit wrote ({e}); delete it or "
                           "run `run.py tune` again") from None

@@ -4,6 +4,7 @@ speed or crashes) depends on it. Standard library only; shipped in every bundle.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,77 @@ def host_summary(all_flags: bool = False) -> dict[str, Any]:
     out = {"cpu": cpu["model"], "cpu_class": cpu["class"], "cpu_features": cpu["features"],
            "cores": cpu["cores"], "os": cpu["os"], "machine": cpu["machine"]}
     return {**out, "cpu_flags": cpu["flags"]} if all_flags else out
+
+
+# --- runtime options chosen for this CPU ----------------------------------------------------
+
+AUTO = "auto"
+
+
+def one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """value is one of `allowed`, of the same type too (True is not 1, "0" is not 0)."""
+    return any(value == a and type(value) is type(a) for a in allowed)
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """One row of a runtime's host table: on a CPU of one of `classes` (any, when empty) with
+    every flag in `features` and none in `absent`, `option` takes `value` (None: the runtime's
+    own default). A row that `protects` avoids a crash or wrong results: `run.py tune` does not
+    try the option's other values where it applies."""
+    option: str
+    value: Any
+    why: str
+    classes: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    protects: bool = False
+
+    def applies(self, cpu: dict[str, Any]) -> bool:
+        flags = set(cpu.get("flags", ()))
+        return (not self.classes or cpu.get("class") in self.classes) \
+            and all(f in flags for f in self.features) and not flags & set(self.absent)
+
+
+@dataclass(frozen=True)
+class HostTable:
+    """The runtime options whose best value depends on the CPU: the values each may take (what a
+    bundle, the caller or tuned.json may set, and what `run.py tune` tries) and the rows that
+    decide an option left at "auto" (the first row that applies wins)."""
+    choices: dict[str, tuple[Any, ...]]
+    rows: tuple[HostRule, ...] = ()
+
+    def tunable(self, cpu: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+        """The options `run.py tune` may try on this CPU, with their values: all but those a
+        protecting row pins here."""
+        pinned = {r.option for r in self.rows if r.protects and r.applies(cpu)}
+        return {k: v for k, v in self.choices.items() if k not in pinned}
+
+    def choose(self, options: dict[str, Any], cpu: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """(options with every table option that is absent or "auto" decided for this CPU,
+        what is in force: option -> {"value", "why"}, for info() and so the parity report).
+        A value outside the option's choices is refused: bundles and tuned.json are input."""
+        cpu = cpu or host_cpu()
+        resolved, in_force = dict(options), {}
+        for option, allowed in self.choices.items():
+            given = options.get(option, AUTO)
+            if given is not None and given != AUTO:
+                if not one_of(given, allowed):
+                    raise ValueError(f"runtime option {option}: {given!r} is not one of "
+                                     f"{', '.join(map(repr, allowed))} or 'auto'")
+                in_force[option] = {"value": given, "why": "set (bundle, tuned.json or caller)"}
+                continue
+            rule = next((r for r in self.rows if r.option == option and r.applies(cpu)), None)
+            resolved[option] = rule.value if rule else None
+            in_force[option] = {
+                "value": "runtime default" if resolved[option] is None else resolved[option],
+                "why": f"auto on this {cpu.get('class')} CPU: {rule.why}" if rule else
+                f"auto: no row for this {cpu.get('class')} CPU, so the runtime's own default"}
+        return resolved, in_force
+
+
+def describe_choices(table: HostTable, cpu: dict[str, Any]) -> list[str]:
+    """One line per option of `table`: what "auto" decides on this CPU and why (phikit doctor)."""
+    _, in_force = table.choose({}, cpu)
+    return [f"{option} = {entry['value']} ({entry['why']})" for option, entry in in_force.items()]

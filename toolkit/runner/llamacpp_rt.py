@@ -29,21 +29,28 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .core import auto_threads, check_length, generation_eos, host_cpu, stop_ids
+from .core import (AUTO, HostRule, HostTable, auto_threads, check_length, generation_eos, host_cpu,
+                   stop_ids)
 
 AMX_CRASH = ("llama.cpp's AMX buffer type crashes llama_decode on AMX CPUs "
              "(ggml-org/llama.cpp#20824, ollama/ollama#17205); extra_buffer_types: false avoids it")
 
 
-def extra_buffer_types(option: Any, cpu: dict[str, Any]) -> tuple[bool, str]:
-    """(use llama.cpp's extra buffer types?, why) for the option and this CPU."""
-    if option in (None, "auto"):
-        if cpu["class"] == "amx":
-            return False, "off: this CPU has AMX (ggml-org/llama.cpp#20824)"
-        return True, "on (auto: no AMX on this CPU)"
-    if isinstance(option, str):
+# llama.cpp's options whose best value depends on the CPU
+HOST_TABLE = HostTable(
+    choices={"extra_buffer_types": (True, False)},
+    rows=(HostRule("extra_buffer_types", False, "off: AMX's buffer type crashes llama_decode "
+                   "(ggml-org/llama.cpp#20824)", classes=("amx",), protects=True),
+          HostRule("extra_buffer_types", True, "on: the weight repack for this CPU's kernels")))
+
+
+def extra_buffer_types(option: Any, cpu: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """(use llama.cpp's extra buffer types?, what is in force and why) for the option and this
+    CPU. The option also takes the strings a command line passes ("on", "0", ...)."""
+    if isinstance(option, str) and option.strip().lower() != AUTO:
         option = option.strip().lower() in ("1", "true", "on", "yes")
-    return bool(option), ("on" if option else "off") + " (set by the bundle or the caller)"
+    options, in_force = HOST_TABLE.choose({"extra_buffer_types": option}, cpu)
+    return options["extra_buffer_types"], in_force["extra_buffer_types"]
 
 
 def _load(path: Path, use_extra_bufts: bool, **kwargs) -> llama_cpp.Llama:
@@ -186,7 +193,7 @@ class LlamaCppSession:
         return {"runtime": "llama.cpp (llama-cpp-python)", "version": llama_cpp.__version__,
                 "file": self.file.name, "file_type": file_type, "threads": self.threads,
                 "context_length": self.context_length,
-                "extra_buffer_types": self.extra_bufts_why,
+                "options_in_force": {"extra_buffer_types": self.extra_bufts_why},
                 "system": llama_cpp.llama_print_system_info().decode().strip()}
 
 

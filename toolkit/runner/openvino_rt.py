@@ -4,6 +4,10 @@ Copied into bundles beside core.py; imports only openvino, openvino_genai and nu
 Options:
   device: "CPU" | "GPU" | "NPU" (falls back to CPU with a visible message when absent)
   threads: int | "auto"
+  inference_precision, kv_cache_precision, dynamic_quantization_group_size: the CPU plugin's
+             INFERENCE_PRECISION_HINT, KV_CACHE_PRECISION and DYNAMIC_QUANTIZATION_GROUP_SIZE
+             (0: activations stay floating point). "auto" (the default) on the CPU: decided for
+             this CPU by HOST_TABLE; info() reports what the compiled model executes.
   inference_precision: e.g. "f32" / "f16" (INFERENCE_PRECISION_HINT) for `device`. When that
              device is absent and the session falls back to CPU, a lower-than-f32 hint is NOT
              passed on: it was chosen for the GPU, and the CPU plugin honours f16 only where the
@@ -28,13 +32,28 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import DEFAULT_CONTEXT, check_length, stop_ids, thread_count
+from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_length, stop_ids,
+                   thread_count)
 import openvino as ov
 import openvino_genai as ovg
 
 
 REQUIRED = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
             "openvino_detokenizer.xml")
+
+# The CPU plugin's options whose best value depends on the CPU; keys are the runtime options,
+# PROPERTIES their OpenVINO property names. Rows say why; an option with no row that applies
+# stays at the plugin's own default (which itself differs per CPU and per OpenVINO version).
+HOST_TABLE = HostTable(
+    choices={"inference_precision": ("f32", "bf16", "f16"),
+             "kv_cache_precision": ("u8", "f16", "bf16", "f32"),
+             "dynamic_quantization_group_size": (0, 32, 64, 128)},
+    rows=(HostRule("inference_precision", "bf16", "f16 gave wrong tokens on CPUs that compute "
+                   "fp16 natively (token 0 for most prompts); bf16 is the plugin's own choice "
+                   "there", features=("avx512_fp16",), protects=True),))
+PROPERTIES = {"inference_precision": "INFERENCE_PRECISION_HINT",
+              "kv_cache_precision": "KV_CACHE_PRECISION",
+              "dynamic_quantization_group_size": "DYNAMIC_QUANTIZATION_GROUP_SIZE"}
 
 
 def _cache_dir(model_dir: Path, option: str) -> Path:
@@ -94,9 +113,14 @@ class OpenVinoSession:
         if hint and self.device != self.requested_device and str(hint).lower() != "f32":
             self.notes.append(f"the target's inference_precision {hint} is for "
                               f"{self.requested_device}; on the {self.device} fallback the "
-                              "plugin's default precision was used (see executed_precision)")
-        elif hint:
-            props["INFERENCE_PRECISION_HINT"] = hint
+                              "precision was chosen for this CPU (see options_in_force)")
+            options = {**options, "inference_precision": AUTO}
+        self.options_in_force: dict[str, Any] = {}
+        if self.device == "CPU":
+            options, self.options_in_force = HOST_TABLE.choose(options)
+        for option, prop in PROPERTIES.items():
+            if options.get(option) not in (None, AUTO):
+                props[prop] = options[option]
         if options.get("cache_dir"):
             props["CACHE_DIR"] = str(_cache_dir(model_dir, options["cache_dir"]))
         self.props = props
@@ -153,7 +177,8 @@ class OpenVinoSession:
         assumed from the hint): the hint is honoured only where the device supports it."""
         out = {}
         for key, name in (("INFERENCE_PRECISION_HINT", "inference"),
-                          ("KV_CACHE_PRECISION", "kv_cache")):
+                          ("KV_CACHE_PRECISION", "kv_cache"),
+                          ("DYNAMIC_QUANTIZATION_GROUP_SIZE", "dynamic_quantization_group_size")):
             try:
                 value = self._compiled().get_property(key)
                 out[name] = value.to_string() if hasattr(value, "to_string") else str(value)
@@ -209,7 +234,8 @@ class OpenVinoSession:
             f"{self.requested_device} computes them"]
         return {"runtime": "openvino", "version": ov.__version__, "device": self.device,
                 "requested_device": self.requested_device,
-                "properties": self.props, "executed_precision": self.executed_precision(),
+                "properties": self.props, "options_in_force": self.options_in_force,
+                "executed_precision": self.executed_precision(),
                 "context_length": self.context_length, "notes": notes + self.notes}
 
 

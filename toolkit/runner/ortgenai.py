@@ -6,6 +6,9 @@ Copied into bundles beside core.py. Options (from the bundle manifest or the cal
                               2-core Linux: setting it doubles decode speed)
   execution_provider: "cpu" | "cuda" | ...   (default: the one genai_config.json names)
   provider_options: dict      passed to that provider
+  allow_spinning: true | false | "auto"   whether ONNX Runtime's intra-op threads spin while
+                              they wait for work (session.intra_op.allow_spinning); "auto":
+                              decided for this CPU by HOST_TABLE
 
 A model built for another provider (cuda) whose provider cannot start here (no GPU, no CUDA
 build of the runtime) runs on the CPU execution provider when that can run the same graph
@@ -25,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import DEFAULT_CONTEXT, auto_threads, check_length, stop_ids
+from .core import DEFAULT_CONTEXT, HostTable, auto_threads, check_length, stop_ids
 from .hf_tokens import HfTokenizer
 import onnxruntime_genai as og
 
@@ -36,6 +39,10 @@ if hasattr(og, "disable_telemetry_events"):
 
 # Providers that share the CPU EP's config name in genai_config.json.
 _CPU = {"cpu", "CPUExecutionProvider"}
+
+# ONNX Runtime's options whose best value depends on the CPU (the CPU execution provider's);
+# MatMulNBits' accuracy level is a graph attribute, chosen at build time by the target.
+HOST_TABLE = HostTable(choices={"allow_spinning": (True, False)}, rows=())
 
 
 def _config_provider(genai: dict[str, Any]) -> str:
@@ -52,7 +59,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_model(model_dir: Path, threads: int, provider: str,
-               provider_options: dict[str, Any] | None = None) -> tuple[Any, str, str | None]:
+               provider_options: dict[str, Any] | None = None,
+               config_entries: dict[str, str] | None = None) -> tuple[Any, str, str | None]:
     """(og.Model, the provider it runs on, why the requested provider did not start or None).
 
     ORT GenAI raises RuntimeError from og.Model when a provider cannot start (without the CUDA
@@ -60,8 +68,9 @@ def load_model(model_dir: Path, threads: int, provider: str,
     CUDA error); the same graph is then tried on the CPU execution provider."""
     def config(on: str):
         cfg = og.Config(str(model_dir))
+        # keys it does not know, ORT GenAI passes on as session config entries
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads}}}}))
+            "intra_op_num_threads": threads, **(config_entries or {})}}}}))
         cfg.clear_providers()  # no provider appended = the CPU execution provider
         if on not in _CPU:
             cfg.append_provider(on)
@@ -93,8 +102,11 @@ class OrtGenaiSession:
         genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
         threads = auto_threads(options.get("threads"))
         self.requested_provider = options.get("execution_provider") or _config_provider(genai)
+        options, self.options_in_force = HOST_TABLE.choose(options)
+        entries = {} if options["allow_spinning"] is None else {
+            "session.intra_op.allow_spinning": "1" if options["allow_spinning"] else "0"}
         self.model, self.provider, self.fallback_reason = load_model(
-            model_dir, threads, self.requested_provider, options.get("provider_options"))
+            model_dir, threads, self.requested_provider, options.get("provider_options"), entries)
         self.threads = threads
         self.tokenizer = og.Tokenizer(self.model)  # its chat template only
         self.hf_tokenizer = HfTokenizer(model_dir)  # the ids the model was trained on
@@ -165,7 +177,8 @@ class OrtGenaiSession:
         return {"runtime": "onnxruntime-genai", "version": og.__version__,
                 "execution_provider": self.provider,
                 "requested_execution_provider": self.requested_provider,
-                "threads": self.threads, "context_length": self.context_length, "notes": notes}
+                "threads": self.threads, "options_in_force": self.options_in_force,
+                "context_length": self.context_length, "notes": notes}
 
 
 def open_session(model_dir: Path, options: dict[str, Any]) -> OrtGenaiSession:

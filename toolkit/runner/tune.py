@@ -5,9 +5,13 @@ What is measured, per candidate set: prefill (one forward pass over a 128-token 
 from the bundle's reference texts) and generation (up to 32 greedy tokens after it), the best of
 two runs each; the score is the time of that request. The fastest set is validated
 (device.validate_here) before it is written; a set that fails is skipped, with the reason.
-Candidates: `threads` (1, half the cores, every core). tuned.json is not part of the hashed
-bundle (a device writes it), so the runner trusts none of it blindly: only known options with
-in-range values, and only on the CPU it was measured on.
+Candidates: `threads` (1, half the cores, every core), then, at the fastest thread count, each
+value of each option in the runtime's host table (HOST_TABLE: what its rows would otherwise
+decide from the CPU's flags), one option at a time, keeping the fastest value before the next;
+an option a protecting row pins on this CPU (llama.cpp's AMX crash) is not tried.
+tuned.json is not part of the hashed bundle (a device writes it), so the runner trusts none of
+it blindly: only the runtime's tunable options with allowed values, and only on the CPU it was
+measured on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from pathlib import Path
 
 from .core import (MANIFEST, TUNED, BundleError, Manifest, Sampling, available_cpus, host_cpu,
-                   open_session, verify_bundle)
+                   host_table, open_session, verify_bundle)
 from .reference_data import load_reference
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
@@ -51,19 +55,31 @@ def tune(root: Path, threads: list[int] | None = None,
     longest = max(reference.texts, key=lambda t: t.ids.size)
     prompt = longest.ids[:PROMPT_TOKENS].tolist()
     cores = available_cpus()
-    candidates = sorted(set(threads or {1, max(1, cores // 2), cores}))
-    results = []
-    for n in candidates:
-        options = {**typed.runtime_options, "threads": n}
-        session = open_session(typed.runtime_module, root / typed.model_dir, options)
+    results: list[dict] = []
+
+    def try_set(options: dict) -> float:
+        session = open_session(typed.runtime_module, root / typed.model_dir,
+                               {**typed.runtime_options, **options})
         try:
             figures = measure(session, prompt)
         finally:
             if hasattr(session, "close"):
                 session.close()
-        results.append({"options": {"threads": n}, **figures})
-        log(f"threads={n}: prefill {len(prompt)} tokens {figures['prefill_seconds'] * 1e3:.1f} "
-            f"ms, {figures['generated_tokens']} tokens in {figures['generate_seconds']:.3f} s")
+        results.append({"options": options, **figures})
+        log(f"{', '.join(f'{k}={v}' for k, v in options.items())}: prefill {len(prompt)} "
+            f"tokens {figures['prefill_seconds'] * 1e3:.1f} ms, {figures['generated_tokens']} "
+            f"tokens in {figures['generate_seconds']:.3f} s")
+        return figures["request_seconds"]
+
+    timed = {n: try_set({"threads": n})
+             for n in sorted(set(threads or {1, max(1, cores // 2), cores}))}
+    best = {"threads": min(timed, key=timed.get)}
+    best_seconds = timed[best["threads"]]
+    for option, values in host_table(typed.runtime_module).tunable(host_cpu()).items():
+        trials = {value: try_set({**best, option: value}) for value in values}
+        fastest = min(trials, key=trials.get)
+        if trials[fastest] < best_seconds:
+            best, best_seconds = {**best, option: fastest}, trials[fastest]
     for result in sorted(results, key=lambda r: r["request_seconds"]):
         log(f"validating the fastest: {result['options']}")
         if validate_here(root, None, overrides=result["options"], log=lambda s: None) != 0:
