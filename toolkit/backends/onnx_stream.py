@@ -13,7 +13,8 @@ command line (onnxruntime_genai.models.builder) with two of its steps changed:
   ModelProto (every weight cast to the I/O dtype, for the CPU fp32: twice the bf16 checkpoint)
   and hands it to ONNX Runtime's MatMulNBitsQuantizer. Here each weight goes to the same
   quantizer (DefaultWeightOnlyQuantizer, with the configuration MatMulNBitsQuantizer would make)
-  alone, and its float initializer is dropped as soon as its MatMulNBits node replaces it.
+  alone, its float initializer is dropped as soon as its MatMulNBits node replaces it, and the
+  checkpoint's pages it read are released from the process (they are read once).
 
 Everything else - the graph, the quantization itself, genai_config.json, the tokenizer - is the
 builder's own code. The streamed steps cover what phikit asks of the builder (a Hugging Face
@@ -60,6 +61,36 @@ def mapped_model(path: Path):
     return model.eval()
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def release_mapped_pages(files: set[str]) -> None:
+    """Drop this process's resident pages of the mapped checkpoint files (Linux: madvise
+    MADV_DONTNEED on their mappings, read-only and clean, so a later read maps them again from
+    the file). A weight is read once, when it is quantized; without this its pages stay
+    counted in the process's RSS until the kernel needs the memory."""
+    libc = _libc()
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if libc is None or len(fields) < 6 or fields[5] not in files:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        libc.madvise(start, end - start, 4)  # MADV_DONTNEED
+
+
 def _assign(model, name: str, tensor) -> None:
     import torch
 
@@ -86,6 +117,7 @@ def _streamable_quantization(builder) -> bool:
 def quantize_streamed(builder):
     """The builder's float graph with each weight of the op types to quantize replaced, one at
     a time, by what ONNX Runtime's DefaultWeightOnlyQuantizer makes of it."""
+    import numpy as np
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -101,6 +133,7 @@ def quantize_streamed(builder):
     model = builder.model
     graph = model.graph
     exclude = set(attrs["nodes_to_exclude"])
+    shards = {str(p.resolve()) for p in Path(builder.model_name_or_path).glob("*.safetensors")}
     for node in list(graph):
         if node.name in exclude or node.op_type not in config.op_types_to_quantize:
             continue
@@ -118,10 +151,14 @@ def quantize_streamed(builder):
         values = {v.name: v for v in node.inputs if v is not None}
         for tensor in scratch.initializer:
             if tensor.name != weight.name:
-                value = ir.Value(name=tensor.name, const_value=ir.serde.deserialize_tensor(tensor))
+                # copied out: a tensor read from the proto would keep the whole scratch graph,
+                # the float weight too, alive (protobuf's arena)
+                array = np.array(ir.serde.deserialize_tensor(tensor).numpy(), copy=True)
+                value = ir.Value(name=tensor.name, const_value=ir.Tensor(array, name=tensor.name))
                 value.shape, value.dtype = value.const_value.shape, value.const_value.dtype
                 graph.register_initializer(value)
                 values[tensor.name] = value
+        del scratch
         proto = made[0]
         new = ir.Node(proto.domain, proto.op_type, [values[name] for name in proto.input],
                       attributes=ir.convenience.convert_attributes(
@@ -131,6 +168,7 @@ def quantize_streamed(builder):
                                                 new.outputs)
         if not weight.uses():
             del graph.initializers[weight.name]  # the float weight, freed here
+        release_mapped_pages(shards)
     model.opset_imports.setdefault("com.microsoft", 1)
     return model
 
