@@ -8,7 +8,8 @@ two runs each; the score is the time of that request. The fastest set is validat
 Candidates: `threads` (1, half the cores, every core), then, at the fastest thread count, each
 value of each option in the runtime's host table (HOST_TABLE: what its rows would otherwise
 decide from the CPU's flags), one option at a time, keeping the fastest value before the next;
-an option a protecting row pins on this CPU (llama.cpp's AMX crash) is not tried.
+an option a protecting row pins on this CPU (llama.cpp's AMX crash), or that the bundle itself
+sets, is not tried.
 tuned.json is not part of the hashed bundle (a device writes it), so the runner trusts none of
 it blindly: only the runtime's tunable options with allowed values, and only on the CPU it was
 measured on.
@@ -21,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from .core import (MANIFEST, TUNED, BundleError, Manifest, Sampling, available_cpus, host_cpu,
-                   host_table, open_session, verify_bundle)
+from .core import (AUTO, MANIFEST, TUNED, BundleError, Manifest, Sampling, available_cpus,
+                   host_cpu, host_table, open_session, verify_bundle)
 from .reference_data import load_reference
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
@@ -75,7 +76,12 @@ def tune(root: Path, threads: list[int] | None = None,
              for n in sorted(set(threads or {1, max(1, cores // 2), cores}))}
     best = {"threads": min(timed, key=timed.get)}
     best_seconds = timed[best["threads"]]
+    # an option the bundle sets was chosen at build time (an fp32 bundle's f32 math, a
+    # target's precision): validated as such, not the device's to change
+    chosen = {k for k, v in typed.runtime_options.items() if v not in (None, AUTO)}
     for option, values in host_table(typed.runtime_module).tunable(host_cpu()).items():
+        if option in chosen:
+            continue
         trials = {value: try_set({**best, option: value}) for value in values}
         fastest = min(trials, key=trials.get)
         if trials[fastest] < best_seconds:
