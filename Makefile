@@ -93,7 +93,7 @@ bench-full: install
 # processes; one whose processes pass 22 GB is stopped (24 GB machines). Disk: about 70 GB (the
 # checkpoint, llama.cpp's bf16 intermediate, one artifact at a time).
 bench-medium: install
-	$(PY) bench/convert.py --shape medium --layers 40 --backends gguf,openvino,onnx --precisions int4 --rss-limit-gb 22
+	$(PY) bench/convert.py --shape medium --layers 40 --backends gguf,openvino,onnx --precisions int4 --rss-limit-gb 22 --generate 8
 
 # Regenerate the embedded fixtures and eval sets (needs npm; ~45 min of CPU). Step counts are
 # the ones the shipped models were trained with (deterministic given the step count).

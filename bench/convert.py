@@ -49,6 +49,27 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
     print(json.dumps({"seconds": wall, "peak_rss_mb": peak_kb / 1024, "size_mb": size / 1e6}))
 
 
+def run_artifact(backend: str, precision: str, out: Path, tokens: int) -> None:
+    """Child process: open the converted artifact with the runner that ships in bundles (the
+    target's options), generate `tokens` greedy tokens, print JSON with the speed."""
+    from shapes import target_for
+    from toolkit.backends import BACKENDS
+    from toolkit.runner.core import Sampling, open_session
+    from toolkit.schema import load_recipe
+
+    backend = "onnx" if backend == "onnx-builder" else backend
+    recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
+    start = time.perf_counter()
+    session = open_session(BACKENDS[backend].runtime_module, out,
+                           BACKENDS[backend].runtime_options(target_for(backend), recipe))
+    load = time.perf_counter() - start
+    ids = session.tokenize("The capital of France is")
+    stamps = [time.perf_counter() for _ in session.generate(
+        ids, Sampling(max_new_tokens=tokens, stop_token_ids=()))]
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    print(json.dumps({"load_s": load, "generated": len(stamps), "tok_s": rate}))
+
+
 def watched(cmd: list[str], limit_mb: float | None) -> tuple[subprocess.CompletedProcess,
                                                                   dict[str, float], bool]:
     """Run `cmd`; sample the memory of its whole process tree twice a second and stop the tree
@@ -96,11 +117,19 @@ def main() -> None:
                     help="the published checkpoint whose layer shapes --layers uses")
     ap.add_argument("--rss-limit-gb", type=float, default=None,
                     help="stop a conversion whose processes' anonymous memory passes this")
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="then run each artifact with its runner: N greedy tokens (its own "
+                    "process, its own peak memory)")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--run", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         backend, precision, source, out = args.one
         one(backend, precision, Path(source), Path(out))
+        return
+    if args.run:
+        backend, precision, out, tokens = args.run
+        run_artifact(backend, precision, Path(out), int(tokens))
         return
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         if args.source:
@@ -124,6 +153,10 @@ def main() -> None:
                 proc, sampled, stopped = watched(
                     [sys.executable, __file__, "--one", backend, precision, str(source),
                      str(out)], limit)
+                ran = None
+                if args.generate and proc.returncode == 0 and not stopped:
+                    ran = watched([sys.executable, __file__, "--run", backend, precision,
+                                   str(out), str(args.generate)], limit)
                 shutil.rmtree(out, ignore_errors=True)  # a full-size artifact: free the disk
                 if stopped:
                     print(f"{backend:<9} {precision:<9} STOPPED: its processes' anonymous "
@@ -138,6 +171,16 @@ def main() -> None:
                 print(f"{backend:<9} {precision:<9} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} "
                       f"{r['peak_rss_mb'] / ckpt_mb:>13.2f} {r['size_mb']:>12.1f} "
                       f"{sampled['rss']:>12.0f} {sampled['anon']:>12.0f}")
+                if ran is not None:
+                    run_proc, run_peak, run_stopped = ran
+                    if run_proc.returncode != 0 or run_stopped:
+                        why = "STOPPED" if run_stopped else run_proc.stderr.strip().splitlines()[-1:]
+                        print(f"{'':<19} run: failed: {why}")
+                    else:
+                        g = json.loads(run_proc.stdout.strip().splitlines()[-1])
+                        print(f"{'':<19} run: loaded in {g['load_s']:.1f} s, {g['generated']} "
+                              f"tokens at {g['tok_s']:.2f} tok/s, peak RSS "
+                              f"{run_peak['rss']:.0f} MB (anon {run_peak['anon']:.0f} MB)")
         print("peak RSS: the largest single process (getrusage); tree RSS / anon: all of the "
               "conversion's processes together, sampled twice a second (anon: RSS less the "
               "resident pages of mapped files, which the kernel can drop)")
