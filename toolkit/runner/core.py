@@ -380,23 +380,6 @@ def host_table(runtime: str) -> HostTable:
     return getattr(_runtime_module(runtime), "HOST_TABLE", None) or HostTable(choices={})
 
 
-def _checked(options: Any, choices: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
-    """The options a tuned.json may set, each value one the runtime allows; anything else is
-    refused (the file is not hashed: a device writes it)."""
-    names = ["threads", *choices]
-    if not isinstance(options, dict) or set(options) - set(names):
-        raise ValueError(f"only {', '.join(map(repr, names))} may be tuned, got "
-                         f"{sorted(options) if isinstance(options, dict) else options!r}")
-    threads = options.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                or not 1 <= threads <= TUNED_MAX_THREADS):
-        raise ValueError(f"threads must be an integer from 1 to {TUNED_MAX_THREADS}")
-    for name, value in options.items():
-        if name != "threads" and not one_of(value, choices[name]):
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices[name]))}")
-    return dict(options)
-
-
 def read_tuned(root: Path) -> dict[str, Any] | None:
     path = Path(root) / TUNED
     if not path.is_file():
@@ -404,7 +387,7 @@ def read_tuned(root: Path) -> dict[str, Any] | None:
     runtime = Manifest.parse(read_manifest(root), Path(root) / MANIFEST).runtime_module
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        data["options"] = _checked(data.get("options"), host_table(runtime).choices)
+        data["options"] = host_table(runtime).checked(data.get("options"), TUNED_MAX_THREADS)
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise BundleError(f"{path}: not a tuned-options file phikit wrote ({e}); delete it or "
                           "run `run.py tune` again") from None

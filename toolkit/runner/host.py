@@ -115,6 +115,24 @@ class HostTable:
         pinned = {r.option for r in self.rows if r.protects and r.applies(cpu)}
         return {k: v for k, v in self.choices.items() if k not in pinned}
 
+    def checked(self, options: Any, max_threads: int) -> dict[str, Any]:
+        """The options a device's tuned.json may set: `threads` in range and this table's
+        options with allowed values; anything else is refused (a device writes the file, it
+        is not hashed)."""
+        names = ["threads", *self.choices]
+        if not isinstance(options, dict) or set(options) - set(names):
+            raise ValueError(f"only {', '.join(map(repr, names))} may be tuned, got "
+                             f"{sorted(options) if isinstance(options, dict) else options!r}")
+        threads = options.get("threads")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or not 1 <= threads <= max_threads):
+            raise ValueError(f"threads must be an integer from 1 to {max_threads}")
+        for name, value in options.items():
+            if name != "threads" and not one_of(value, self.choices[name]):
+                raise ValueError(f"{name} must be one of "
+                                 f"{', '.join(map(repr, self.choices[name]))}")
+        return dict(options)
+
     def choose(self, options: dict[str, Any], cpu: dict[str, Any] | None = None
                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """(options with every table option that is absent or "auto" decided for this CPU,
