@@ -87,7 +87,7 @@ def doctor_table() -> tuple[Table, bool]:
         table.add_row("backend", name, "[green]usable[/]" if not reason else "[red]no[/]",
                       f"{reason}; install: {backend.install}" if reason else backend.tool)
         if reason is None:
-            for note in backend.host_notes(cpu):
+            for note in [*backend.host_notes(cpu), *backend.host_option_notes(cpu)]:
                 table.add_row("", "", "[cyan]on this CPU[/]", note)
     for path, target, reason in usable_targets():
         if target is None:

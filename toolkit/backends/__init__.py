@@ -71,6 +71,9 @@ class Backend(Protocol):
         """What this host's CPU (runner.core.host_cpu()) changes for this backend's runtime:
         a protection or fallback in force, a precision the CPU cannot honour (phikit doctor)."""
 
+    def host_option_notes(self, cpu: dict) -> list[str]:
+        """What the runtime's host table decides on this CPU for options left at auto."""
+
 
 def _registry() -> dict[str, Backend]:
     from . import gguf, mlx, onnx, openvino, qnn

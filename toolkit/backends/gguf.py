@@ -25,7 +25,6 @@ from pydantic import Field
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
-from ..runner.host import describe_choices
 from ..schema import BackendOptions, Recipe, Target
 from .common import BackendDefaults, Honest, first_import_error, run_tool, versions
 
@@ -238,11 +237,6 @@ class GgufBackend(BackendDefaults):
     def runtime_options(self, target: Target, recipe: Recipe) -> dict:
         return {"threads": target.runtime.threads, "context_length": recipe.context_length,
                 **target.runtime.options}
-
-    def host_notes(self, cpu: dict) -> list[str]:
-        from ..runner.llamacpp_rt import HOST_TABLE  # noqa: PLC0415 - imports llama_cpp
-
-        return describe_choices(HOST_TABLE, cpu)
 
     def toolchain(self) -> dict[str, str]:
         source = llama_cpp_dir() / "SOURCE"

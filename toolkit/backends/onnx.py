@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from ..checkpoint import ModelInfo, read_model_info
-from ..runner.host import describe_choices
 from ..schema import BackendOptions, Recipe, Target
 from .common import (BackendDefaults, Honest, describe_quantization, first_import_error, provider_runtime_options,
                      run_tool, versions)
@@ -204,10 +203,7 @@ class OnnxBackend(BackendDefaults):
         return provider_runtime_options(target)
 
     def host_notes(self, cpu: dict) -> list[str]:
-        from ..runner.ortgenai import HOST_TABLE  # noqa: PLC0415 - imports onnxruntime_genai
-
-        return [f"CPU execution provider kernels for {cpu['class']}",
-                *describe_choices(HOST_TABLE, cpu)]
+        return [f"CPU execution provider kernels for {cpu['class']}"]
 
     def toolchain(self) -> dict[str, str]:
         # the CUDA builds (-cuda, -gpu) install the same modules under other names

@@ -73,12 +73,12 @@ def _libc():
     return libc
 
 
-def release_mapped_pages(files: set[str]) -> None:
+def release_mapped_pages(files: set[str], libc) -> None:
     """Drop this process's resident pages of the mapped checkpoint files (Linux: madvise
-    MADV_DONTNEED on their mappings, read-only and clean, so a later read maps them again from
-    the file). A weight is read once, when it is quantized; without this its pages stay
-    counted in the process's RSS until the kernel needs the memory."""
-    libc = _libc()
+    MADV_DONTNEED on their mappings; safetensors maps them private and writable, but nothing
+    writes to them, so every page is clean and a later read maps it again from the file). A
+    weight is read once, when it is quantized; without this its pages stay counted in the
+    process's RSS until the kernel needs the memory."""
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
@@ -134,6 +134,7 @@ def quantize_streamed(builder):
     graph = model.graph
     exclude = set(attrs["nodes_to_exclude"])
     shards = {str(p.resolve()) for p in Path(builder.model_name_or_path).glob("*.safetensors")}
+    libc = _libc()
     for node in list(graph):
         if node.name in exclude or node.op_type not in config.op_types_to_quantize:
             continue
@@ -168,7 +169,7 @@ def quantize_streamed(builder):
                                                 new.outputs)
         if not weight.uses():
             del graph.initializers[weight.name]  # the float weight, freed here
-        release_mapped_pages(shards)
+        release_mapped_pages(shards, libc)
     model.opset_imports.setdefault("com.microsoft", 1)
     return model
 

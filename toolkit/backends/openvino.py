@@ -16,7 +16,6 @@ from pydantic import Field
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
-from ..runner.host import describe_choices
 from ..schema import BackendOptions, Recipe, Target
 from .common import BackendDefaults, Honest, describe_quantization, first_import_error, run_tool, versions
 
@@ -136,14 +135,11 @@ class OpenVinoBackend(BackendDefaults):
         return options
 
     def host_notes(self, cpu: dict) -> list[str]:
-        from ..runner.openvino_rt import HOST_TABLE  # noqa: PLC0415 - imports openvino
-
         fp16 = "avx512_fp16" in cpu["features"]
         return [("f16 hints run in fp16 here (AVX512-FP16)" if fp16 else
                  "f16 hints fall back to f32 here (no native fp16)"),
-                "a GPU target without a GPU runs on CPU at the CPU's default precision "
-                "(its f16 hint is dropped; the report names the executed precision)",
-                *describe_choices(HOST_TABLE, cpu)]
+                "a GPU target without a GPU runs on CPU at the precision the CPU's host table "
+                "gives (its f16 hint is dropped; the report names the executed precision)"]
 
     def toolchain(self) -> dict[str, str]:
         return versions("optimum-intel", "optimum", "openvino", "openvino-genai",
