@@ -1,9 +1,10 @@
 """What validation costs: its wall time against one candidate forward pass over the same eval set
-(reference cached), and the first, uncached reference pass.
+plus its greedy decoding (reference cached), and the first, uncached reference pass.
 
 For each CPU backend, the artifact phikit converts from the checkpoint (tiny-phi3 by default, or
 random weights with Phi-3-mini's shapes) is opened through the runner, then
   forward    one teacher-forced pass of the candidate over every eval text and every prompt
+  greedy     the candidate's greedy decoding of every prompt (the eval set's max_new_tokens)
   validate   phikit's whole parity check (teacher-forced texts + greedy generation of every
              prompt + metrics), with the reference already cached
 and the reference (transformers fp32) is computed once into an empty cache first.
@@ -36,7 +37,7 @@ def main() -> None:
         from toolkit.backends import BACKENDS
         from toolkit.evalset import load_evalset
         from toolkit.reference import load_or_compute
-        from toolkit.runner.core import open_session
+        from toolkit.runner.core import Sampling, open_session
         from toolkit.schema import load_recipe
         from toolkit.validate import Candidate, run_parity
 
@@ -70,24 +71,28 @@ def main() -> None:
                 session.logits(p.prompt_ids.tolist())
             forward_s = time.perf_counter() - start
             start = time.perf_counter()
+            for p in ref.prompts:
+                list(session.generate(p.prompt_ids.tolist(),
+                                      Sampling(max_new_tokens=recipe.eval.max_new_tokens)))
+            greedy_s = time.perf_counter() - start
+            start = time.perf_counter()
             report = run_parity(Candidate(session, recipe, str(source), f"bare {name}",
-                                          exact_tokenizer=backend.exact_tokenizer))
+                                          backend=backend))
             validate_s = time.perf_counter() - start
             assert report.reference["cached"]
-            rows[name] = (forward_s, validate_s)
+            rows[name] = (forward_s, greedy_s, validate_s)
             del session
     n_gen = len(ref.prompts) * recipe.eval.max_new_tokens
     print(f"eval set {evalset.path.name}: {len(ref.texts)} texts (<= {recipe.eval.max_tokens} "
           f"tokens) + {len(ref.prompts)} prompts (<= {recipe.eval.max_new_tokens} greedy tokens, "
           f"{n_gen} in all); checkpoint {source.name}")
     print(f"first reference pass (transformers fp32, uncached): {reference_s:.1f} s")
-    print(f"{'backend':<9} {'forward s':>10} {'validate s':>11} {'validate x forward':>19} "
-          f"{'reference x validate':>21}")
-    for name, (forward_s, validate_s) in rows.items():
-        print(f"{name:<9} {forward_s:>10.2f} {validate_s:>11.2f} {validate_s / forward_s:>19.2f} "
-              f"{reference_s / validate_s:>21.2f}")
-    print("validation generates greedily on every prompt, which one forward pass does not: "
-          "goal <= 1.2x forward")
+    print(f"{'backend':<9} {'forward s':>10} {'greedy s':>9} {'validate s':>11} "
+          f"{'validate x (forward + greedy)':>30} {'goal <= 1.5x':>13} {'reference x validate':>21}")
+    for name, (forward_s, greedy_s, validate_s) in rows.items():
+        ratio = validate_s / (forward_s + greedy_s)
+        print(f"{name:<9} {forward_s:>10.2f} {greedy_s:>9.2f} {validate_s:>11.2f} {ratio:>30.2f} "
+              f"{'met' if ratio <= 1.5 else 'NOT MET':>13} {reference_s / validate_s:>21.2f}")
 
 
 if __name__ == "__main__":

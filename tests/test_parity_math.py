@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from toolkit.parity import common_prefix, drift_symptom, log_softmax, position_drift, topk_kld
+from toolkit.runner.logprobs import gathered_kld, gathered_logp, log_normalizer
 
 
 def full_kl(p_logits, q_logits):
@@ -39,6 +40,23 @@ def test_topk_is_a_lower_bound(p, q, k):
     approx = topk_kld(ids, lp, log_softmax(q))
     assert np.all(approx <= full_kl(p, q) + 1e-9)
     assert np.all(approx >= 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, (4, 300), elements=st.floats(-30, 30, width=32)),
+       st.floats(-1e3, 1e3), st.integers(1, 300))
+def test_gathered_log_probs_match_the_full_log_softmax(logits, offset, k):
+    """Validation normalises only the gathered logits (float32 exp, float64 sum); KLD and NLL
+    agree with the float64 log_softmax of the whole row, also for logits far from zero."""
+    logits = logits + np.float32(offset)
+    full = log_softmax(logits)
+    ids = np.argsort(-full, axis=-1, kind="stable")[:, :k]
+    normalizer = log_normalizer(logits)
+    np.testing.assert_allclose(gathered_logp(logits, normalizer, ids),
+                               np.take_along_axis(full, ids, -1), atol=2e-4, rtol=0)
+    ref_lp = np.take_along_axis(log_softmax(logits * 0.9), ids, -1)
+    np.testing.assert_allclose(gathered_kld(ref_lp, gathered_logp(logits, normalizer, ids)),
+                               topk_kld(ids, ref_lp, full), atol=2e-5)
 
 
 def test_identical_distributions_give_zero():

@@ -64,7 +64,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # the runner's own modules, shipped beside the runtime module: never a manifest's runtime
 RUNNER_MODULES = ("core", "host", "cli", "server", "rpc", "worker", "hf_tokens", "parity_core",
-                  "reference_data", "device", "tune")
+                  "logprobs", "reference_data", "device", "tune")
 
 
 def manifest_files(data: Any, path: Path) -> dict[str, str]:

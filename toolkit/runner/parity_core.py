@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .core import Sampling, Session, chat_ids
+from .logprobs import gathered_kld, gathered_logp, log_normalizer, log_softmax, topk_kld  # noqa: F401
 from .reference_data import Reference
 
 REPORT_VERSION = 2  # toolkit/report/model.py reads (and upgrades) it
@@ -204,24 +205,6 @@ def band_checks(bands: list[dict], thresholds: dict[str, float | None]) -> list[
     return checks
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def topk_kld(ref_ids: np.ndarray, ref_logp: np.ndarray, cand_logp: np.ndarray) -> np.ndarray:
-    """Per-position KL(ref || cand) over the reference's top-K tokens + one tail bucket."""
-    p = np.exp(ref_logp.astype(np.float64))  # [T, K]
-    q_logp = np.take_along_axis(cand_logp, ref_ids.astype(np.int64), axis=-1)  # [T, K]
-    kl = (p * (ref_logp - q_logp)).sum(axis=-1)
-    p_tail = np.clip(1.0 - p.sum(axis=-1), 0.0, 1.0)
-    q_tail = np.clip(1.0 - np.exp(q_logp).sum(axis=-1), 1e-12, 1.0)
-    tail = np.where(p_tail > 1e-9, p_tail * (np.log(np.maximum(p_tail, 1e-300)) - np.log(q_tail)),
-                    0.0)
-    return np.maximum(kl + tail, 0.0)
-
-
 def common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -250,7 +233,8 @@ def _decode_mismatch(row_id: str, cand: str, ref: str) -> dict[str, Any]:
 def _eos_problem(session: Session, prompt: list[int], cand: list[int], own_logp: np.ndarray,
                  eos: set[int], max_new_tokens: int) -> str | None:
     """Did generation run through an EOS, or stop on a token the model does not end with?
-    own_logp: the candidate's teacher-forced log-probs over prompt + cand."""
+    own_logp: the candidate's teacher-forced logits (or log-probs: only the order within a
+    position is used) over prompt + cand."""
     through = [t for t in cand if t in eos]
     if through:
         return (f"generated EOS token {through[0]} ({session.detokenize([through[0]])!r}) and "
@@ -268,7 +252,8 @@ def _decode_problem(session: Session, prompt: list[int], cand: list[int],
                     own_logp: np.ndarray) -> str | None:
     """Is every generated token what the same runtime's full forward pass over the same tokens
     ranks first (within DECODE_TOLERANCE)? Each step is judged on the candidate's own prefix, so
-    one disagreement does not cascade."""
+    one disagreement does not cascade. own_logp: logits or log-probs (only differences within a
+    position are used)."""
     if not cand:
         return None
     n = len(prompt)
@@ -313,16 +298,18 @@ def teacher_forced(session: Session, ref: Reference, rows: dict, progress=None) 
     bos = ref.meta.get("bos_token_id")
     for t, ref_text in zip(ref.texts, decoded):
         ids = t.ids.tolist()
-        cand_logp = log_softmax(np.asarray(session.logits(ids)))
-        if cand_logp.shape[0] != len(ids):
-            raise ValueError(f"candidate returned logits for {cand_logp.shape[0]} of {len(ids)} "
+        logits = np.asarray(session.logits(ids))
+        if logits.shape[0] != len(ids):
+            raise ValueError(f"candidate returned logits for {logits.shape[0]} of {len(ids)} "
                              "positions")
-        kld = topk_kld(t.topk_ids, t.topk_logp, cand_logp)
-        top1 = cand_logp.argmax(axis=-1) == t.topk_ids[:, 0]
+        normalizer = log_normalizer(logits)
+        kld = gathered_kld(t.topk_logp, gathered_logp(logits, normalizer, t.topk_ids))
+        top1 = logits.argmax(axis=-1) == t.topk_ids[:, 0]
         out.klds.append(kld)
         out.top1s.append(top1)
         out.ref_nll.append(-t.next_logp.astype(np.float64))
-        out.cand_nll.append(-cand_logp[np.arange(len(ids) - 1), t.ids[1:].astype(np.int64)])
+        out.cand_nll.append(-gathered_logp(logits[:-1], normalizer[:-1],
+                                           t.ids[1:, None])[:, 0])
         cand_tok = session.tokenize(rows[t.id].value)[: len(ids)]
         if cand_tok != ids:
             out.mismatches.append(_mismatch(session, t.id, cand_tok, ids))
@@ -356,7 +343,7 @@ def generation(session: Session, ref: Reference, rows: dict, max_new_tokens: int
         ref_ids = p.greedy_ids.tolist()
         match = common_prefix(cand, ref_ids)
         # one teacher-forced pass over prompt + generation serves both self-consistency checks
-        own_logp = log_softmax(np.asarray(session.logits(prompt + cand)))
+        own_logp = np.asarray(session.logits(prompt + cand))  # order within a row is enough
         problem = _eos_problem(session, prompt, cand, own_logp, eos, max_new_tokens)
         if problem:
             out.eos_problems.append({"id": p.id, "problem": problem})
