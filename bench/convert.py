@@ -4,11 +4,17 @@ Each conversion runs in a fresh process through phikit's own backend (which runs
 child), and the peak resident set of that child is read from getrusage(RUSAGE_CHILDREN). Source:
 the embedded tiny-phi3 by default, or random weights with Phi-3-mini's layer shapes (--layers N).
 
-Backends: phikit's (onnx runs the ORT GenAI builder streamed, see toolkit/backends/onnx_stream.py)
-and onnx-builder: the same builder arguments run through the builder as it ships.
+Backends: phikit's (onnx runs the ORT GenAI builder streamed, see toolkit/backends/onnx_stream.py;
+openvino runs optimum-cli streamed, see toolkit/backends/openvino_stream.py), and as they ship:
+onnx-builder (the same builder arguments through the builder itself) and openvino-cli (the same
+optimum-cli arguments through optimum-cli itself).
+
+With --build RECIPE, each backend's bundle is then built from the same checkpoint with
+`phikit build` (convert, reference, validate, package; its own empty cache) as one watched
+process tree, and its time, peak memory and verdict are printed.
 
 Usage: python bench/convert.py [--layers N [--shape mini|medium]] [--backends onnx,openvino,gguf,mlx]
-       [--precisions int4,int8,fp32] [--rss-limit-gb G]
+       [--precisions int4,int8,fp32] [--rss-limit-gb G] [--generate N] [--build RECIPE]
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
         import toolkit.backends.onnx as onnx_backend
 
         backend, onnx_backend.STREAMED_BUILDER = "onnx", onnx_backend.BACKEND.tool
+    if backend == "openvino-cli":  # optimum-cli as it ships, not streamed
+        import toolkit.backends.openvino as openvino_backend
+
+        backend, openvino_backend.STREAMED_EXPORT = "openvino", "optimum.commands.optimum_cli"
     target = target_for(backend)
     start = time.perf_counter()
     BACKENDS[backend].convert(source, out, recipe, target, log=lambda s: None)
@@ -57,7 +67,7 @@ def run_artifact(backend: str, precision: str, out: Path, tokens: int) -> None:
     from toolkit.runner.core import Sampling, open_session
     from toolkit.schema import load_recipe
 
-    backend = "onnx" if backend == "onnx-builder" else backend
+    backend = {"onnx-builder": "onnx", "openvino-cli": "openvino"}.get(backend, backend)
     recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
     start = time.perf_counter()
     session = open_session(BACKENDS[backend].runtime_module, out,
@@ -120,6 +130,8 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=0, metavar="N",
                     help="then run each artifact with its runner: N greedy tokens (its own "
                     "process, its own peak memory)")
+    ap.add_argument("--build", type=Path, metavar="RECIPE",
+                    help="then build each backend's bundle from the checkpoint with this recipe")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,6 +196,37 @@ def main() -> None:
         print("peak RSS: the largest single process (getrusage); tree RSS / anon: all of the "
               "conversion's processes together, sampled twice a second (anon: RSS less the "
               "resident pages of mapped files, which the kernel can drop)")
+        if args.build:
+            for backend in args.backends.split(","):
+                build(args.build, backend, source, Path(tmp), ckpt_mb, args.rss_limit_gb)
+
+
+def build(recipe: Path, backend: str, source: Path, tmp: Path, ckpt_mb: float,
+          limit_gb: float | None) -> None:
+    """`phikit build` of one backend's bundle, watched. The builds share one cache, so the
+    reference is computed once (by the first build); the bundle and the cached conversion are
+    removed after each (full-size artifacts: the disk)."""
+    import os
+
+    from shapes import TARGETS
+
+    out, cache = tmp / f"bundle-{backend}", tmp / "phikit-cache"
+    cmd = [str(Path(sys.executable).parent / "phikit"), "build", str(recipe), "--source",
+           str(source), "--target", TARGETS[backend], "--backend", backend, "--out", str(out)]
+    os.environ["PHIKIT_CACHE"] = str(cache)  # a full-size conversion: not into the user's cache
+    start = time.perf_counter()
+    proc, peak, stopped = watched(cmd, limit_gb * 1000 if limit_gb else None)
+    wall = time.perf_counter() - start
+    verdict = "STOPPED" if stopped else {0: "pass", 1: "FAIL (a bound missed)"}.get(
+        proc.returncode, f"error: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}")
+    report = out / "parity.json"
+    timing = json.loads(report.read_text()).get("timing", {}) if report.is_file() else {}
+    print(f"build {backend:<9} {verdict}: {wall:.0f} s (reference "
+          f"{timing.get('reference_seconds', '-')} s, candidate "
+          f"{timing.get('candidate_seconds', '-')} s), tree peak RSS {peak['rss']:.0f} MB "
+          f"({peak['rss'] / ckpt_mb:.2f} x checkpoint), anon {peak['anon']:.0f} MB")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache / "artifacts", ignore_errors=True)
 
 
 if __name__ == "__main__":

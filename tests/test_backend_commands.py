@@ -57,6 +57,17 @@ def test_openvino_cli_command_with_options():
     assert "--group-size" not in int8 and int8[int8.index("--weight-format") + 1] == "int8"
 
 
+def test_openvino_convert_runs_the_cli_streamed(monkeypatch, tmp_path):
+    import toolkit.backends.openvino as openvino
+
+    ran = []
+    monkeypatch.setattr(openvino, "run_tool", lambda cmd, *a, **k: ran.append(cmd))
+    with pytest.raises(PhikitError):  # nothing was converted: no tokenizer written
+        openvino.BACKEND.convert(Path("src"), tmp_path, recipe(), target("intel-cpu"), print)
+    cli = openvino.BACKEND.cli_command(Path("src"), tmp_path, recipe())
+    assert ran == [[ran[0][0], "-m", "toolkit.backends.openvino_stream", *cli[1:]]]
+
+
 def test_openvino_unknown_option_and_data_aware_without_text():
     with pytest.raises(PhikitError, match="unknown OpenVINO option 'awk'"):
         BACKENDS["openvino"].support(None, target("intel-cpu"), recipe(

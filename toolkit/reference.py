@@ -76,14 +76,29 @@ def position_landmarks(config) -> dict[str, int]:
 
 def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
                       progress=None, dtype: str = "float32",
-                      trust_remote_code: bool = False) -> Reference:
+                      trust_remote_code: bool = False, map_weights: bool = True) -> Reference:
+    """The reference's figures. In the checkpoint's own dtype (e.g. `eval.reference_dtype:
+    bfloat16` for a bf16 checkpoint) the weights are memory-mapped, not loaded
+    (mapped_weights.py): process memory holds activations only and a checkpoint larger than the
+    machine's memory runs, the kernel paging its weights in and out. The figures are the same
+    either way (tests/test_openvino_stream.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model, weights = None, "loaded"
+    if map_weights and not trust_remote_code:
+        from .mapped_weights import mapped_model
+
+        try:  # in the checkpoint's own dtype the weights need no copy: the file's pages serve
+            model = mapped_model(Path(checkpoint), buffers="cpu", dtype=getattr(torch, dtype))
+            weights = "memory-mapped"
+        except (ValueError, OSError):
+            model = None  # another dtype, or not safetensors: loaded as transformers does
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code)
     model.eval()
     try:
         gen_cfg = GenerationConfig.from_pretrained(str(checkpoint))
@@ -116,7 +131,7 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
                                      np.asarray(new[:-1] if stopped else new, np.int32), stopped))
             if progress:
                 progress()
-    meta = {"engine": "transformers", "dtype": dtype, "device": "cpu",
+    meta = {"engine": "transformers", "dtype": dtype, "device": "cpu", "weights": weights,
             "eos_token_ids": eos_ids, "landmarks": position_landmarks(model.config),
             "bos_token_id": tokenizer.bos_token_id, "decoded": decoded,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -29,74 +29,7 @@ import runpy
 import sys
 from pathlib import Path
 
-
-def mapped_model(path: Path):
-    """The transformers model of the checkpoint at `path`, made on the meta device, its
-    parameters the shards' memory-mapped tensors. Buffers (rotary inv_freq) stay on the meta
-    device: the builder computes its rotary caches from the config, and a read of one would
-    fail loudly ("meta tensor"), not silently."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = set()
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                if name in params:
-                    _assign(model, name, f.get_tensor(name))
-                    loaded.add(name)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        loaded |= {n for n, p in model.named_parameters(remove_duplicate=False)
-                   if p.device.type != "meta"}
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"{path}: the safetensors shards lack {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''}")
-    return model.eval()
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
-
-
-def release_mapped_pages(files: set[str], libc) -> None:
-    """Drop this process's resident pages of the mapped checkpoint files (Linux: madvise
-    MADV_DONTNEED on their mappings; safetensors maps them private and writable, but nothing
-    writes to them, so every page is clean and a later read maps it again from the file). A
-    weight is read once, when it is quantized; without this its pages stay counted in the
-    process's RSS until the kernel needs the memory."""
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if libc is None or len(fields) < 6 or fields[5] not in files:
-            continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        libc.madvise(start, end - start, 4)  # MADV_DONTNEED
-
-
-def _assign(model, name: str, tensor) -> None:
-    import torch
-
-    module_name, _, param = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[param] = torch.nn.Parameter(tensor, requires_grad=False)
+from ..mapped_weights import PageReleaser, mapped_model, shard_files
 
 
 def _streamable_weights(builder, input_path: str) -> Path | None:
@@ -133,8 +66,7 @@ def quantize_streamed(builder):
     model = builder.model
     graph = model.graph
     exclude = set(attrs["nodes_to_exclude"])
-    shards = {str(p.resolve()) for p in Path(builder.model_name_or_path).glob("*.safetensors")}
-    libc = _libc()
+    pages = PageReleaser(shard_files(builder.model_name_or_path))  # each weight is read once
     for node in list(graph):
         if node.name in exclude or node.op_type not in config.op_types_to_quantize:
             continue
@@ -169,7 +101,7 @@ def quantize_streamed(builder):
                                                 new.outputs)
         if not weight.uses():
             del graph.initializers[weight.name]  # the float weight, freed here
-        release_mapped_pages(shards, libc)
+        pages.release()
     model.opset_imports.setdefault("com.microsoft", 1)
     return model
 

@@ -27,6 +27,7 @@ FLAGS = {"ratio": "--ratio", "all_layers": "--all-layers", "backup_precision": "
          "sensitivity_metric": "--sensitivity-metric", "num_samples": "--num-samples",
          "group_size_fallback": "--group-size-fallback"}
 DATA_AWARE = {"awq", "scale_estimation", "gptq"}
+STREAMED_EXPORT = "toolkit.backends.openvino_stream"
 
 
 class OpenVinoOptions(BackendOptions):
@@ -114,8 +115,10 @@ class OpenVinoBackend(BackendDefaults):
                     **self.given(recipe)}
             cmd = [sys.executable, "-m", "toolkit.backends.openvino_calibrated", json.dumps(spec)]
         else:
-            cmd = [str(Path(sys.executable).parent / "optimum-cli"), *self.cli_command(
-                source, out, recipe)[1:]]
+            # optimum-cli's own command line, with the weights mapped and their pages given back
+            # as the export moves past them (openvino_stream.py): the same files, in less memory
+            cmd = [sys.executable, "-m", STREAMED_EXPORT, *self.cli_command(source, out,
+                                                                            recipe)[1:]]
         run_tool(cmd, log, "optimum-intel export", out / "openvino_model.xml",
                  cwd=Path(__file__).resolve().parents[2])
         if not (out / "openvino_tokenizer.xml").is_file():
