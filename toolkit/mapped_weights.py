@@ -143,7 +143,7 @@ class PageReleaser:
         if self.files and sys.platform.startswith("linux"):
             helper = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid()),
                                        str(every_s), *sorted(self.files)],
-                                      stdin=subprocess.PIPE, cwd=Path(__file__).parents[2])
+                                      stdin=subprocess.PIPE, cwd=Path(__file__).parents[1])
         try:
             yield
         finally:

@@ -81,7 +81,7 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
     bfloat16` for a bf16 checkpoint) the weights are memory-mapped, not loaded
     (mapped_weights.py): process memory holds activations only and a checkpoint larger than the
     machine's memory runs, the kernel paging its weights in and out. The figures are the same
-    either way (tests/test_openvino_stream.py)."""
+    either way (tests/test_mapped_weights.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -95,7 +95,7 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
             model = mapped_model(Path(checkpoint), buffers="cpu", dtype=getattr(torch, dtype))
             weights = "memory-mapped"
         except (ValueError, OSError):
-            model = None  # another dtype, or not safetensors: loaded as transformers does
+            pass  # another dtype, or not safetensors: loaded as transformers loads it
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype),
                                                      trust_remote_code=trust_remote_code)

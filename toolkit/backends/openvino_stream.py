@@ -72,9 +72,9 @@ def main(argv: list[str]) -> None:
         path = Path(model_name_or_path)
         why = _mappable(task, path, kwargs)
         if why is None:
+            dtype = _requested_dtype(kwargs)
             try:
-                model = mapped_model(path, buffers="cpu", dtype=None if _requested_dtype(
-                    kwargs) == "auto" else _requested_dtype(kwargs))
+                model = mapped_model(path, buffers="cpu", dtype=None if dtype == "auto" else dtype)
                 checkpoint.files = shard_files(path)
                 print(f"[phikit] weights mapped from {path.name}'s safetensors, not loaded",
                       flush=True)
