@@ -11,8 +11,9 @@ import numpy as np
 from .evalset import EvalSet
 from .report.model import Drift, ParityReport
 from .runner import parity_core as core
+from .runner.logprobs import log_softmax, topk_kld  # noqa: F401
 from .runner.parity_core import (CHECKS, DECODE_TOLERANCE, _decode_problem,  # noqa: F401
-                                 common_prefix, log_softmax, topk_kld, within)
+                                 common_prefix, within)
 from .runner.reference_data import Reference
 from .runner.core import Session
 from .schema import Thresholds

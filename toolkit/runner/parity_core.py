@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .core import Sampling, Session, chat_ids
-from .logprobs import gathered_kld, gathered_logp, log_normalizer, log_softmax, topk_kld  # noqa: F401
+from .logprobs import gathered_kld, gathered_logp, log_normalizer
 from .reference_data import Reference
 
 REPORT_VERSION = 2  # toolkit/report/model.py reads (and upgrades) it
