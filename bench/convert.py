@@ -14,7 +14,7 @@ With --build RECIPE, each backend's bundle is then built from the same checkpoin
 process tree, and its time, peak memory and verdict are printed.
 
 Usage: python bench/convert.py [--layers N [--shape mini|medium]] [--backends onnx,openvino,gguf,mlx]
-       [--precisions int4,int8,fp32] [--rss-limit-gb G] [--generate N] [--build RECIPE]
+       [--precisions int4,int8,fp32] [--rss-limit-gb G] [--generate N] [--build RECIPE [--build-only]]
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def main() -> None:
                     "process, its own peak memory)")
     ap.add_argument("--build", type=Path, metavar="RECIPE",
                     help="then build each backend's bundle from the checkpoint with this recipe")
+    ap.add_argument("--build-only", action="store_true",
+                    help="with --build: skip the standalone conversions (the builds convert)")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
               "of each conversion (the tool's process)")
         print(f"{'backend':<9} {'precision':<9} {'seconds':>8} {'peak RSS MB':>12} "
               f"{'x checkpoint':>13} {'artifact MB':>12} {'tree RSS MB':>12} {'tree anon MB':>12}")
-        for backend in args.backends.split(","):
+        for backend in args.backends.split(",") if not (args.build and args.build_only) else ():
             for precision in args.precisions.split(","):
                 out = Path(tmp) / f"{backend}-{precision}"
                 limit = args.rss_limit_gb * 1000 if args.rss_limit_gb else None

@@ -56,6 +56,10 @@ VARIANTS = {
     "openvino-int4-kv-f16": ("openvino-int4", {"kv_cache_precision": "f16"}),
     "openvino-int4-kv-u8": ("openvino-int4", {"kv_cache_precision": "u8"}),
     "openvino-int8-dq0": ("openvino-int8", {"dynamic_quantization_group_size": 0}),
+    # decode on one core against all: near-linear scaling says the kernels, not memory, limit
+    "onnx-int4-1-thread": ("onnx-int4", {"threads": 1}),
+    "openvino-int4-1-thread": ("openvino-int4", {"threads": 1}),
+    "gguf-int4-1-thread": ("gguf-int4", {"threads": 1}),
 }
 PEERS = ("torch-bf16", "llamacpp-Q4_0", "llamacpp-Q8_0")
 PROMPTS = (128, 1024)

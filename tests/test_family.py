@@ -106,11 +106,11 @@ class _FakeSession:
     def __init__(self, logp: dict[tuple, np.ndarray], wrong_from: int | None):
         self.logp, self.wrong_from = logp, wrong_from
 
-    def logits(self, ids):
+    def logits(self, ids, start=0):
         if tuple(ids) not in self.logp:  # a prompt + its generation: predict what was generated
             out = np.full((len(ids), 64), -10.0)
             out[np.arange(len(ids) - 1), ids[1:]] = 0.0
-            return out
+            return out[start:]
         out = self.logp[tuple(ids)].copy()
         if self.wrong_from is not None:
             out[self.wrong_from:] = np.roll(out[self.wrong_from:], 1, axis=-1)

@@ -254,3 +254,22 @@ def test_streamed_conversion_is_bit_identical_to_one_shot(tmp_path):
                        check=True, capture_output=True, timeout=600)
         digests.append(sha256_file(out))
     assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_logits_from_a_start_position_are_the_full_passes_rows(ollama_bundle):
+    """Validation asks for the logits of a prompt + its generation from the last prompt position
+    on, and llama.cpp is asked for no other rows (it skips their output projection): those rows
+    are the full pass's, also when `start` falls inside a later batch."""
+    import numpy as np
+
+    from toolkit.runner import llamacpp_rt
+
+    session = llamacpp_rt.open_session(ollama_bundle / "model", {})
+    ids = session.tokenize("def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # five" * 2)
+    full = session.logits(ids)
+    session.llm.n_batch = 16  # several batches; the rows asked for start inside the second
+    for start in (0, 21, len(ids) - 1):
+        rows = session.logits(ids, start=start)
+        assert rows.shape == (len(ids) - start, full.shape[1])
+        np.testing.assert_allclose(rows, full[start:], atol=1e-3, rtol=0)

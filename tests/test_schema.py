@@ -134,6 +134,17 @@ def test_real_checkpoint_recipes_dry_run_offline(recipe):
     assert "onnxruntime_genai.models.builder" in proc.stdout
 
 
+@pytest.mark.parametrize("recipe", sorted((REPO / "bench").glob("*.yaml")), ids=lambda p: p.stem)
+def test_bench_recipes_plan_for_every_backend_the_benches_build(recipe):
+    """`make bench-medium` builds each of these backends' bundles from the recipe after an hour
+    of conversions: a check added to a backend since must fail here, not there."""
+    for backend, target in (("onnx", "generic-cpu"), ("openvino", "intel-cpu"),
+                            ("gguf", "ollama")):
+        proc = phikit("build", recipe, "--target", target, "--backend", backend, "--dry-run",
+                      check=0)
+        assert "convert" in proc.stdout, (backend, proc.stdout)
+
+
 def _mutations():
     """Replace the value or key of one line of a good recipe with an arbitrary scalar."""
     lines = recipe_text().splitlines()

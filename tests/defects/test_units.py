@@ -19,31 +19,32 @@ class _Session:
         return " ".join(map(str, ids))
 
 
-def _own_logp(prompt_len: int, preferred: list[int], vocab: int = 8, margin: float = 2.0):
-    """Teacher-forced log-probs whose best next token after the prompt + i generated tokens is
-    preferred[i], `margin` nats ahead of the rest."""
-    logits = np.zeros((prompt_len + len(preferred), vocab))
+def _own_logp(preferred: list[int], vocab: int = 8, margin: float = 2.0):
+    """Teacher-forced log-probs from the last prompt position on (what validation asks the
+    runtime for) whose best next token after the prompt + i generated tokens is preferred[i],
+    `margin` nats ahead of the rest."""
+    logits = np.zeros((len(preferred) + 1, vocab))
     for i, tok in enumerate(preferred):
-        logits[prompt_len - 1 + i, tok] = margin
+        logits[i, tok] = margin
     return log_softmax(logits)
 
 
 def test_decode_check_accepts_the_runtimes_own_greedy_choices():
-    prompt, cand = [1, 2, 3], [4, 5, 6]
-    assert _decode_problem(_Session(), prompt, cand, _own_logp(3, cand)) is None
-    assert _decode_problem(_Session(), prompt, [], _own_logp(3, [])) is None
+    cand = [4, 5, 6]
+    assert _decode_problem(_Session(), cand, _own_logp(cand)) is None
+    assert _decode_problem(_Session(), [], _own_logp([])) is None
 
 
 def test_decode_check_accepts_near_ties():
-    prompt, cand = [1, 2, 3], [4, 5]
-    own = _own_logp(3, [4, 6], margin=DECODE_TOLERANCE / 2)  # 6 ahead of 5 by less than a tie
-    assert _decode_problem(_Session(), prompt, cand, own) is None
+    cand = [4, 5]
+    own = _own_logp([4, 6], margin=DECODE_TOLERANCE / 2)  # 6 ahead of 5 by less than a tie
+    assert _decode_problem(_Session(), cand, own) is None
 
 
 def test_decode_check_names_the_first_disagreeing_step():
-    prompt, cand = [1, 2, 3], [4, 5, 6]
-    own = _own_logp(3, [4, 7, 6])  # the full forward pass prefers 7 at step 2
-    problem = _decode_problem(_Session(), prompt, cand, own)
+    cand = [4, 5, 6]
+    own = _own_logp([4, 7, 6])  # the full forward pass prefers 7 at step 2
+    problem = _decode_problem(_Session(), cand, own)
     assert problem and "generated token 2 is 5" in problem and "ranks 7" in problem
     assert "1 of 3 steps" in problem
 

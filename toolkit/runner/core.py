@@ -155,8 +155,11 @@ class Session(Protocol):
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The model's chat template applied, with the generation prompt appended."""
 
-    def logits(self, ids: Sequence[int]) -> Any:
-        """Teacher-forced logits for every position: array [len(ids), vocab], float32."""
+    def logits(self, ids: Sequence[int], start: int = 0) -> Any:
+        """Teacher-forced logits for the positions from `start` on: array [len(ids) - start,
+        vocab], float32. Every token still enters the model; a runtime that can leave out the
+        vocabulary projection of the positions before `start` does (validation's pass over a
+        prompt and its generation needs only the generated positions)."""
 
     def generate(self, ids: Sequence[int], sampling: Sampling) -> Iterator[int]:
         """New token ids, one at a time; stops at an EOS (not yielded) or max_new_tokens."""

@@ -150,21 +150,26 @@ class LlamaCppSession:
         self.llm.reset()
         self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced logits for every position, batch by batch. The Llama object is made
-        without logits_all (its score buffer would hold n_ctx x vocab floats: 0.5 GB at 4k
-        context), so the batches ask llama.cpp for every position's logits here."""
+    def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
+        """Teacher-forced logits, batch by batch. The Llama object is made without logits_all
+        (its score buffer would hold n_ctx x vocab floats: 0.5 GB at 4k context), so each batch
+        asks llama.cpp for the logits of its positions from `start` on, and no others: llama.cpp
+        then skips the output projection of the rest."""
         check_length(len(ids), self.context_length)
         self._restart()
-        out = np.empty((len(ids), self.n_vocab), dtype=np.float32)
+        out = np.empty((len(ids) - start, self.n_vocab), dtype=np.float32)
         llm = self.llm
-        for start in range(0, len(ids), llm.n_batch):
-            batch = list(ids[start:start + llm.n_batch])
-            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+        for first in range(0, len(ids), llm.n_batch):
+            batch = list(ids[first:first + llm.n_batch])
+            llm._batch.set_batch(batch=batch, n_past=first, logits_all=True)
+            wanted = [first + i >= start for i in range(len(batch))]
+            for i, flag in enumerate(wanted):
+                llm._batch.batch.logits[i] = flag
             llm._ctx.decode(llm._batch)
-            out[start:start + len(batch)] = np.ctypeslib.as_array(
-                llm._ctx.get_logits(), shape=(len(batch) * self.n_vocab,)
-            ).reshape(len(batch), self.n_vocab)
+            if n := sum(wanted):  # llama.cpp packs the requested rows in batch order
+                row = max(first, start) - start
+                out[row:row + n] = np.ctypeslib.as_array(
+                    llm._ctx.get_logits(), shape=(n * self.n_vocab,)).reshape(n, self.n_vocab)
         self._restart()
         return out
 

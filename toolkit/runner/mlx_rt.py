@@ -188,10 +188,10 @@ class MlxSession:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
+    def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
         _use_window(self.window)
-        out = self.model(mx.array([list(ids)]))[0].astype(mx.float32)
+        out = self.model(mx.array([list(ids)]))[0, start:].astype(mx.float32)
         return np.array(out)
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:

@@ -150,7 +150,7 @@ class OpenVinoSession:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
+    def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
         arr = np.asarray([ids], dtype=np.int64)
         inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
@@ -165,7 +165,7 @@ class OpenVinoSession:
             inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
         self.request.reset_state()  # stateful IR: the KV cache lives in the request
         out = self.request.infer(inputs)
-        return np.asarray(out[self.logits_port], dtype=np.float32)[0]
+        return np.asarray(out[self.logits_port], dtype=np.float32)[0, start:]
 
     def _compiled(self):
         if self.compiled is None:

@@ -137,23 +137,26 @@ class OrtGenaiSession:
         params.set_search_options(**search)
         return og.Generator(self.model, params)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
+    def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
         if not self.pruned_lm_head:
             gen = self._generator(len(ids) + 1)
             gen.append_tokens(np.asarray([ids], dtype=np.int32))
             out = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
             if out.shape[0] == len(ids):
-                return out
+                return out[start:]
             self.pruned_lm_head = True  # learnt once; later calls skip the wasted prefill
         # The graph's lm_head is pruned to the last position (phikit's CPU default: prefill
         # then skips the vocabulary projection of every other position). Every position's
-        # logits come through the decode path, one token at a time, as generation sees them.
+        # logits come through the decode path, one token at a time: the positions before
+        # `start` too, so that a check of generation (which prefills the prompt at once)
+        # against these logits still compares two different paths.
         gen = self._generator(len(ids) + 1)
         rows = []
-        for token in ids:
+        for i, token in enumerate(ids):
             gen.append_tokens(np.asarray([[token]], dtype=np.int32))
-            rows.append(np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1])
+            if i >= start:
+                rows.append(np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1])
         return np.stack(rows)
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:

@@ -230,17 +230,17 @@ def _decode_mismatch(row_id: str, cand: str, ref: str) -> dict[str, Any]:
                                                f"{cand[max(0, i - 12):i + 12]!r}"}
 
 
-def _eos_problem(session: Session, prompt: list[int], cand: list[int], own_logp: np.ndarray,
-                 eos: set[int], max_new_tokens: int) -> str | None:
+def _eos_problem(session: Session, cand: list[int], own_logits: np.ndarray, eos: set[int],
+                 max_new_tokens: int) -> str | None:
     """Did generation run through an EOS, or stop on a token the model does not end with?
-    own_logp: the candidate's teacher-forced logits (or log-probs: only the order within a
-    position is used) over prompt + cand."""
+    own_logits: the candidate's teacher-forced logits over prompt + cand, from the last prompt
+    position on (only the order within a position is used)."""
     through = [t for t in cand if t in eos]
     if through:
         return (f"generated EOS token {through[0]} ({session.detokenize([through[0]])!r}) and "
                 "kept going: the runtime does not stop on it")
     if len(cand) < max_new_tokens and eos:
-        predicted = int(np.argmax(own_logp[-1]))
+        predicted = int(np.argmax(own_logits[-1]))
         if predicted not in eos:
             return (f"stopped after {len(cand)} tokens although the model's own next token is "
                     f"{predicted} ({session.detokenize([predicted])!r}), not one of the EOS ids "
@@ -248,16 +248,14 @@ def _eos_problem(session: Session, prompt: list[int], cand: list[int], own_logp:
     return None
 
 
-def _decode_problem(session: Session, prompt: list[int], cand: list[int],
-                    own_logp: np.ndarray) -> str | None:
+def _decode_problem(session: Session, cand: list[int], own_logits: np.ndarray) -> str | None:
     """Is every generated token what the same runtime's full forward pass over the same tokens
     ranks first (within DECODE_TOLERANCE)? Each step is judged on the candidate's own prefix, so
-    one disagreement does not cascade. own_logp: logits or log-probs (only differences within a
-    position are used)."""
+    one disagreement does not cascade. own_logits: as for _eos_problem (only differences within
+    a position are used)."""
     if not cand:
         return None
-    n = len(prompt)
-    rows = own_logp[n - 1:n - 1 + len(cand)]
+    rows = own_logits[:len(cand)]
     gaps = rows.max(axis=-1) - rows[np.arange(len(cand)), cand]
     bad = np.flatnonzero(gaps > DECODE_TOLERANCE)
     if not bad.size:
@@ -342,14 +340,15 @@ def generation(session: Session, ref: Reference, rows: dict, max_new_tokens: int
         cand = list(session.generate(prompt, Sampling(max_new_tokens=max_new_tokens)))
         ref_ids = p.greedy_ids.tolist()
         match = common_prefix(cand, ref_ids)
-        # one teacher-forced pass over prompt + generation serves both self-consistency checks
-        own_logp = np.asarray(session.logits(prompt + cand))  # order within a row is enough
-        problem = _eos_problem(session, prompt, cand, own_logp, eos, max_new_tokens)
+        # one teacher-forced pass over prompt + generation serves both self-consistency checks;
+        # they need the logits from the last prompt position (which predicts cand[0]) on
+        own_logits = np.asarray(session.logits(prompt + cand, start=len(prompt) - 1))
+        problem = _eos_problem(session, cand, own_logits, eos, max_new_tokens)
         if problem:
             out.eos_problems.append({"id": p.id, "problem": problem})
         if original is None or not len(prompt) <= original < len(prompt) + len(cand):
             out.decode_checked += 1
-            problem = _decode_problem(session, prompt, cand, own_logp)
+            problem = _decode_problem(session, cand, own_logits)
             if problem:
                 out.decode_problems.append({"id": p.id, "problem": problem})
         out.rows.append({"id": p.id, "match": match, "prompt_tokens": len(prompt),

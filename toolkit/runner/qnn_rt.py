@@ -248,9 +248,9 @@ class QnnSession:
                 rows.append(self._run("context", chunk, end, cache)[keep][-1:])
         return np.concatenate(rows).astype(np.float32)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
+    def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
-        return self._prefill(ids, self._fresh_cache(), all_logits=True)
+        return self._prefill(ids, self._fresh_cache(), all_logits=True)[start:]
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             if op == "logits":
                 import numpy as np  # every runtime brings numpy
 
-                arr = np.ascontiguousarray(session.logits(params[0]), dtype="<f4")
+                start = int(params[1]) if len(params) > 1 else 0
+                arr = np.ascontiguousarray(session.logits(params[0], start), dtype="<f4")
                 send({"ok": {"shape": list(arr.shape), "nbytes": arr.nbytes}})
                 out.write(memoryview(arr).cast("B"))
                 out.flush()

@@ -147,20 +147,20 @@ class WorkerSession:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self._call("render_chat", [messages], "rendering the chat template")
 
-    def logits_bytes(self, ids: Sequence[int]) -> tuple[list[int], bytes]:
+    def logits_bytes(self, ids: Sequence[int], start: int = 0) -> tuple[list[int], bytes]:
         """(shape, little-endian float32 bytes): numpy is the caller's (logits())."""
         with self._lock:  # the header and its bytes, with no other call between them
-            r = self._call("logits", [list(map(int, ids))],
+            r = self._call("logits", [list(map(int, ids)), int(start)],
                            f"computing logits for {len(ids)} tokens")
             data = self.proc.stdout.read(r["nbytes"])
         if len(data) != r["nbytes"]:
             raise self._crashed()
         return r["shape"], data
 
-    def logits(self, ids: Sequence[int]) -> Any:
+    def logits(self, ids: Sequence[int], start: int = 0) -> Any:
         import numpy as np  # every runtime brings numpy
 
-        shape, data = self.logits_bytes(ids)
+        shape, data = self.logits_bytes(ids, start)
         return np.frombuffer(data, dtype="<f4").reshape(shape)
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
