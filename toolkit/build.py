@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backends import BACKENDS, Backend, get_backend
+from .backends.common import tool_scratch
 from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, read_model_info,
                          resolve_source)
 from .errors import PhikitError
@@ -171,7 +172,8 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            plan.backend.convert(source_dir, tmp / "model", plan.recipe, plan.target, log)
+            with tool_scratch(tmp / "scratch"):
+                plan.backend.convert(source_dir, tmp / "model", plan.recipe, plan.target, log)
             write_json(tmp / "conversion.json", key_data)
             tmp.rename(final)
         finally:

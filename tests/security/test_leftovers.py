@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from toolkit.build import convert_cached
@@ -21,6 +22,16 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def standin_plan(convert):
+    """What convert_cached reads of a plan, with a stand-in backend converting by `convert`."""
+    backend = SimpleNamespace(name="standin", convert=convert, describe=lambda *a: "stand-in",
+                              toolchain=lambda: {}, revision=1)
+    return SimpleNamespace(
+        backend=backend, recipe=SimpleNamespace(quantization=SimpleNamespace(
+            model_dump=lambda mode: {})),
+        target=SimpleNamespace(execution_provider="cpu", runtime=SimpleNamespace(threads=None)))
 
 
 def test_a_killed_builds_staging_copy_is_swept(tmp_path):
@@ -57,12 +68,7 @@ def test_concurrent_conversion_of_one_artifact(tmp_path, monkeypatch):
         out.mkdir()
         (out / "weights").write_text("w")
 
-    backend = SimpleNamespace(name="standin", convert=convert, describe=lambda *a: "stand-in",
-                              toolchain=lambda: {}, revision=1)
-    plan = SimpleNamespace(
-        backend=backend, recipe=SimpleNamespace(quantization=SimpleNamespace(
-            model_dump=lambda mode: {})),
-        target=SimpleNamespace(execution_provider="cpu", runtime=SimpleNamespace(threads=None)))
+    plan = standin_plan(convert)
     results = {}
 
     def build(name):
@@ -79,3 +85,27 @@ def test_concurrent_conversion_of_one_artifact(tmp_path, monkeypatch):
     assert (artifact / "model" / "weights").read_text() == "w"
     # no *.tmp-PID left beside it
     assert [p.name for p in artifact.parent.iterdir()] == [artifact.name]
+
+
+def test_a_converters_temporary_files_stay_in_the_conversions_work_dir(tmp_path, monkeypatch):
+    """optimum-intel writes a float IR the checkpoint's size to its temp dir: a conversion
+    killed there would leave it in /tmp for good. The tools' TMPDIR is the conversion's work
+    dir (swept with it by the next build), and it is gone from the finished artifact."""
+    from toolkit.backends.common import run_tool
+
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def convert(source, out, recipe, target, log):
+        out.mkdir()
+        run_tool([sys.executable, "-c", "import tempfile, pathlib, sys; "
+                  "d = pathlib.Path(tempfile.mkdtemp()); (d / 'float-ir').write_text('x'); "
+                  "print(d); pathlib.Path(sys.argv[1]).write_text('w')", str(out / "weights")],
+                 seen.append, "a stand-in converter", out / "weights")
+
+    plan = standin_plan(convert)
+    artifact, _ = convert_cached(plan, tmp_path, "digest", None, lambda s: None)
+    scratch = Path(seen[-1])
+    assert scratch.parent.parent.name.startswith(artifact.name + ".tmp-")  # <key>.tmp-PID/scratch
+    assert not scratch.exists() and sorted(p.name for p in artifact.iterdir()) == [
+        "conversion.json", "model"]

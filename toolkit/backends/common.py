@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
+import shutil
 import subprocess
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
@@ -113,15 +116,36 @@ def quiet_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_SCRATCH: ContextVar[Path | None] = ContextVar("tool_scratch", default=None)
+
+
+@contextmanager
+def tool_scratch(path: Path) -> Iterator[Path]:
+    """The converters run meanwhile keep their own temporary files under `path` (their TMPDIR),
+    removed on the way out. optimum-intel's float IR is as large as the checkpoint: in the
+    system's temp dir, a conversion killed mid-way would leave it there for good; under the
+    conversion's own work dir, the next build sweeps it with the rest."""
+    path.mkdir(parents=True, exist_ok=True)
+    token = _SCRATCH.set(path)
+    try:
+        yield path
+    finally:
+        _SCRATCH.reset(token)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def run_tool(cmd: list[str], log: Callable[[str], None], what: str, expect: Path,
              cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
     """Run a converter, log its output, and fail with its last lines if it did not produce
     `expect` (a tool can exit 0 without writing anything)."""
     log("$ " + " ".join(cmd))
     lines: list[str] = []
+    env = quiet_env(env)
+    if (scratch := _SCRATCH.get()) is not None:
+        env["TMPDIR"] = str(scratch)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", cwd=cwd, env=quiet_env(env))
+                                text=True, errors="replace", cwd=cwd, env=env)
     except OSError as e:
         raise PhikitError(f"{what}: cannot run {cmd[0]}: {e.strerror}") from None
     with proc:
