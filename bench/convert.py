@@ -10,11 +10,14 @@ onnx-builder (the same builder arguments through the builder itself) and openvin
 optimum-cli arguments through optimum-cli itself).
 
 With --build RECIPE, each backend's bundle is then built from the same checkpoint with
-`phikit build` (convert, reference, validate, package; its own empty cache) as one watched
-process tree, and its time, peak memory and verdict are printed.
+`phikit build` (convert, reference, validate, package) as one watched process tree, and its
+time, peak memory and verdict are printed. The builds share one phikit cache, so the reference
+is computed once; --cache keeps it across runs (a disk that holds one backend's full-size files
+at a time: the checkpoint, the converter's float intermediate, the artifact and the bundle).
 
 Usage: python bench/convert.py [--layers N [--shape mini|medium]] [--backends onnx,openvino,gguf,mlx]
-       [--precisions int4,int8,fp32] [--rss-limit-gb G] [--generate N] [--build RECIPE [--build-only]]
+       [--precisions int4,int8,fp32] [--rss-limit-gb G] [--generate N]
+       [--build RECIPE [--build-only] [--cache DIR]]
 """
 
 from __future__ import annotations
@@ -134,6 +137,9 @@ def main() -> None:
                     help="then build each backend's bundle from the checkpoint with this recipe")
     ap.add_argument("--build-only", action="store_true",
                     help="with --build: skip the standalone conversions (the builds convert)")
+    ap.add_argument("--cache", type=Path, help="with --build: the builds' phikit cache (default: "
+                    "a new one, removed after); one kept across runs computes the reference once "
+                    "when the disk holds one backend's files at a time")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,11 +206,12 @@ def main() -> None:
               "resident pages of mapped files, which the kernel can drop)")
         if args.build:
             for backend in args.backends.split(","):
-                build(args.build, backend, source, Path(tmp), ckpt_mb, args.rss_limit_gb)
+                build(args.build, backend, source, Path(tmp), ckpt_mb, args.rss_limit_gb,
+                      args.cache or Path(tmp) / "phikit-cache")
 
 
 def build(recipe: Path, backend: str, source: Path, tmp: Path, ckpt_mb: float,
-          limit_gb: float | None) -> None:
+          limit_gb: float | None, cache: Path) -> None:
     """`phikit build` of one backend's bundle, watched. The builds share one cache, so the
     reference is computed once (by the first build); the bundle and the cached conversion are
     removed after each (full-size artifacts: the disk)."""
@@ -212,7 +219,7 @@ def build(recipe: Path, backend: str, source: Path, tmp: Path, ckpt_mb: float,
 
     from shapes import TARGETS
 
-    out, cache = tmp / f"bundle-{backend}", tmp / "phikit-cache"
+    out = tmp / f"bundle-{backend}"
     cmd = [str(Path(sys.executable).parent / "phikit"), "build", str(recipe), "--source",
            str(source), "--target", TARGETS[backend], "--backend", backend, "--out", str(out)]
     os.environ["PHIKIT_CACHE"] = str(cache)  # a full-size conversion: not into the user's cache
