@@ -228,13 +228,16 @@ def build(recipe: Path, backend: str, source: Path, tmp: Path, ckpt_mb: float,
     wall = time.perf_counter() - start
     verdict = "STOPPED" if stopped else {0: "pass", 1: "FAIL (a bound missed)"}.get(
         proc.returncode, f"error: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}")
-    report = out / "parity.json"
-    timing = json.loads(report.read_text()).get("timing", {}) if report.is_file() else {}
+    failed = out.with_name(out.name + ".failed")  # where phikit puts a bundle that failed
+    report = next((d / "parity.json" for d in (out, failed) if (d / "parity.json").is_file()),
+                  None)
+    timing = json.loads(report.read_text()).get("timing", {}) if report else {}
     print(f"build {backend:<9} {verdict}: {wall:.0f} s (reference "
           f"{timing.get('reference_seconds', '-')} s, candidate "
           f"{timing.get('candidate_seconds', '-')} s), tree peak RSS {peak['rss']:.0f} MB "
           f"({peak['rss'] / ckpt_mb:.2f} x checkpoint), anon {peak['anon']:.0f} MB")
-    shutil.rmtree(out, ignore_errors=True)
+    for bundle in (out, failed):
+        shutil.rmtree(bundle, ignore_errors=True)
     shutil.rmtree(cache / "artifacts", ignore_errors=True)
 
 
