@@ -14,6 +14,11 @@ Options:
              CPU computes fp16 natively (AVX512-FP16), where LLMPipeline then generated token 0
              for most prompts of the intel-gpu bundle. The CPU runs at its own default (what the
              intel-cpu bundle validates), and info() reports the precision it executed.
+  one_compiled_copy: true | false | "auto"   LLMPipeline compiles the IR for generation and
+             logits() compiles it again: two copies of the weights in memory (21.5 GB of process
+             memory validating an 8 GB Phi-3-medium int4 IR). true keeps one at a time (the other
+             is dropped and compiled again when next needed); auto (the default): true when two
+             copies, at 1.3x the weight file each, would not fit in the memory available at load
   cache_dir: compiled-model cache (CACHE_DIR). A relative one lives under the user's cache
              ($XDG_CACHE_HOME or ~/.cache)/phikit/openvino/<graph sha256>, never in the bundle:
              every file of a bundle is verified, and a cache is this machine's
@@ -67,6 +72,17 @@ def _cache_dir(model_dir: Path, option: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = hashlib.sha256((model_dir / "openvino_model.xml").read_bytes()).hexdigest()[:16]
     return base / "phikit" / "openvino" / key / path
+
+
+def _one_copy(option: Any, model_dir: Path) -> bool:
+    if option not in (None, AUTO):
+        return bool(option)
+    try:  # Linux; elsewhere both copies are kept, as before this option
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return False
+    return 2 * 1.3 * (model_dir / "openvino_model.bin").stat().st_size > available
 
 
 def _device(core: ov.Core, wanted: str) -> str:
@@ -124,6 +140,7 @@ class OpenVinoSession:
         if options.get("cache_dir"):
             props["CACHE_DIR"] = str(_cache_dir(model_dir, options["cache_dir"]))
         self.props = props
+        self.one_copy = _one_copy(options.get("one_compiled_copy"), model_dir)
         self.pipe = ovg.LLMPipeline(str(model_dir), self.device, **props)
         self.tokenizer = self.pipe.get_tokenizer()
         # LLMPipeline compiles the IR for generation; teacher-forced logits need a plain infer
@@ -169,6 +186,8 @@ class OpenVinoSession:
 
     def _compiled(self):
         if self.compiled is None:
+            if self.one_copy:
+                self.pipe = None  # LLMPipeline's compiled copy goes before this one is made
             self.compiled = self.core.compile_model(self.ir, self.device, self.props)
         return self.compiled
 
@@ -186,9 +205,17 @@ class OpenVinoSession:
                 pass
         return out
 
+    def _pipeline(self) -> ovg.LLMPipeline:
+        if self.pipe is None:
+            self.pipe = ovg.LLMPipeline(str(self.model_dir), self.device, **self.props)
+        return self.pipe
+
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
-        config = self.pipe.get_generation_config()
+        if self.one_copy:
+            self.request = self.compiled = None
+        pipe = self._pipeline()
+        config = pipe.get_generation_config()
         config.max_new_tokens = max(1, min(sampling.max_new_tokens,
                                            self.context_length - len(ids)))
         config.do_sample = sampling.temperature > 0
@@ -206,7 +233,7 @@ class OpenVinoSession:
 
         def work() -> None:
             try:
-                self.pipe.generate(inputs, config, _Queue(q, cancel))
+                pipe.generate(inputs, config, _Queue(q, cancel))
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
             finally:
@@ -235,6 +262,7 @@ class OpenVinoSession:
         return {"runtime": "openvino", "version": ov.__version__, "device": self.device,
                 "requested_device": self.requested_device,
                 "properties": self.props, "options_in_force": self.options_in_force,
+                "one_compiled_copy": self.one_copy,
                 "executed_precision": self.executed_precision(),
                 "context_length": self.context_length, "notes": notes + self.notes}
 
