@@ -15,10 +15,11 @@ Options:
              for most prompts of the intel-gpu bundle. The CPU runs at its own default (what the
              intel-cpu bundle validates), and info() reports the precision it executed.
   one_compiled_copy: true | false | "auto"   LLMPipeline compiles the IR for generation and
-             logits() compiles it again: two copies of the weights in memory (21.5 GB of process
+             logits() compiles it again: two copies of the weights in memory (21 GB of process
              memory validating an 8 GB Phi-3-medium int4 IR). true keeps one at a time (the other
              is dropped and compiled again when next needed); auto (the default): true when two
-             copies, at 1.3x the weight file each, would not fit in the memory available at load
+             copies, at 1.3x the weight file each, would take more than half the memory
+             available at load (validation should leave the machine room to work)
   cache_dir: compiled-model cache (CACHE_DIR). A relative one lives under the user's cache
              ($XDG_CACHE_HOME or ~/.cache)/phikit/openvino/<graph sha256>, never in the bundle:
              every file of a bundle is verified, and a cache is this machine's
@@ -82,7 +83,7 @@ def _one_copy(option: Any, model_dir: Path) -> bool:
         available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
     except (OSError, ValueError, IndexError):
         return False
-    return 2 * 1.3 * (model_dir / "openvino_model.bin").stat().st_size > available
+    return 2 * 1.3 * (model_dir / "openvino_model.bin").stat().st_size > available / 2
 
 
 def _device(core: ov.Core, wanted: str) -> str:
@@ -212,8 +213,8 @@ class OpenVinoSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
-        if self.one_copy:
-            self.request = self.compiled = None
+        if self.one_copy:  # the port, too, holds the compiled model
+            self.request = self.compiled = self.logits_port = None
         pipe = self._pipeline()
         config = pipe.get_generation_config()
         config.max_new_tokens = max(1, min(sampling.max_new_tokens,
