@@ -81,6 +81,7 @@ bench: install
 	$(PY) bench/convert.py --layers 4 --backends onnx,openvino,gguf --precisions int4
 	$(PY) bench/validate.py
 	$(PY) bench/runner_overhead.py --layers 2
+	$(PY) bench/openvino_memory.py --layers 4
 
 # The full-size (32-layer, 7.6 GB) conversion + end-to-end build of the Performance section.
 bench-full: install

@@ -349,7 +349,7 @@ def generation(session: Session, ref: Reference, rows: dict, max_new_tokens: int
         match = common_prefix(cand, ref_ids)
         # one teacher-forced pass over prompt + generation serves both self-consistency checks;
         # they need the logits from the last prompt position (which predicts cand[0]) on
-        own_logits = np.asarray(session.logits(prompt + cand, start=len(prompt) - 1))
+        own_logits = np.asarray(session.logits(prompt + cand, start=max(len(prompt) - 1, 0)))
         problem = _eos_problem(session, cand, own_logits, eos, max_new_tokens)
         if problem:
             out.eos_problems.append({"id": p.id, "problem": problem})
