@@ -166,7 +166,8 @@ def main() -> None:
               "of each conversion (the tool's process)")
         print(f"{'backend':<9} {'precision':<9} {'seconds':>8} {'peak RSS MB':>12} "
               f"{'x checkpoint':>13} {'artifact MB':>12} {'tree RSS MB':>12} {'tree anon MB':>12}")
-        for backend in args.backends.split(",") if not (args.build and args.build_only) else ():
+        conversions = [] if args.build and args.build_only else args.backends.split(",")
+        for backend in conversions:
             for precision in args.precisions.split(","):
                 out = Path(tmp) / f"{backend}-{precision}"
                 limit = args.rss_limit_gb * 1000 if args.rss_limit_gb else None

@@ -4,7 +4,7 @@ against two (the runner's one_compiled_copy), side by side in one run.
 LLMPipeline compiles the IR for generation and the runner's logits() compiles it again for
 teacher-forced logits. An int4 IR with Phi-3-mini's layer shapes (--layers N, random weights) is
 opened in a fresh process per mode, which then runs what validation runs: logits, greedy
-generation, logits again; RssAnon (process memory, not mapped file pages) after each.
+generation, logits again; process memory (resident, not mapped file pages) after each.
 
 Usage: python bench/openvino_memory.py [--layers 4]
 """
@@ -27,10 +27,11 @@ PHASES = ("open", "logits", "generate", "logits again")
 
 
 def rss_anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    """Resident memory less mapped file pages, as bench/convert.py's watched() counts it."""
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return (info.rss - info.shared) / 2**20
 
 
 def child(model: Path, one_copy: bool) -> dict[str, float]:
@@ -72,7 +73,7 @@ def main() -> None:
                                   capture_output=True, text=True, check=True)
             rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"OpenVINO int4 IR of {args.layers} layers of Phi-3-mini's shape: {ir_mb:.0f} MB; "
-          "process memory (RssAnon, MB) after each phase")
+          "process memory (resident less file pages, MB) after each phase")
     print(f"{'compiled copies':<16}" + "".join(f"{p:>14}" for p in PHASES) + f"{'peak':>8}")
     for mode, row in rows.items():
         print(f"{mode:<16}" + "".join(f"{row[p]:>14.0f}" for p in PHASES)

@@ -15,8 +15,8 @@ Options:
              for most prompts of the intel-gpu bundle. The CPU runs at its own default (what the
              intel-cpu bundle validates), and info() reports the precision it executed.
   one_compiled_copy: true | false | "auto"   LLMPipeline compiles the IR for generation and
-             logits() compiles it again: two copies of the weights in memory (21 GB of process
-             memory validating an 8 GB Phi-3-medium int4 IR). true keeps one at a time (the other
+             logits() compiles it again: two copies of the weights in process memory, which
+             validation of a model near the machine's memory cannot afford. true keeps one at a time (the other
              is dropped and compiled again when next needed); auto (the default): true when two
              copies, at 1.3x the weight file each, would take more than half the memory
              available at load (validation should leave the machine room to work)

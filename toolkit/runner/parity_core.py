@@ -338,13 +338,13 @@ def generation(session: Session, ref: Reference, rows: dict, max_new_tokens: int
                        else session.tokenize(row.value))
         if cand_prompt != prompt:
             out.mismatches.append(_mismatch(session, p.id, cand_prompt, prompt))
-        generated.append(list(session.generate(prompt, Sampling(max_new_tokens=max_new_tokens))))
+        generated.append((prompt, list(session.generate(
+            prompt, Sampling(max_new_tokens=max_new_tokens)))))
         if progress:
             progress()
     # Every generation first, then every check of one: a runtime that holds one compiled copy
     # of the model at a time (OpenVINO's one_compiled_copy) switches once, not once per prompt
-    for p, cand in zip(ref.prompts, generated):
-        prompt = p.prompt_ids.tolist()
+    for p, (prompt, cand) in zip(ref.prompts, generated):
         ref_ids = p.greedy_ids.tolist()
         match = common_prefix(cand, ref_ids)
         # one teacher-forced pass over prompt + generation serves both self-consistency checks;
