@@ -56,6 +56,9 @@ VARIANTS = {
     "openvino-int4-kv-f16": ("openvino-int4", {"kv_cache_precision": "f16"}),
     "openvino-int4-kv-u8": ("openvino-int4", {"kv_cache_precision": "u8"}),
     "openvino-int8-dq0": ("openvino-int8", {"dynamic_quantization_group_size": 0}),
+    # the plugin computes in bf16 by default where the CPU has AVX512-BF16 or AMX
+    "openvino-int4-f32": ("openvino-int4", {"inference_precision": "f32"}),
+    "openvino-int4-bf16": ("openvino-int4", {"inference_precision": "bf16"}),
     # decode on one core against all: near-linear scaling says the kernels, not memory, limit
     "onnx-int4-1-thread": ("onnx-int4", {"threads": 1}),
     "openvino-int4-1-thread": ("openvino-int4", {"threads": 1}),

@@ -303,3 +303,25 @@ def test_a_search_path_of_ones_own_recipes_and_targets(tmp_path):
     assert "plan my-tiny -> my-box (onnx)" in plan
     unknown = phikit("build", "tiny-phi3-int4", "--target", "my-box", "--dry-run", check=2)
     assert "unknown target 'my-box'" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_default_bounds_cover_every_numerics_a_runtime_picks_per_cpu():
+    """A runtime that computes differently per CPU (OpenVINO: bf16, int8 activations) has
+    bounds from the worst of its numerics, each a set of options its host table accepts, so
+    bench/honest_bounds.py can validate under each on one machine."""
+    import importlib
+
+    from toolkit.backends.common import Honest
+
+    a = Honest(kld_mean=1e-3, kld_p99=1e-2, top1=0.95, ppl_ratio=0.99, greedy_match_mean=14)
+    b = Honest(kld_mean=2e-3, kld_p99=5e-3, top1=0.96, ppl_ratio=1.005, greedy_match_mean=16)
+    assert a.worst(b) == Honest(kld_mean=2e-3, kld_p99=1e-2, top1=0.95, ppl_ratio=0.99,
+                                greedy_match_mean=14)
+    assert BACKENDS["openvino"].honest_numerics, "OpenVINO picks bf16 / int8 activations per CPU"
+    for backend in BACKENDS.values():
+        for options in backend.honest_numerics.values():
+            if backend.unavailable():
+                continue
+            table = importlib.import_module(f"toolkit.runner.{backend.runtime_module}").HOST_TABLE
+            resolved, _ = table.choose(options, {"class": "avx2", "flags": []})
+            assert {k: resolved[k] for k in options} == options

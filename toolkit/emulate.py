@@ -31,14 +31,17 @@ from typing import Callable
 from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .runner.core import lock_install_args, read_manifest, verify_bundle
+from .runner.core import compiled_for, lock_install_args, read_manifest, verify_bundle
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
 # class of this ISA (this machine's venv, a CPU model without AVX-512 / AMX / AVX512-FP16).
 ARCHES = {"aarch64": {"debian": "arm64", "qemu": "qemu-aarch64"},
           "x86-64-v3": {"qemu": "qemu-x86_64", "cpu": "Haswell-noTSX",
-                        "description": "AVX2-only x86-64 (qemu's Haswell model, no AVX-512)"}}
+                        "description": "AVX2-only x86-64 (qemu's Haswell model, no AVX-512)",
+                        # instruction sets a runtime compiled for this host may need and the
+                        # emulated CPU lacks (a feature name starting with one of these)
+                        "lacks": ("avx512", "avx_vnni", "amx")}}
 
 
 def debian_mirror() -> str:
@@ -162,10 +165,26 @@ class EmulatedValidation:
         if qemu is None:
             raise PhikitError(f"{spec['qemu']} is not installed (apt-get install qemu-user)",
                               field="--emulate")
+        self._check_portable(spec)
         # this machine's interpreter and packages on a CPU model without AVX-512 / AMX
         self.prefix, self.python, self.inside = [qemu, "-cpu", spec["cpu"]], sys.executable, None
         self.run_py, self.env = str(self.bundle / "run.py"), None
         return {"emulated_cpu": f"{spec['cpu']}: {spec['description']}"}
+
+    def _check_portable(self, spec: dict) -> None:
+        """Refuse, before minutes of emulation, a runtime that this machine compiled for its
+        own CPU with instructions the emulated CPU lacks: it would die of SIGILL."""
+        compiled = compiled_for(self.manifest["runtime"]["module"])
+        if compiled is None:
+            return
+        features, rebuild = compiled
+        beyond = [f for f in features if f.startswith(spec["lacks"])]
+        if beyond:
+            raise PhikitError(
+                f"{self.bundle}: this machine's {self.manifest['runtime']['module']} runtime "
+                f"was compiled for this CPU ({', '.join(beyond)}), which the emulated "
+                f"{spec['cpu']} lacks: it would stop on an illegal instruction. To emulate "
+                f"x86-64-v3, build it for that CPU class: {rebuild}", field="--emulate")
 
     def _aarch64_setup(self) -> dict:
         arch, bundle, manifest = self.arch, self.bundle, self.manifest
@@ -238,6 +257,10 @@ class EmulatedValidation:
                     mounts.close()
         out = scratch / f"{name}.json"
         try:
+            if proc.returncode == -4:  # SIGILL
+                raise PhikitError(f"run.py validate on the emulated {self.arch} CPU stopped on "
+                                  "an illegal instruction: a package of this machine was "
+                                  "compiled for a newer CPU than the emulated one")
             if proc.returncode not in (0, 1) or not out.is_file():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()
                 raise PhikitError(f"run.py validate on the emulated {self.arch} CPU wrote no "

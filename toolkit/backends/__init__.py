@@ -33,6 +33,7 @@ class Backend(Protocol):
     off_device_precision: str  # the demo's precision where this CPU is not the target's device
     options_model: type[BackendOptions]  # its quantization.options (schema), checked at load
     honest: dict  # precision -> common.Honest: what an honest bundle of it measures
+    honest_numerics: dict  # name -> runtime options: numerics the runtime picks per CPU
     install: str  # what to install where unavailable() says no (default: its pip extra)
 
     def default_thresholds(self, precision: str) -> dict[str, float]:

@@ -29,6 +29,16 @@ class Honest:
     ppl_ratio: float
     greedy_match_mean: float
 
+    def worst(self, *others: "Honest") -> "Honest":
+        """The largest error of these measurements, figure by figure: a bundle's bounds must
+        hold on every CPU it may run on, and a runtime computes differently per CPU."""
+        every = (self, *others)
+        return Honest(kld_mean=max(h.kld_mean for h in every),
+                      kld_p99=max(h.kld_p99 for h in every),
+                      top1=min(h.top1 for h in every),
+                      ppl_ratio=max((h.ppl_ratio for h in every), key=lambda r: abs(r - 1)),
+                      greedy_match_mean=min(h.greedy_match_mean for h in every))
+
     # Each default bound allows BOUND_MARGIN times the honest error, and never less than the
     # floor: run-to-run and CPU-to-CPU kernel differences, not quantization, below it.
     def bounds(self) -> dict[str, float]:
@@ -58,6 +68,9 @@ class BackendDefaults:
     # precision -> what an honest bundle measures (bench/honest_bounds.py prints these); a
     # precision without an entry has no default bounds: the recipe's own only
     honest: dict[str, Honest] = {}
+    # name -> runtime options: the numerics the runtime may choose by itself on some CPU (the
+    # `honest` figures are the worst of them; bench/honest_bounds.py validates under each)
+    honest_numerics: dict[str, dict] = {}
 
     def default_thresholds(self, precision: str) -> dict[str, float]:
         """Bounds for what a recipe leaves unset, from this backend's honest measurements."""

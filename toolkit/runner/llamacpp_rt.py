@@ -53,6 +53,21 @@ def extra_buffer_types(option: Any, cpu: dict[str, Any]) -> tuple[bool, dict[str
     return options["extra_buffer_types"], in_force["extra_buffer_types"]
 
 
+PORTABLE_BUILD = ("CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+                  "-DGGML_F16C=ON -DGGML_BMI2=ON' pip install --force-reinstall --no-binary "
+                  "llama-cpp-python llama-cpp-python==" + llama_cpp.__version__)
+
+
+def compiled_cpu_features() -> tuple[list[str], str]:
+    """(the CPU features this llama.cpp was compiled to use, how to build it for any AVX2 CPU).
+    llama-cpp-python compiles from source with -march=native by default: its kernels then
+    need the build machine's instructions (AVX-512 on one machine), and another CPU stops with
+    SIGILL. llama.cpp reports the features compiled in ("CPU : AVX2 = 1 | AVX512 = 1 | ...")."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    found = re.findall(r"([A-Z][A-Z0-9_]*) = 1", info.partition("CPU :")[2] or info)
+    return [f.lower() for f in found], PORTABLE_BUILD
+
+
 def _load(path: Path, use_extra_bufts: bool, **kwargs) -> llama_cpp.Llama:
     """llama_cpp.Llama with use_extra_bufts set: its constructor takes no such argument and
     fills llama_model_params from llama_model_default_params(), so that is wrapped while it
