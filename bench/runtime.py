@@ -59,6 +59,8 @@ VARIANTS = {
     # the plugin computes in bf16 by default where the CPU has AVX512-BF16 or AMX
     "openvino-int4-f32": ("openvino-int4", {"inference_precision": "f32"}),
     "openvino-int4-bf16": ("openvino-int4", {"inference_precision": "bf16"}),
+    "openvino-int4-f32-dq0": ("openvino-int4", {"inference_precision": "f32",
+                                                "dynamic_quantization_group_size": 0}),
     # decode on one core against all: near-linear scaling says the kernels, not memory, limit
     "onnx-int4-1-thread": ("onnx-int4", {"threads": 1}),
     "openvino-int4-1-thread": ("openvino-int4", {"threads": 1}),
