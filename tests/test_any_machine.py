@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_bundle, phikit, small_recipe
-from toolkit.emulate import ARCHES
-from toolkit.runner.core import compiled_for, host_cpu
+from toolkit.emulate import ARCHES, compiled_for
+from toolkit.runner.core import host_cpu
 
 SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -31,7 +31,7 @@ from typing import Callable
 from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .runner.core import compiled_for, lock_install_args, read_manifest, verify_bundle
+from .runner.core import lock_install_args, read_manifest, verify_bundle
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
@@ -42,6 +42,16 @@ ARCHES = {"aarch64": {"debian": "arm64", "qemu": "qemu-aarch64"},
                         # instruction sets a runtime compiled for this host may need and the
                         # emulated CPU lacks (a feature name starting with one of these)
                         "lacks": ("avx512", "avx_vnni", "amx")}}
+
+
+def compiled_for(runtime: str) -> tuple[list[str], str] | None:
+    """(CPU features this machine's build of a runtime compiled here requires, a portable
+    build's command); None for runtimes whose wheels pick their kernels at load."""
+    import importlib
+
+    probe = getattr(importlib.import_module(f".runner.{runtime}", __package__),
+                    "compiled_cpu_features", None)
+    return probe() if probe else None
 
 
 def debian_mirror() -> str:

@@ -372,14 +372,6 @@ def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
     return open_session(typed.runtime_module, root / typed.model_dir, options), manifest
 
 
-def compiled_for(runtime: str) -> tuple[list[str], str] | None:
-    """(the CPU features this machine's build of the runtime was compiled to require, how to
-    build it for any x86-64-v3 CPU) where the runtime is compiled here, not a portable wheel
-    that picks its kernels at load; None for the others."""
-    probe = getattr(_runtime_module(runtime), "compiled_cpu_features", None)
-    return probe() if probe else None
-
-
 # --- tuned.json: a device's measured options (written by tune.py, read wherever a bundle opens)
 
 TUNED_MAX_THREADS = 1024
