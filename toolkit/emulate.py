@@ -49,8 +49,11 @@ def compiled_for(runtime: str) -> tuple[list[str], str] | None:
     build's command); None for runtimes whose wheels pick their kernels at load."""
     import importlib
 
-    probe = getattr(importlib.import_module(f".runner.{runtime}", __package__),
-                    "compiled_cpu_features", None)
+    try:
+        module = importlib.import_module(f".runner.{runtime}", __package__)
+    except ImportError:  # not installed here: the emulated run itself says so
+        return None
+    probe = getattr(module, "compiled_cpu_features", None)
     return probe() if probe else None
 
 
