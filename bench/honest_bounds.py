@@ -26,12 +26,13 @@ from toolkit.backends import BACKENDS  # noqa: E402
 from toolkit.backends.common import Honest  # noqa: E402
 from toolkit.runner.core import host_cpu  # noqa: E402
 
+PHIKIT = str(Path(sys.executable).parent / "phikit")
 FIELDS = ("kld_mean", "kld_p99", "top1", "ppl_ratio", "greedy_match_mean")
 
 
 def build(backend: str, precision: str, out: Path) -> Path | None:
     """The honest bundle (its directory, `.failed` when the bounds in force refused it)."""
-    proc = subprocess.run([str(Path(sys.executable).parent / "phikit"), "build",
+    proc = subprocess.run([PHIKIT, "build",
                            f"recipes/tiny-phi3-{precision}.yaml", "--target",
                            BACKENDS[backend].home_target, "--backend", backend, "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True)
@@ -47,8 +48,12 @@ def validate(bundle: Path, options: dict) -> dict:
     """The bundle's report, validated again under `options` (runtime options over its own)."""
     report = bundle.with_name(bundle.name + ".report.json")
     args = [a for k, v in options.items() for a in ("--option", f"{k}={json.dumps(v)}")]
-    subprocess.run([str(Path(sys.executable).parent / "phikit"), "validate", str(bundle),
-                    *args, "--json", str(report)], cwd=REPO, capture_output=True, text=True)
+    report.unlink(missing_ok=True)  # never the report of the numerics before
+    proc = subprocess.run([PHIKIT, "validate", str(bundle), *args, "--json", str(report)],
+                          cwd=REPO, capture_output=True, text=True)
+    if not report.is_file():
+        sys.exit(f"{bundle.name} {options}: validate exit {proc.returncode}: "
+                 f"{(proc.stderr.strip().splitlines() or [''])[-1][:200]}")
     return json.loads(report.read_text())
 
 

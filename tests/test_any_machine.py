@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_bundle, phikit, small_recipe
-from toolkit.emulate import ARCHES, compiled_for
+from toolkit.emulate import beyond
 from toolkit.runner.core import host_cpu
 
 SAPPHIRE_RAPIDS = """processor\t: 0
@@ -303,16 +303,14 @@ def test_validates_as_an_avx2_only_cpu_runs_it(fixture, request, tmp_path):
     bundle = request.getfixturevalue(fixture)
     report_path = tmp_path / "r.json"
     manifest = json.loads((bundle / "manifest.json").read_text())
-    compiled = compiled_for(manifest["runtime"]["module"])
-    lacks = ARCHES["x86-64-v3"]["lacks"]
-    beyond = [f for f in (compiled or ([], ""))[0] if f.startswith(lacks)]
-    if beyond:  # llama.cpp compiled here with -march=native on a CPU beyond AVX2
+    features, _ = beyond(manifest, "x86-64-v3")
+    if features:  # llama.cpp compiled here with -march=native on a CPU beyond AVX2
         proc = phikit("validate", bundle, "--emulate", "x86-64-v3", "--recipe",
                       small_recipe(tmp_path, limit=3), timeout=300)
         assert proc.returncode == 2 and "compiled for this CPU" in proc.stderr \
             and "GGML_NATIVE=OFF" in proc.stderr, proc.stdout + proc.stderr
         pytest.skip(f"this machine's {manifest['runtime']['module']} was compiled for its own "
-                    f"CPU ({', '.join(beyond)}): refused up front, as it should be; the emulated "
+                    f"CPU ({', '.join(features)}): refused up front, as it should be; the emulated "
                     "run needs a portable build (the error names the command)")
     # 3 rows (a text, a prompt, a chat): qemu's TCG runs the AVX2 kernels ~40x slower than native
     proc = phikit("validate", bundle, "--emulate", "x86-64-v3", "--recipe",

@@ -44,17 +44,29 @@ ARCHES = {"aarch64": {"debian": "arm64", "qemu": "qemu-aarch64"},
                         "lacks": ("avx512", "avx_vnni", "amx")}}
 
 
-def compiled_for(runtime: str) -> tuple[list[str], str] | None:
-    """(CPU features this machine's build of a runtime compiled here requires, a portable
-    build's command); None for runtimes whose wheels pick their kernels at load."""
+def compiled_here(manifest: dict) -> list[str]:
+    """The bundle's runtime packages that are compiled from source where they are installed
+    (the target's source_builds), not wheels that pick their kernels at load."""
+    return sorted(set(manifest["target"]["runtime"].get("source_builds", []))
+                  & set(manifest["runtime"]["packages"]))
+
+
+def beyond(manifest: dict, arch: str) -> tuple[list[str], str]:
+    """(the instruction sets this machine's build of the bundle's runtime was compiled to use
+    and the emulated `arch` lacks, how to build it for that CPU class); nothing for a runtime
+    of wheels, or one not installed here (the emulated run itself then says so)."""
+    lacks = ARCHES[arch].get("lacks")
+    if not lacks or not compiled_here(manifest):
+        return [], ""
     import importlib
 
     try:
-        module = importlib.import_module(f".runner.{runtime}", __package__)
-    except ImportError:  # not installed here: the emulated run itself says so
-        return None
+        module = importlib.import_module(f".runner.{manifest['runtime']['module']}", __package__)
+    except ImportError:
+        return [], ""
     probe = getattr(module, "compiled_cpu_features", None)
-    return probe() if probe else None
+    features, rebuild = probe() if probe else ([], "")
+    return [f for f in features if f.startswith(lacks)], rebuild
 
 
 def debian_mirror() -> str:
@@ -187,15 +199,11 @@ class EmulatedValidation:
     def _check_portable(self, spec: dict) -> None:
         """Refuse, before minutes of emulation, a runtime that this machine compiled for its
         own CPU with instructions the emulated CPU lacks: it would die of SIGILL."""
-        compiled = compiled_for(self.manifest["runtime"]["module"])
-        if compiled is None:
-            return
-        features, rebuild = compiled
-        beyond = [f for f in features if f.startswith(spec["lacks"])]
-        if beyond:
+        features, rebuild = beyond(self.manifest, self.arch)
+        if features:
             raise PhikitError(
                 f"{self.bundle}: this machine's {self.manifest['runtime']['module']} runtime "
-                f"was compiled for this CPU ({', '.join(beyond)}), which the emulated "
+                f"was compiled for this CPU ({', '.join(features)}), which the emulated "
                 f"{spec['cpu']} lacks: it would stop on an illegal instruction. To emulate "
                 f"x86-64-v3, build it for that CPU class: {rebuild}", field="--emulate")
 
@@ -204,8 +212,7 @@ class EmulatedValidation:
         if self.platform.arch not in (arch, "arm64"):
             raise PhikitError(f"{bundle}: built for {self.platform.arch}, not {arch}; its lock "
                               "cannot install in the emulated root")
-        compiled = sorted(set(manifest["target"]["runtime"].get("source_builds", []))
-                          & set(manifest["runtime"]["packages"]))
+        compiled = compiled_here(manifest)
         if compiled:
             raise PhikitError(f"{bundle}: its runtime ({', '.join(compiled)}) is compiled on "
                               "the device; compiling it under qemu user mode is not supported "
