@@ -323,3 +323,33 @@ def test_validates_as_an_avx2_only_cpu_runs_it(fixture, request, tmp_path):
     print(f"\n{fixture} as x86-64-v3: KLD {report['metrics']['kld_mean']:.5f}, greedy match "
           f"vs this CPU {report['emulation']['greedy_match_vs_native_mean']:.1f}, "
           f"{report['timing']}")
+
+
+def test_a_disk_too_small_is_refused_before_converting(tmp_path, monkeypatch):
+    """A machine with less free disk than the conversion needs (the converter's float copy of
+    the checkpoint, the model, the bundle's copy) is told so before the converter starts, not
+    after its longest step with the tool's own error."""
+    from toolkit import build
+    from toolkit.errors import PhikitError
+
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path / "cache"))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(build.shutil, "disk_usage",
+                        lambda path: usage._replace(free=1_000_000))
+    plan = build.make_plan("recipes/tiny-phi3-int4.yaml", "ollama", out=tmp_path / "b")
+    with pytest.raises(PhikitError) as err:
+        build.execute(plan)
+    text = str(err.value)
+    assert "not enough free disk for gguf int4" in text and "the converter's float copy" in text
+    assert "which has 1.0 MB free" in text and "PHIKIT_CACHE" in text and str(tmp_path) in text
+    assert not list((tmp_path / "cache" / "artifacts").iterdir()) and not (tmp_path / "b").exists()
+    needed = float(text.split("about ")[1].split(" MB")[0]) * 1e6
+    assert needed > sum(p.stat().st_size for p in (REPO / "models/tiny-phi3").glob("*.safet*"))
+    monkeypatch.setattr(build.shutil, "disk_usage",
+                        lambda path: usage._replace(free=int(needed * 1.1)))
+    build.check_disk(plan, REPO / "models" / "tiny-phi3", plan.info, None)  # enough: no error
+    onnx = build.make_plan("recipes/tiny-phi3-int4.yaml", "generic-cpu", out=tmp_path / "o")
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: usage._replace(free=1_000_000))
+    with pytest.raises(PhikitError, match="about .* MB \\(the converted model") as err:
+        build.check_disk(onnx, REPO / "models" / "tiny-phi3", onnx.info, None)
+    assert "float copy" not in str(err.value)  # its builder quantizes as it writes

@@ -149,6 +149,54 @@ def check_memory(info: ModelInfo, recipe: Recipe, target: Target, recipe_path: P
             file=recipe_path, field="context_length")
 
 
+def _on_disk(path: Path) -> Path:
+    """The nearest existing directory at or above `path` (where it will be created)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_disk(plan: Plan, source_dir: Path, info: ModelInfo, artifact: Path | None) -> None:
+    """Refuse up front what the disks cannot hold: a conversion that runs out of space fails
+    after its longest step, with the tool's own error. `artifact`: the cached conversion, or
+    None before converting (its size then estimated). Before converting, two moments hold the
+    most: the conversion (the converter's float copy beside the model it writes) and
+    packaging (the float copy removed, the bundle's copy of the model beside it)."""
+    bits = PRECISION_BITS[plan.recipe.quantization.precision]
+    bundle_copy = "the bundle's copy of the model"
+    if artifact is None:
+        model = info.memory_estimate(bits, 0)[0]
+        float_copy = sum(p.stat().st_size for p in source_dir.iterdir()
+                         if p.suffix in (".safetensors", ".bin")) \
+            if plan.backend.float_intermediate and bits < 16 else 0
+        moments = [[(cache_root(), "the converter's float copy", float_copy),
+                    (cache_root(), "the converted model", model)],
+                   [(cache_root(), "the converted model", model),
+                    (plan.out.parent, bundle_copy, model)]]
+    else:
+        model = sum(p.stat().st_size for p in (artifact / "model").rglob("*") if p.is_file())
+        moments = [[(plan.out.parent, bundle_copy, model)]]
+    for moment in moments:
+        disks: dict[int, tuple[Path, list[tuple[str, int]]]] = {}
+        for where, what, size in filter(lambda item: item[2], moment):
+            place = _on_disk(where)
+            disks.setdefault(place.stat().st_dev, (place, []))[1].append((what, size))
+        for place, items in disks.values():
+            need, free = sum(size for _, size in items), shutil.disk_usage(place).free
+            if need > free:
+                parts = " + ".join(f"{what} {_size(size)}" for what, size in items)
+                raise PhikitError(
+                    f"not enough free disk for {plan.backend.name} "
+                    f"{plan.recipe.quantization.precision}: about {_size(need)} ({parts}) on "
+                    f"the disk of {place}, which has {_size(free)} free; free some, or point "
+                    "PHIKIT_CACHE (conversions) or --out (the bundle) at a larger disk")
+
+
 def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
                    log: Callable[[str], None]) -> tuple[Path, bool]:
     """(artifact dir, was_cached). Converted into a temp dir and renamed when complete."""
@@ -168,6 +216,7 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
             return final, True  # a concurrent build of the same artifact finished first
         final.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(final.parent, "*.tmp")  # conversions killed mid-way
+        check_disk(plan, source_dir, info, None)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -213,6 +262,8 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
     stage_cb("convert")
     artifact, cached = convert_cached(plan, source_dir, digest, info, log)
     timings["convert"] = time.perf_counter() - t0
+    if cached:  # else the conversion's check counted the bundle's copy
+        check_disk(plan, source_dir, info, artifact)
 
     stage = staging_dir(plan.out)
     try:

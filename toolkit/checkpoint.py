@@ -102,6 +102,20 @@ def checkpoint_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
+_HASHED: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process while its inode, size and mtime stay the
+    same: a build hashes the staged model for the validation key and again for the manifest
+    (gigabytes each time for Phi-3-medium)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def checkpoint_digest(path: Path) -> str:
     """sha256 over (name, sha256) of the checkpoint's files, memoised by size+mtime."""
     memo_path = cache_root() / "digests.json"

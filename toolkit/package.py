@@ -18,10 +18,11 @@ from typing import Any
 
 from . import __version__
 from .report import render_html, write_text_atomic
+from .checkpoint import file_sha256
 from .report.model import ParityReport
 from .errors import PhikitError
 from .runner.core import (BUNDLE_FORMAT, MANIFEST, RUNNER_MODULES, SIGNATURE, SIGNATURE_NAMESPACE,
-                          bundle_files, sha256_file)
+                          bundle_files)
 from .runner.rpc import source_only_imports
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
@@ -118,7 +119,7 @@ def finish_manifest(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file and write manifest.json last (its presence marks a complete bundle)."""
     drop_runtime_caches(bundle)
     manifest = {"format": BUNDLE_FORMAT, "phikit": __version__, **manifest}
-    manifest["files"] = {rel: sha256_file(bundle / rel) for rel in bundle_files(bundle)}
+    manifest["files"] = {rel: file_sha256(bundle / rel) for rel in bundle_files(bundle)}
     write_json(bundle / MANIFEST, manifest)
     return manifest
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backends import detect_backend, get_backend
-from .checkpoint import cache_root, read_model_info, resolve_source
+from .checkpoint import cache_root, file_sha256, read_model_info, resolve_source
 from .family import check_remote_code
 from .errors import PhikitError
 from .evalset import load_evalset
@@ -26,7 +26,7 @@ from .remote import bundle_session, local_session
 from .report.model import ParityReport
 from .report import write_text_atomic
 from .runner.core import (BundleError, Session, bundle_files, host_summary, read_manifest,
-                          sha256_file, verify_bundle)
+                          verify_bundle)
 from .schema import Recipe, Thresholds, load_recipe
 
 DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
@@ -238,7 +238,7 @@ def validation_key(stage: Path, runtime: str, options: dict[str, Any], reference
     runner files; the reference by its own key, since its npz is re-written on every build)."""
     from .lock import pinned_requirements
 
-    files = {rel: sha256_file(stage / rel) for rel in bundle_files(stage)
+    files = {rel: file_sha256(stage / rel) for rel in bundle_files(stage)
              if not rel.startswith("eval/")}
     phikit = hashlib.sha256()  # the measuring side (parity, validate, report model, ...)
     for path in sorted(TOOLKIT_DIR.rglob("*.py")):

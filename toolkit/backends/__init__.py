@@ -35,6 +35,9 @@ class Backend(Protocol):
     honest: dict  # precision -> common.Honest: what an honest bundle of it measures
     honest_numerics: dict  # name -> runtime options: numerics the runtime picks per CPU
     install: str  # what to install where unavailable() says no (default: its pip extra)
+    # True when its converter writes the whole model in float to disk before quantizing it
+    # (as large as the checkpoint): the disk a quantized conversion needs beyond its artifact
+    float_intermediate: bool
 
     def default_thresholds(self, precision: str) -> dict[str, float]:
         """Bounds (Thresholds fields) for what a recipe leaves unset, from `honest`."""

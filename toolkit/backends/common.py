@@ -68,6 +68,7 @@ class BackendDefaults:
     # precision -> what an honest bundle measures (bench/honest_bounds.py prints these); a
     # precision without an entry has no default bounds: the recipe's own only
     honest: dict[str, Honest] = {}
+    float_intermediate = False
     # name -> runtime options: the numerics the runtime may choose by itself on some CPU (the
     # `honest` figures are the worst of them; bench/honest_bounds.py validates under each)
     honest_numerics: dict[str, dict] = {}

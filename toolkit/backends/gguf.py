@@ -62,6 +62,7 @@ class GgufBackend(BackendDefaults):
     home_target = "ollama"
     runtime_module = "llamacpp_rt"
     tool = "llama.cpp convert_hf_to_gguf.py + llama_model_quantize"
+    float_intermediate = True  # the converter's float GGUF, which the quantizer reads
     # phikit writes the tokenizer into the GGUF (and a tokenizer.model when the checkpoint has
     # none), so any tokenization difference is a conversion defect: validation requires all rows.
     exact_tokenizer = True

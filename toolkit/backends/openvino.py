@@ -49,6 +49,7 @@ class OpenVinoBackend(BackendDefaults):
     home_target = "intel-cpu"
     runtime_module = "openvino_rt"
     tool = "optimum-cli export openvino"
+    float_intermediate = True  # optimum-intel saves the float IR, then NNCF compresses it
     exact_tokenizer = False  # optimum-intel converts the tokenizer; its drift is reported, not fatal
     # The CPU plugin picks its numerics per CPU: bf16 inference where the CPU has AVX512-BF16
     # or AMX, int8 activations in groups of 32 (dynamic quantization) where it has VNNI, f32
