@@ -161,7 +161,8 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def check_disk(plan: Plan, source_dir: Path, info: ModelInfo, artifact: Path | None) -> None:
+def check_disk(plan: Plan, source_dir: Path, info: ModelInfo | None,
+               artifact: Path | None) -> None:
     """Refuse up front what the disks cannot hold: a conversion that runs out of space fails
     after its longest step, with the tool's own error. `artifact`: the cached conversion, or
     None before converting (its size then estimated). Before converting, two moments hold the
@@ -170,7 +171,7 @@ def check_disk(plan: Plan, source_dir: Path, info: ModelInfo, artifact: Path | N
     bits = PRECISION_BITS[plan.recipe.quantization.precision]
     bundle_copy = "the bundle's copy of the model"
     if artifact is None:
-        model = info.memory_estimate(bits, 0)[0]
+        model = info.memory_estimate(bits, 0)[0] if info else 0  # no config: not estimated
         float_copy = sum(p.stat().st_size for p in source_dir.iterdir()
                          if p.suffix in (".safetensors", ".bin")) \
             if plan.backend.float_intermediate and bits < 16 else 0

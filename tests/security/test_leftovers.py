@@ -27,10 +27,10 @@ def dead_pid() -> int:
 def standin_plan(convert):
     """What convert_cached reads of a plan, with a stand-in backend converting by `convert`."""
     backend = SimpleNamespace(name="standin", convert=convert, describe=lambda *a: "stand-in",
-                              toolchain=lambda: {}, revision=1)
+                              toolchain=lambda: {}, revision=1, float_intermediate=False)
     return SimpleNamespace(
         backend=backend, recipe=SimpleNamespace(quantization=SimpleNamespace(
-            model_dump=lambda mode: {})),
+            precision="int4", model_dump=lambda mode: {})), out=Path("bundle"),
         target=SimpleNamespace(execution_provider="cpu", runtime=SimpleNamespace(threads=None)))
 
 
