@@ -11,10 +11,18 @@ Engines (all from ONE random-weight checkpoint with Phi-3-mini's layer shapes, s
       cores (a reduction over 2 GB in torch): the speed limit of decode (peer c)
 
 Each engine runs in a fresh process: cold start (load + first token of a 16-token prompt), prefill
-latency (time to first token) for 128- and 1024-token prompts, decode tokens/s over 64 tokens, peak
-RSS of that process, artifact size. Figures are ratios measured in one run; not timed assertions.
+latency (time to first token) for 128- and 1024-token prompts (each length once untimed first),
+decode tokens/s over 64 tokens, peak RSS of that process, artifact size. Figures are ratios
+measured in one run; not timed assertions.
 
-Usage: python bench/runtime.py [--layers 4] [--engines all|onnx-int4,...] [--repeats 3]
+Side by side means under the same conditions: the converted files are flushed to disk before any
+measurement (the kernel's writeback of gigabytes would otherwise run during the first engines),
+and the engines are measured in rounds, each round in a rotated order, each engine a fresh
+process per round; a figure is the median over rounds. A VM's neighbours and clock drift then
+touch every engine alike, not whichever ran first or last.
+
+Usage: python bench/runtime.py [--layers 4] [--engines all|onnx-int4,...] [--rounds 3]
+       [--repeats 1]
 """
 
 from __future__ import annotations
@@ -168,6 +176,7 @@ def child(engine: str, artifact: Path, repeats: int) -> dict:
     cold = load + first_token_seconds(session, prompt(16))
     result = {"load_s": load, "cold_first_token_s": cold}
     for n in PROMPTS:
+        first_token_seconds(session, prompt(n))  # a length's first run allocates for its shapes
         result[f"prefill_{n}_ms"] = 1000 * statistics.median(
             first_token_seconds(session, prompt(n)) for _ in range(repeats))
     rates, cpu, wall = [], 0.0, 0.0
@@ -264,7 +273,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--engines", default="all")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="every engine once per round, in a rotated order; figures: the median")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs within each process")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -290,15 +301,26 @@ def main() -> None:
             if f"llamacpp-{bits}" in engines:
                 artifacts[f"llamacpp-{bits}"] = artifacts.get(gguf) or convert(
                     gguf, source, Path(tmp) / gguf)
+        os.sync()  # the conversions' writeback, done before anything is timed
         bandwidth = bandwidth_gb_s()
+        samples: dict[str, list[dict] | None] = {engine: [] for engine in engines}
+        for turn in range(args.rounds):
+            shift = turn * len(engines) // args.rounds
+            for engine in engines[shift:] + engines[:shift]:
+                if samples[engine] is None:
+                    continue  # failed in an earlier round
+                proc = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats),
+                                       "--child", engine, str(artifacts[engine])],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{engine}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    samples[engine] = None
+                    continue
+                samples[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         for engine in engines:
-            proc = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats),
-                                   "--child", engine, str(artifacts[engine])],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{engine}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+            if not samples[engine]:
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = median_row(samples[engine])
             row["size_mb"] = size_bytes(artifacts[engine]) / 1e6
             row["read_mb"] = streamed_weight_bytes(engine, artifacts[engine]) / 1e6
             row["roofline_tok_s"] = bandwidth * 1e3 / row["read_mb"]
@@ -308,13 +330,24 @@ def main() -> None:
         args.json.write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=1))
 
 
+def median_row(rounds: list[dict]) -> dict:
+    """One engine's figures over its rounds: the median of each, the largest peak RSS."""
+    row = dict(rounds[0])
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            every = [r[key] for r in rounds]
+            row[key] = max(every) if key == "peak_rss_mb" else statistics.median(every)
+    return row
+
+
 def report(rows: dict[str, dict], args, bandwidth: float) -> None:
     from toolkit.runner.host import host_cpu
 
     cpu = host_cpu()
     print(f"CPU: {cpu['model']} ({cpu['class']}; {', '.join(cpu['features']) or 'no flags of note'})")
     print(f"Phi-3-mini shapes x {args.layers} layers (random weights), {os.cpu_count()} cores, "
-          f"read bandwidth {bandwidth:.1f} GB/s; median of {args.repeats}; decode after a "
+          f"read bandwidth {bandwidth:.1f} GB/s; median of {args.rounds} rounds (rotated order, a "
+          f"fresh process each) x {args.repeats} run(s); decode after a "
           f"16-token prompt, {DECODE} tokens")
     cols = ("engine", "MB", "read MB/tok", "cold s", "pre128 ms", "pre1024 ms", "tok/s",
             "CPUs busy", "RSS MB",
