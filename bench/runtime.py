@@ -18,8 +18,9 @@ measured in one run; not timed assertions.
 Side by side means under the same conditions: the converted files are flushed to disk before any
 measurement (the kernel's writeback of gigabytes would otherwise run during the first engines),
 and the engines are measured in rounds, each round in a rotated order, each engine a fresh
-process per round; a figure is the median over rounds. A VM's neighbours and clock drift then
-touch every engine alike, not whichever ran first or last.
+process per round; a figure is the median over rounds, and so is the read bandwidth, measured
+at the start of every round. A VM's neighbours and clock drift then touch every engine alike,
+not whichever ran first or last.
 
 Usage: python bench/runtime.py [--layers 4] [--engines all|onnx-int4,...] [--rounds 3]
        [--repeats 1]
@@ -302,9 +303,10 @@ def main() -> None:
                 artifacts[f"llamacpp-{bits}"] = artifacts.get(gguf) or convert(
                     gguf, source, Path(tmp) / gguf)
         os.sync()  # the conversions' writeback, done before anything is timed
-        bandwidth = bandwidth_gb_s()
         samples: dict[str, list[dict] | None] = {engine: [] for engine in engines}
+        bandwidths = []  # measured every round too: the roofline moves with the neighbours
         for turn in range(args.rounds):
+            bandwidths.append(bandwidth_gb_s())
             shift = turn * len(engines) // args.rounds
             for engine in engines[shift:] + engines[:shift]:
                 if samples[engine] is None:
@@ -317,6 +319,7 @@ def main() -> None:
                     samples[engine] = None
                     continue
                 samples[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        bandwidth = statistics.median(bandwidths)
         for engine in engines:
             if not samples[engine]:
                 continue
@@ -325,7 +328,7 @@ def main() -> None:
             row["read_mb"] = streamed_weight_bytes(engine, artifacts[engine]) / 1e6
             row["roofline_tok_s"] = bandwidth * 1e3 / row["read_mb"]
             rows[engine] = row
-    report(rows, args, bandwidth)
+    report(rows, args, bandwidth, bandwidths)
     if args.json:
         args.json.write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=1))
 
@@ -340,14 +343,16 @@ def median_row(rounds: list[dict]) -> dict:
     return row
 
 
-def report(rows: dict[str, dict], args, bandwidth: float) -> None:
+def report(rows: dict[str, dict], args, bandwidth: float, bandwidths: list[float]) -> None:
     from toolkit.runner.host import host_cpu
 
     cpu = host_cpu()
     print(f"CPU: {cpu['model']} ({cpu['class']}; {', '.join(cpu['features']) or 'no flags of note'})")
     print(f"Phi-3-mini shapes x {args.layers} layers (random weights), {os.cpu_count()} cores, "
-          f"read bandwidth {bandwidth:.1f} GB/s; median of {args.rounds} rounds (rotated order, a "
-          f"fresh process each) x {args.repeats} run(s); decode after a "
+          f"read bandwidth {bandwidth:.1f} GB/s (the median of "
+          f"{' / '.join(f'{b:.1f}' for b in bandwidths)}, one per round); median of "
+          f"{args.rounds} rounds (rotated order, a fresh process each) x {args.repeats} "
+          f"run(s); decode after a "
           f"16-token prompt, {DECODE} tokens")
     cols = ("engine", "MB", "read MB/tok", "cold s", "pre128 ms", "pre1024 ms", "tok/s",
             "CPUs busy", "RSS MB",
