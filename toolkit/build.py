@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from .backends import BACKENDS, Backend, get_backend
 from .backends.common import tool_scratch
-from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, read_model_info,
-                         resolve_source)
+from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, checkpoint_files,
+                         read_model_info, resolve_source)
 from .errors import PhikitError
 from .evalset import load_evalset
 from .family import check_remote_code, known_info, needs_remote_code
@@ -172,8 +172,7 @@ def check_disk(plan: Plan, source_dir: Path, info: ModelInfo | None,
     bundle_copy = "the bundle's copy of the model"
     if artifact is None:
         model = info.memory_estimate(bits, 0)[0] if info else 0  # no config: not estimated
-        float_copy = sum(p.stat().st_size for p in source_dir.iterdir()
-                         if p.suffix in (".safetensors", ".bin")) \
+        float_copy = sum(f.stat().st_size for f in checkpoint_files(source_dir)) \
             if plan.backend.float_intermediate and bits < 16 else 0
         moments = [[(cache_root(), "the converter's float copy", float_copy),
                     (cache_root(), "the converted model", model)],
