@@ -31,7 +31,8 @@ from typing import Callable
 from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .runner.core import lock_install_args, read_manifest, verify_bundle
+from .runner.core import (BundleError, lock_install_args, read_manifest, runtime_module,
+                          verify_bundle)
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
@@ -58,11 +59,9 @@ def beyond(manifest: dict, arch: str) -> tuple[list[str], str]:
     lacks = ARCHES[arch].get("lacks")
     if not lacks or not compiled_here(manifest):
         return [], ""
-    import importlib
-
     try:
-        module = importlib.import_module(f".runner.{manifest['runtime']['module']}", __package__)
-    except ImportError:
+        module = runtime_module(manifest["runtime"]["module"])
+    except BundleError:
         return [], ""
     probe = getattr(module, "compiled_cpu_features", None)
     features, rebuild = probe() if probe else ([], "")

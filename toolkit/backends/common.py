@@ -93,14 +93,13 @@ class BackendDefaults:
     def host_option_notes(self, cpu: dict) -> list[str]:
         """What each option of the runtime module's host table (HOST_TABLE) becomes on this CPU
         when left at auto, and why (phikit doctor). Imports the runtime."""
+        from ..runner.core import BundleError, host_table  # noqa: PLC0415
         from ..runner.host import describe_choices  # noqa: PLC0415
 
         try:
-            module = importlib.import_module(f"toolkit.runner.{self.runtime_module}")
-        except ImportError:
+            return describe_choices(host_table(self.runtime_module), cpu)
+        except BundleError:  # the runtime is not installed here
             return []
-        table = getattr(module, "HOST_TABLE", None)
-        return describe_choices(table, cpu) if table is not None else []
 
     @property
     def install(self) -> str:

@@ -315,7 +315,9 @@ def lock_install_args(lock: str = "requirements.lock", wheels: str | None = None
     return ["install", "-q", "--no-deps", *offline, "--require-hashes", "-r", lock]
 
 
-def _runtime_module(name: str):
+def runtime_module(name: str):
+    """A runtime module of the runner by name; BundleError (with the install step) when it or
+    its runtime cannot be imported here."""
     package = __package__ or "phikit_runner"
     try:
         return importlib.import_module(f"{package}.{name}")
@@ -326,7 +328,7 @@ def _runtime_module(name: str):
 
 
 def open_session(runtime: str, model_dir: Path, options: dict[str, Any] | None = None) -> Session:
-    module = _runtime_module(runtime)
+    module = runtime_module(runtime)
     try:
         session = module.open_session(Path(model_dir), dict(options or {}))
         if not getattr(session, "special_tokens", None):
@@ -380,7 +382,7 @@ TUNED_MAX_THREADS = 1024
 def host_table(runtime: str) -> HostTable:
     """A runtime module's options that depend on the CPU (HOST_TABLE; none when it has none):
     besides `threads`, what `run.py tune` may measure and set."""
-    return getattr(_runtime_module(runtime), "HOST_TABLE", None) or HostTable(choices={})
+    return getattr(runtime_module(runtime), "HOST_TABLE", None) or HostTable(choices={})
 
 
 def read_tuned(root: Path) -> dict[str, Any] | None:
