@@ -4,7 +4,7 @@ speed or crashes) depends on it. Standard library only; shipped in every bundle.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +105,13 @@ class HostRule:
 class HostTable:
     """The runtime options whose best value depends on the CPU: the values each may take (what a
     bundle, the caller or tuned.json may set, and what `run.py tune` tries) and the rows that
-    decide an option left at "auto" (the first row that applies wins)."""
+    decide an option left at "auto" (the first row that applies wins). runtime_defaults: what
+    the runtime does with an option left unset, where that is one value on every CPU (ONNX
+    Runtime spins): the report then names the value in force, not just "runtime default", and
+    a run with that value set is seen to be the same configuration."""
     choices: dict[str, tuple[Any, ...]]
     rows: tuple[HostRule, ...] = ()
+    runtime_defaults: dict[str, Any] = field(default_factory=dict)
 
     def tunable(self, cpu: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
         """The options `run.py tune` may try on this CPU, with their values: all but those a
@@ -151,7 +155,8 @@ class HostTable:
             rule = next((r for r in self.rows if r.option == option and r.applies(cpu)), None)
             resolved[option] = rule.value if rule else None
             in_force[option] = {
-                "value": "runtime default" if resolved[option] is None else resolved[option],
+                "value": resolved[option] if rule else
+                self.runtime_defaults.get(option, "runtime default"),
                 "why": f"auto on this {cpu.get('class')} CPU: {rule.why}" if rule else
                 f"auto: no row for this {cpu.get('class')} CPU, so the runtime's own default"}
         return resolved, in_force

@@ -42,7 +42,8 @@ _CPU = {"cpu", "CPUExecutionProvider"}
 
 # ONNX Runtime's options whose best value depends on the CPU (the CPU execution provider's);
 # MatMulNBits' accuracy level is a graph attribute, chosen at build time by the target.
-HOST_TABLE = HostTable(choices={"allow_spinning": (True, False)}, rows=())
+HOST_TABLE = HostTable(choices={"allow_spinning": (True, False)}, rows=(),
+                       runtime_defaults={"allow_spinning": True})
 
 
 def _config_provider(genai: dict[str, Any]) -> str:
