@@ -46,7 +46,7 @@ def test_topk_is_a_lower_bound(p, q, k):
 @given(arrays(np.float32, (4, 300), elements=st.floats(-30, 30, width=32)),
        st.floats(-1e3, 1e3), st.integers(1, 300))
 def test_gathered_log_probs_match_the_full_log_softmax(logits, offset, k):
-    """Validation normalises only the gathered logits (float32 exp, float64 sum); KLD and NLL
+    """Validation normalises only the gathered logits (float32 exp and pairwise sum); KLD and NLL
     agree with the float64 log_softmax of the whole row, also for logits far from zero."""
     logits = logits + np.float32(offset)
     full = log_softmax(logits)
