@@ -7,16 +7,19 @@ random weights with Phi-3-mini's shapes) is opened through the runner, then
   greedy     the candidate's greedy decoding of every prompt (the eval set's max_new_tokens)
   validate   phikit's whole parity check (teacher-forced texts + greedy generation of every
              prompt + metrics), with the reference already cached
-and the reference (transformers fp32) is computed once into an empty cache first.
-Ratios from one run; not timed assertions.
+and the reference (transformers fp32) is computed once into an empty cache first. Each of the
+three is timed --rounds times in turn (forward, greedy, validate, forward, ...) and the median
+is reported: on a small model each takes well under a second, where one sample on a shared VM
+moves by a third. Ratios from one run; not timed assertions.
 
-Usage: python bench/validate.py [--layers 0] [--backends onnx,openvino,gguf]
+Usage: python bench/validate.py [--layers 0] [--backends onnx,openvino,gguf] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=0, help="0 = the embedded tiny-phi3")
     ap.add_argument("--backends", default="onnx,openvino,gguf")
+    ap.add_argument("--rounds", type=int, default=3, help="timings per phase; figures: median")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         os.environ["PHIKIT_CACHE"] = str(Path(tmp) / "cache")  # an empty cache: first pass
@@ -64,35 +68,46 @@ def main() -> None:
             session = open_session(backend.runtime_module, out,
                                    backend.runtime_options(target, recipe))
             session.logits(ref.texts[0].ids.tolist())  # warm-up, as validation's first row is
-            start = time.perf_counter()
-            for t in ref.texts:
-                session.logits(t.ids.tolist())
-            for p in ref.prompts:
-                session.logits(p.prompt_ids.tolist())
-            forward_s = time.perf_counter() - start
-            start = time.perf_counter()
-            for p in ref.prompts:
-                list(session.generate(p.prompt_ids.tolist(),
-                                      Sampling(max_new_tokens=recipe.eval.max_new_tokens)))
-            greedy_s = time.perf_counter() - start
-            start = time.perf_counter()
-            report = run_parity(Candidate(session, recipe, str(source), f"bare {name}",
-                                          backend=backend))
-            validate_s = time.perf_counter() - start
-            assert report.reference["cached"]
+
+            def forward():
+                for t in ref.texts:
+                    session.logits(t.ids.tolist())
+                for p in ref.prompts:
+                    session.logits(p.prompt_ids.tolist())
+
+            def greedy():
+                for p in ref.prompts:
+                    list(session.generate(p.prompt_ids.tolist(),
+                                          Sampling(max_new_tokens=recipe.eval.max_new_tokens)))
+
+            def validate():
+                report = run_parity(Candidate(session, recipe, str(source), f"bare {name}",
+                                              backend=backend))
+                assert report.reference["cached"]
+
+            samples = [[timed(phase) for phase in (forward, greedy, validate)]
+                       for _ in range(args.rounds)]
+            forward_s, greedy_s, validate_s = (statistics.median(s) for s in zip(*samples))
             rows[name] = (forward_s, greedy_s, validate_s)
-            del session
+            session = None  # the runtime freed before the next backend loads
     n_gen = len(ref.prompts) * recipe.eval.max_new_tokens
     print(f"eval set {evalset.path.name}: {len(ref.texts)} texts (<= {recipe.eval.max_tokens} "
           f"tokens) + {len(ref.prompts)} prompts (<= {recipe.eval.max_new_tokens} greedy tokens, "
           f"{n_gen} in all); checkpoint {source.name}")
-    print(f"first reference pass (transformers fp32, uncached): {reference_s:.1f} s")
+    print(f"first reference pass (transformers fp32, uncached): {reference_s:.1f} s; "
+          f"figures below: the median of {args.rounds} timings each")
     print(f"{'backend':<9} {'forward s':>10} {'greedy s':>9} {'validate s':>11} "
           f"{'validate x (forward + greedy)':>30} {'goal <= 1.5x':>13} {'reference x validate':>21}")
     for name, (forward_s, greedy_s, validate_s) in rows.items():
         ratio = validate_s / (forward_s + greedy_s)
         print(f"{name:<9} {forward_s:>10.2f} {greedy_s:>9.2f} {validate_s:>11.2f} {ratio:>30.2f} "
               f"{'met' if ratio <= 1.5 else 'NOT MET':>13} {reference_s / validate_s:>21.2f}")
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
