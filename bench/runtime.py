@@ -467,7 +467,7 @@ def goals(rows: dict[str, dict]) -> list[dict]:
     print(f"decode: >= {DECODE_ROOFLINE_MIN} x roofline and no slower than the best other engine; "
           "prefill: <= 1.0 x the fastest engine at 128 and at 1024 tokens (ratios: this "
           "engine / that one). Other engines: every row but the default itself and its variants "
-          "with the same options in force (the same configuration in another process)")
+          "that run the same executed configuration (the default in another process)")
     return results
 
 
