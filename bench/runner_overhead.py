@@ -184,7 +184,7 @@ def main() -> None:
             hash_s = time.perf_counter() - start
             options = {**backend.runtime_options(target, recipe), "threads": threads}
 
-            def session(stream: bool, out=out, options=options, backend=backend):
+            def session(stream: bool):  # called within this iteration: no late binding
                 return session_loop(open_session(backend.runtime_module, out, options),
                                     args.tokens, stream)
 
