@@ -40,11 +40,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def one(backend: str, precision: str, source: Path, out: Path) -> None:
     """Child process: convert once, print JSON with wall time and the tool's peak RSS."""
-    from shapes import target_for
+    from shapes import shape_recipe, target_for
     from toolkit.backends import BACKENDS
-    from toolkit.schema import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
     if backend == "onnx-builder":  # the ORT GenAI builder as it ships, not streamed
         import toolkit.backends.onnx as onnx_backend
 
@@ -54,6 +52,7 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
 
         backend, openvino_backend.STREAMED_EXPORT = "openvino", "optimum.commands.optimum_cli"
     target = target_for(backend)
+    recipe = shape_recipe(backend, precision)
     start = time.perf_counter()
     BACKENDS[backend].convert(source, out, recipe, target, log=lambda s: None)
     wall = time.perf_counter() - start
@@ -65,13 +64,12 @@ def one(backend: str, precision: str, source: Path, out: Path) -> None:
 def run_artifact(backend: str, precision: str, out: Path, tokens: int) -> None:
     """Child process: open the converted artifact with the runner that ships in bundles (the
     target's options), generate `tokens` greedy tokens, print JSON with the speed."""
-    from shapes import target_for
+    from shapes import shape_recipe, target_for
     from toolkit.backends import BACKENDS
     from toolkit.runner.core import Sampling, open_session
-    from toolkit.schema import load_recipe
 
     backend = {"onnx-builder": "onnx", "openvino-cli": "openvino"}.get(backend, backend)
-    recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
+    recipe = shape_recipe(backend, precision)
     start = time.perf_counter()
     session = open_session(BACKENDS[backend].runtime_module, out,
                            BACKENDS[backend].runtime_options(target_for(backend), recipe))

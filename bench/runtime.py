@@ -2,8 +2,9 @@
 
 Engines (all from ONE random-weight checkpoint with Phi-3-mini's layer shapes, see shapes.py):
   phikit onnx / openvino / gguf, int4 and int8 - converted by phikit's own backends with the
-      tiny-phi3 recipes (block 32, symmetric; GGUF: Q4_0 / Q8_0) and run through the runner code
-      that ships in bundles, with each target's runtime options
+      tiny-phi3 recipes (symmetric), each backend's block size for its target as the Phi-3
+      recipes leave it (ONNX int4 on CPU: 128, otherwise 32; GGUF: Q4_0 / Q8_0), run through
+      the runner code that ships in bundles, with each target's runtime options
   torch bf16      - transformers, the reference implementation (peer a)
   llama.cpp Q4_0 / Q8_0 - the same GGUF files through llama-cpp-python as its users call it, with
       its defaults (peer b)
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import make_checkpoint, target_for  # noqa: E402
+from shapes import make_checkpoint, shape_recipe, target_for  # noqa: E402
 
 # engine -> (backend, recipe precision, quantization overrides) for phikit-built engines; each
 # backend runs with the settings of its target in shapes.TARGETS
@@ -57,6 +58,10 @@ PHIKIT = {f"{b}-{p}": (b, p, {}) for b in ("onnx", "openvino", "gguf") for p in 
 PHIKIT["onnx-int4-builder"] = ("onnx", "int4", {
     "accuracy_level": 0, "options": {"onnx": {"extra_options": {"prune_lm_head": "false"}}}})
 PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", {"options": {"gguf": {"type": "Q4_K_M"}}})
+# the int4 defaults with the other block size (ONNX on CPU: 128, OpenVINO: 32; see
+# default_block_size): each runtime's kernels for the other block length, side by side
+PHIKIT["onnx-int4-block32"] = ("onnx", "int4", {"block_size": 32})
+PHIKIT["openvino-int4-block128"] = ("openvino", "int4", {"block_size": 128})
 # The same artifact run with other runtime options (the host tables' choices, see
 # runner/host.py): engine -> (engine whose artifact it runs, options over its target's)
 VARIANTS = {
@@ -83,19 +88,11 @@ PROMPTS = (128, 1024)
 DECODE = 64
 
 
-def bench_recipe(precision: str, overrides: dict):
-    from toolkit.schema import load_recipe
-
-    recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
-    quant = recipe.quantization.model_copy(update=overrides)
-    return recipe.model_copy(update={"quantization": quant})
-
-
 def convert(engine: str, source: Path, out: Path) -> Path:
     from toolkit.backends import BACKENDS
 
     backend, precision, overrides = PHIKIT[engine]
-    BACKENDS[backend].convert(source, out, bench_recipe(precision, overrides),
+    BACKENDS[backend].convert(source, out, shape_recipe(backend, precision, overrides),
                               target_for(backend), log=lambda s: None)
     return out
 
@@ -150,7 +147,7 @@ def open_engine(engine: str, artifact: Path):
     base, runtime_overrides = VARIANTS.get(engine, (engine, {}))
     backend, precision, overrides = PHIKIT[base]
     options = {**BACKENDS[backend].runtime_options(target_for(backend),
-                                                   bench_recipe(precision, overrides)),
+                                                   shape_recipe(backend, precision, overrides)),
                **runtime_overrides}
     return open_session(BACKENDS[backend].runtime_module, artifact, options)
 
@@ -352,6 +349,7 @@ def main() -> None:
             row["decode_x_roofline"] = statistics.median(
                 s["decode_tok_s"] * row["read_mb"] / (s["bandwidth_gb_s"] * 1e3)
                 for s in samples[engine])
+            row["rounds"] = samples[engine]
             rows[engine] = row
     report(rows, args, bandwidth, bandwidths, one_core)
     if args.json:

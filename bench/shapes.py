@@ -95,3 +95,17 @@ def target_for(backend: str):
     from toolkit.schema import load_target
 
     return load_target(find_target(TARGETS[backend]), set(BACKENDS))
+
+
+def shape_recipe(backend: str, precision: str, overrides: dict | None = None):
+    """The tiny-phi3 recipe of `precision` as the Phi-3 recipes quantize: block size left to the
+    backend's default for its benchmark target (unless `overrides` names one), then resolved as
+    `phikit build` resolves it. Quantization overrides apply on top."""
+    from toolkit.backends import BACKENDS
+    from toolkit.backends.common import with_block_size
+    from toolkit.schema import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / f"tiny-phi3-{precision}.yaml")
+    quant = recipe.quantization.model_copy(update={"block_size": None, **(overrides or {})})
+    return with_block_size(recipe.model_copy(update={"quantization": quant}), BACKENDS[backend],
+                           target_for(backend))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from toolkit.backends import BACKENDS
-from toolkit.build import find_target
+from toolkit.build import find_target, make_plan
 from toolkit.errors import PhikitError
 from toolkit.schema import load_recipe, load_target
 
@@ -43,6 +43,23 @@ def test_onnx_cpu_defaults_and_recipe_overrides():
         "prune_lm_head": "false"}}}), target("generic-cpu"))
     assert custom["accuracy_level"] == 0 and custom["prune_lm_head"] == "false"
     assert "prune_lm_head=true" in onnx.describe(recipe(), target("generic-cpu"))
+
+
+@pytest.mark.parametrize("target_name, backend, block", [
+    ("generic-cpu", "onnx", 128), ("raspberry-pi", "onnx", 128), ("nvidia-cuda", "onnx", 32),
+    ("intel-cpu", "openvino", 32), ("apple-metal", "mlx", 32)])
+def test_block_size_left_to_the_backend_is_resolved_once_in_the_plan(target_name, backend, block,
+                                                                     tmp_path):
+    """A recipe without block_size gets its backend's default for the target, in the plan's
+    recipe (what is converted, cache-keyed and recorded in the manifest) and its plan line; a
+    recipe's own block size wins."""
+    plan = make_plan("recipes/phi-3-mini-4k-instruct-int4.yaml", target_name, backend=backend,
+                     out=tmp_path / "b")
+    assert plan.recipe.quantization.block_size == block
+    assert f"block {block}," in plan.steps[1]
+    pinned = make_plan("recipes/tiny-phi3-int4.yaml", target_name, backend=backend,
+                       out=tmp_path / "p")
+    assert pinned.recipe.quantization.block_size == 32
 
 
 def test_openvino_cli_command_with_options():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backends import BACKENDS, Backend, get_backend
-from .backends.common import tool_scratch
+from .backends.common import tool_scratch, with_block_size
 from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, checkpoint_files,
                          read_model_info, resolve_source)
 from .errors import PhikitError
@@ -86,6 +86,7 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     if name not in target.allowed_backends():
         raise PhikitError(f"target {target.name} does not allow backend {name!r} "
                           f"(allowed: {', '.join(target.allowed_backends())})", field="--backend")
+    recipe = with_block_size(recipe, be, target)
     quant = recipe.quantization
     if quant.precision not in target.precisions:
         raise PhikitError(f"precision {quant.precision} is not allowed on target {target.name} "

@@ -157,6 +157,7 @@ class Cell:
 def support_matrix() -> list[Cell]:
     """Every member x backend x precision, answered by the same checks `phikit build` runs."""
     from .backends import BACKENDS
+    from .backends.common import with_block_size
     from .schema import load_target
 
     cells = []
@@ -174,8 +175,9 @@ def support_matrix() -> list[Cell]:
         for name, backend in BACKENDS.items():
             target = targets[name]
             for precision in MATRIX_PRECISIONS:
-                recipe = matrix_recipe(backend, info, member.hub_id or str(MODELS_DIR / member.name),
-                                       precision, eval_file)
+                recipe = with_block_size(matrix_recipe(
+                    backend, info, member.hub_id or str(MODELS_DIR / member.name), precision,
+                    eval_file), backend, target)
                 cap = None
                 if precision not in target.precisions:
                     reason = f"target {target.name} does not allow {precision}"

@@ -64,7 +64,10 @@ OPTION_MODELS: dict[str, type[BackendOptions]] = {}
 
 class Quantization(Strict):
     precision: Precision
-    block_size: int = Field(32, description="weights per quantization block (int4/int8)")
+    block_size: int | None = Field(
+        None, description="weights per quantization block (int4/int8); None = the backend's "
+        "default for the target (backends' default_block_size; `phikit build --dry-run` prints "
+        "it)")
     symmetric: bool = True
     accuracy_level: int | None = Field(
         None, ge=0, le=4, description="ORT MatMulNBits compute type; None = phikit's default "
@@ -75,8 +78,8 @@ class Quantization(Strict):
 
     @field_validator("block_size")
     @classmethod
-    def _block_size(cls, v: int) -> int:
-        if v != -1 and (v < 16 or v > 256 or v & (v - 1)):
+    def _block_size(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and (v < 16 or v > 256 or v & (v - 1)):
             raise ValueError("must be a power of two from 16 to 256, or -1 for per-channel")
         return v
 

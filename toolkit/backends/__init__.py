@@ -42,6 +42,9 @@ class Backend(Protocol):
     def default_thresholds(self, precision: str) -> dict[str, float]:
         """Bounds (Thresholds fields) for what a recipe leaves unset, from `honest`."""
 
+    def default_block_size(self, precision: str, target: Target) -> int:
+        """Weights per quantization block where the recipe leaves block_size unset."""
+
     def options(self, recipe: Recipe) -> BackendOptions:
         """The recipe's quantization.options.<name>, validated by options_model."""
 

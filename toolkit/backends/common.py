@@ -78,6 +78,11 @@ class BackendDefaults:
         honest = self.honest.get(precision)
         return honest.bounds() if honest else {}
 
+    def default_block_size(self, precision: str, target: Target) -> int:
+        """Weights per quantization block where the recipe leaves block_size unset: 32, what
+        every backend's tool accepts (llama.cpp's Q4_0 / Q8_0 are blocks of 32 by format)."""
+        return 32
+
     def options(self, recipe: Recipe) -> BackendOptions:
         return self.options_model.read(recipe.quantization.options.get(self.name, {}),
                                        f"quantization.options.{self.name}")
@@ -191,6 +196,18 @@ def versions(*dists: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def with_block_size(recipe: Recipe, backend, target: Target) -> Recipe:
+    """The recipe with the backend's block size for the target where the recipe leaves it
+    unset: resolved once, before support checks, so what is checked, converted, keyed in the
+    conversion cache and recorded in the manifest is one number."""
+    quant = recipe.quantization
+    if quant.block_size is not None:
+        return recipe
+    size = backend.default_block_size(quant.precision, target)
+    return recipe.model_copy(update={"quantization": quant.model_copy(
+        update={"block_size": size})})
 
 
 def describe_quantization(recipe: Recipe, target: Target) -> str:

@@ -62,6 +62,14 @@ class OnnxBackend(BackendDefaults):
         return first_import_error("onnxruntime_genai", "onnxruntime", "onnx_ir", "onnxscript",
                                   "transformers")
 
+    def default_block_size(self, precision: str, target: Target) -> int:
+        """int4 on the CPU provider: 128. MLAS runs MatMulNBits with int8 activations (accuracy
+        level 4) through a kernel per block length, and its block-32 kernel decodes and
+        prefills slower than its block-128 one (bench/runtime.py's onnx-int4-block* engines);
+        128 is also the block of Microsoft's own CPU int4 Phi-3.5-mini. int8 and the GPU
+        providers keep the builder's 32."""
+        return 128 if precision == "int4" and target.execution_provider == "cpu" else 32
+
     def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
         quant = recipe.quantization
         if target.execution_provider not in PROVIDERS:
