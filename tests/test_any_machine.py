@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, build_bundle, phikit, small_recipe
+from conftest import REPO, build_bundle, once, phikit, small_recipe
+from toolkit.report.load import write_text_atomic
 from toolkit.emulate import beyond
 from toolkit.runner.core import host_cpu
 
@@ -295,15 +296,34 @@ def gguf_int4_bundle(dist) -> Path:
     return build_bundle(dist, "int4", "ollama")
 
 
+@pytest.fixture(scope="module")
+def onnx_default_block_bundle(dist) -> Path:
+    """tiny-phi3 int4 with block_size left to the backend, as the Phi-3 recipes leave it: ONNX
+    on CPU picks 128, which ONNX Runtime runs through another kernel than block 32's."""
+    out = dist / "tiny-phi3-int4-generic-cpu-default-block"
+    with once(out):
+        if not (out / "manifest.json").exists():
+            text = (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text()
+            recipe = dist / "tiny-phi3-int4-default-block.yaml"
+            write_text_atomic(recipe, text.replace("../", f"{REPO}/").replace(
+                "  block_size: 32\n", ""))
+            phikit("build", recipe, "--target", "generic-cpu", "--out", out, check=0,
+                   timeout=1800)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
                     reason="needs qemu-user (make system-deps installs it)")
-@pytest.mark.parametrize("fixture", ["int4_bundle", "ov_int4_bundle", "gguf_int4_bundle"],
-                         ids=["onnx", "openvino", "gguf"])
+@pytest.mark.parametrize("fixture", ["int4_bundle", "onnx_default_block_bundle", "ov_int4_bundle",
+                                     "gguf_int4_bundle"],
+                         ids=["onnx", "onnx-default-block", "openvino", "gguf"])
 def test_validates_as_an_avx2_only_cpu_runs_it(fixture, request, tmp_path):
     bundle = request.getfixturevalue(fixture)
     report_path = tmp_path / "r.json"
     manifest = json.loads((bundle / "manifest.json").read_text())
+    if fixture == "onnx_default_block_bundle":  # the block the plan resolved, as converted
+        assert manifest["recipe"]["quantization"]["block_size"] == 128
     features, _ = beyond(manifest, "x86-64-v3")
     if features:  # llama.cpp compiled here with -march=native on a CPU beyond AVX2
         proc = phikit("validate", bundle, "--emulate", "x86-64-v3", "--recipe",
