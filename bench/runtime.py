@@ -3,7 +3,7 @@
 Engines (all from ONE random-weight checkpoint with Phi-3-mini's layer shapes, see shapes.py):
   phikit onnx / openvino / gguf, int4 and int8 - converted by phikit's own backends with the
       tiny-phi3 recipes (symmetric), each backend's block size for its target as the Phi-3
-      recipes leave it (ONNX int4 on CPU: 128, otherwise 32; GGUF: Q4_0 / Q8_0), run through
+      recipes leave it (ONNX int4 on x86 CPUs: 128, otherwise 32; GGUF: Q4_0 / Q8_0), run through
       the runner code that ships in bundles, with each target's runtime options
   torch bf16      - transformers, the reference implementation (peer a)
   llama.cpp Q4_0 / Q8_0 - the same GGUF files through llama-cpp-python as its users call it, with
@@ -58,7 +58,7 @@ PHIKIT = {f"{b}-{p}": (b, p, {}) for b in ("onnx", "openvino", "gguf") for p in 
 PHIKIT["onnx-int4-builder"] = ("onnx", "int4", {
     "accuracy_level": 0, "options": {"onnx": {"extra_options": {"prune_lm_head": "false"}}}})
 PHIKIT["gguf-Q4_K_M"] = ("gguf", "int4", {"options": {"gguf": {"type": "Q4_K_M"}}})
-# the int4 defaults with the other block size (ONNX on CPU: 128, OpenVINO: 32; see
+# the int4 defaults with the other block size (ONNX on x86 CPUs: 128, OpenVINO: 32; see
 # default_block_size): each runtime's kernels for the other block length, side by side
 PHIKIT["onnx-int4-block32"] = ("onnx", "int4", {"block_size": 32})
 PHIKIT["openvino-int4-block128"] = ("openvino", "int4", {"block_size": 128})
@@ -418,7 +418,8 @@ DECODE_ROOFLINE_MIN = 0.85
 
 def cpu_target_defaults() -> dict[str, str]:
     """target -> the engine of its default int4 bundle, for every target whose device is a CPU
-    (an aarch64 one is stood in for by the same backend on this CPU)."""
+    (an aarch64 one is stood in for by the same backend on this CPU, with the block size its
+    bundle gets: onnx-int4-block32 for the Raspberry Pi)."""
     from toolkit.backends import BACKENDS
     from toolkit.paths import named_files
     from toolkit.schema import load_target
@@ -427,7 +428,10 @@ def cpu_target_defaults() -> dict[str, str]:
     for name, path in named_files("targets").items():
         target = load_target(path, set(BACKENDS))
         if target.device == "cpu" and "int4" in target.precisions:
-            out[name] = f"{target.backend}-int4"
+            backend = BACKENDS[target.backend]
+            block = backend.default_block_size("int4", target)
+            built = backend.default_block_size("int4", target_for(target.backend))
+            out[name] = f"{target.backend}-int4" + (f"-block{block}" if block != built else "")
     return out
 
 
@@ -435,12 +439,12 @@ def goals(rows: dict[str, dict]) -> list[dict]:
     """Print, per CPU target, its default's figures against the goals; return the rows."""
     results = []
     print("\ngoals per CPU target (its default int4 bundle; met / NOT MET)")
-    print(f"{'target':<14} {'engine':<14} {'x roof':>7} {'best other decode':>24} "
+    print(f"{'target':<14} {'engine':<18} {'x roof':>7} {'best other decode':>24} "
           f"{'decode':>8} {'fastest prefill 128 / 1024':>34} {'prefill':>8}")
     for target, engine in cpu_target_defaults().items():
         r = rows.get(engine)
         if r is None:
-            print(f"{target:<14} {engine:<14} not measured in this run")
+            print(f"{target:<14} {engine:<18} not measured in this run")
             continue
         others = {e: o for e, o in rows.items() if not same_configuration(e, o, engine, r)}
         best = max(others, key=lambda e: others[e]["decode_tok_s"], default=None)
@@ -456,7 +460,7 @@ def goals(rows: dict[str, dict]) -> list[dict]:
         versus = (f"{best} {r['decode_tok_s'] / others[best]['decode_tok_s']:.2f}x"
                   if best else "-")
         fastest_text = " / ".join(f"{e} {x:.2f}x" for e, x in prefill.values())
-        print(f"{target:<14} {engine:<14} {roof:>7.2f} {versus:>24} "
+        print(f"{target:<14} {engine:<18} {roof:>7.2f} {versus:>24} "
               f"{'met' if decode_met else 'NOT MET':>8} {fastest_text:>34} "
               f"{'met' if prefill_met else 'NOT MET':>8}")
         results.append({"target": target, "engine": engine, "decode_x_roofline": roof,

@@ -46,7 +46,7 @@ def test_onnx_cpu_defaults_and_recipe_overrides():
 
 
 @pytest.mark.parametrize("target_name, backend, block", [
-    ("generic-cpu", "onnx", 128), ("raspberry-pi", "onnx", 128), ("nvidia-cuda", "onnx", 32),
+    ("generic-cpu", "onnx", 128), ("raspberry-pi", "onnx", 32), ("nvidia-cuda", "onnx", 32),
     ("intel-cpu", "openvino", 32), ("apple-metal", "mlx", 32)])
 def test_block_size_left_to_the_backend_is_resolved_once_in_the_plan(target_name, backend, block,
                                                                      tmp_path):
