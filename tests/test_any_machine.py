@@ -299,7 +299,8 @@ def gguf_int4_bundle(dist) -> Path:
 @pytest.fixture(scope="module")
 def onnx_default_block_bundle(dist) -> Path:
     """tiny-phi3 int4 with block_size left to the backend, as the Phi-3 recipes leave it: ONNX
-    on CPU picks 128, which ONNX Runtime runs through another kernel than block 32's."""
+    on an x86 CPU target picks 128, which ONNX Runtime runs through another kernel than block
+    32's."""
     out = dist / "tiny-phi3-int4-generic-cpu-default-block"
     with once(out):
         if not (out / "manifest.json").exists():
