@@ -57,6 +57,28 @@ def test_manifest_contents(int4_bundle):
     assert "torch" not in lock and "transformers" not in lock
 
 
+def test_teacher_forced_logits_come_from_one_prefill_of_the_all_logits_graph(int4_bundle):
+    """generic-cpu's graph computes the lm_head for the last position only; the bundle carries
+    the same graph over every position, and validation's logits come from it in one prefill.
+    They must be what the pruned graph gives one token at a time (its decode path)."""
+    import numpy as np
+
+    from toolkit.runner.ortgenai import OrtGenaiSession
+
+    assert "model/model.all-logits.onnx" in manifest(int4_bundle)["files"]
+    session = OrtGenaiSession(int4_bundle / "model", {"threads": 2})
+    assert session.all_logits_graph == "model.all-logits.onnx"
+    text = json.loads((REPO / "evalsets" / "tiny-phi3.jsonl").read_text().splitlines()[0])
+    ids = session.tokenize(text["text"])[:200]
+    prefill = session.logits(ids)
+    session.all_logits_graph = None  # the pruned graph alone
+    decode = session.logits(ids)
+    assert session.pruned_lm_head  # its prefill gave one row, not len(ids)
+    assert prefill.shape == decode.shape == (len(ids), session.vocab_size)
+    assert (prefill.argmax(-1) == decode.argmax(-1)).mean() >= 0.98
+    assert np.abs(prefill - decode).max() < 0.25
+
+
 def test_phikit_run_streams_and_reports_speed(int4_bundle):
     proc = phikit("run", int4_bundle, "--prompt", "What does os.path.join do?",
                   "--max-tokens", "16", check=0)

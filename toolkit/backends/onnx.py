@@ -30,6 +30,41 @@ PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 BUILDER_PRECISION = {"int4": "int4", "int8": "int8", "fp16": "fp16", "fp32": "fp32"}
 
 
+# The nodes the builder's prune_lm_head puts between the final norm and the lm_head MatMul:
+# Gather(axis 1, index -1) then Unsqueeze(axis 1), keeping the last position only
+PRUNE_NODES = ("/lm_head/prune/Gather", "/lm_head/prune/Unsqueeze")
+
+
+def write_all_logits_graph(out: Path) -> Path | None:
+    """Beside a decoder whose lm_head the builder pruned, the same graph without the pruning
+    (the runner's all_logits_file): teacher-forced logits then take one prefill, where the
+    pruned graph gives them one token at a time through the decode path (4.5x slower over 1024
+    tokens). Only the graph is written; its weights stay the decoder's external data file. No
+    pruning, no file."""
+    import onnx
+
+    from ..runner.ortgenai import all_logits_file
+
+    decoder = out / json.loads((out / "genai_config.json").read_text())["model"]["decoder"][
+        "filename"]
+    model = onnx.load(str(decoder), load_external_data=False)
+    graph = model.graph
+    found = {node.name: node for node in graph.node if node.name in PRUNE_NODES}
+    if len(found) != len(PRUNE_NODES):
+        return None
+    gather, unsqueeze = (found[name] for name in PRUNE_NODES)
+    for node in graph.node:
+        node.input[:] = [gather.input[0] if name == unsqueeze.output[0] else name
+                         for name in node.input]
+    graph.node.remove(gather)
+    graph.node.remove(unsqueeze)
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "sequence_length"  # was 1
+    path = out / all_logits_file(decoder.name)
+    onnx.save(model, str(path))
+    return path
+
+
 class OnnxOptions(BackendOptions):
     label: ClassVar[str] = "ONNX"
     # passed to the ORT GenAI builder's --extra_options as they are (they win over phikit's)
@@ -41,8 +76,9 @@ class OnnxBackend(BackendDefaults):
     options_model = OnnxOptions
     home_target = "generic-cpu"
     # Bumped when phikit asks the builder for something different with the same recipe, so
-    # cached conversions made before are not reused (2: sliding window, LongRoPE lm_head).
-    revision = 2
+    # cached conversions made before are not reused (2: sliding window, LongRoPE lm_head;
+    # 3: the all-logits graph beside a pruned lm_head).
+    revision = 3
     runtime_module = "ortgenai"
     tool = "onnxruntime_genai.models.builder"
     # the runner tokenizes with the checkpoint's tokenizer.json (runner/hf_tokens.py): any row
@@ -111,8 +147,7 @@ class OnnxBackend(BackendDefaults):
         - accuracy_level 4 (int8 activations in MatMulNBits) decodes faster than the builder's
           0 (fp32 activations) at an unchanged KLD;
         - prune_lm_head: without it the graph computes lm_head (vocab 32064) for every prompt
-          position, which makes prefill several times slower. The runner then measures
-          teacher-forced logits through the decode path."""
+          position, which makes prefill several times slower."""
         quant = recipe.quantization
         extra: dict[str, object] = {}
         if quant.precision in ("int4", "int8"):
@@ -123,12 +158,12 @@ class OnnxBackend(BackendDefaults):
                 level = 4
             if level is not None:
                 extra["accuracy_level"] = level
-        # LongRoPE: with a pruned lm_head the runner gets each position's logits one token at
-        # a time, so positions before the original length keep the short factors in the KV
-        # cache, while transformers' (and this graph's) full-sequence forward rotates all of
-        # them with the long factors: keep the lm_head so teacher-forced logits come from one
-        # prefill, as the reference computes them.
-        if target.execution_provider == "cpu" and not (info and info.longrope):
+        # The runner's teacher-forced logits then come from the all-logits graph written beside
+        # it (write_all_logits_graph), in one prefill as the reference computes them: with
+        # LongRoPE that matters, since a full-sequence forward rotates every position with the
+        # long factors once it passes the original length, while one token at a time keeps the
+        # short factors in the KV cache for the positions before it.
+        if target.execution_provider == "cpu":
             extra["prune_lm_head"] = "true"
         if info and info.sliding_window:
             # with layer_types (see _staged_source) the builder gives GroupQueryAttention its
@@ -185,6 +220,7 @@ class OnnxBackend(BackendDefaults):
             shutil.rmtree(cache_dir, ignore_errors=True)
             if staged != source:
                 shutil.rmtree(staged, ignore_errors=True)
+        write_all_logits_graph(out)
         self._tune(out, target, recipe)
 
     def _tune(self, out: Path, target: Target, recipe: Recipe) -> None:

@@ -187,6 +187,22 @@ def stop_ids(session: "Session", sampling: "Sampling") -> set[int]:
     return set(session.eos_token_ids) | set(sampling.stop_token_ids)
 
 
+def one_copy_at_a_time(option: Any, weights_bytes: int) -> bool:
+    """Should a runtime that keeps a second copy of the model for teacher-forced logits
+    (OpenVINO's plain infer request beside LLMPipeline, ONNX's all-logits graph beside the
+    generation graph) hold one copy at a time, loading the other when the call changes? An
+    option other than "auto" decides; "auto": yes when two copies, each about 1.3x its weights,
+    would take more than half the memory available now (Linux; elsewhere both are kept)."""
+    if option not in (None, AUTO):
+        return bool(option)
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return False
+    return 2 * 1.3 * weights_bytes > available / 2
+
+
 def check_length(n: int, context_length: int) -> None:
     """Runtimes fail in their own ways past the context; fail the same clear way in all."""
     if n > context_length:

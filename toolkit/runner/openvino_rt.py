@@ -38,8 +38,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_length, stop_ids,
-                   thread_count)
+from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_length,
+                   one_copy_at_a_time, stop_ids, thread_count)
 import openvino as ov
 import openvino_genai as ovg
 
@@ -73,17 +73,6 @@ def _cache_dir(model_dir: Path, option: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = hashlib.sha256((model_dir / "openvino_model.xml").read_bytes()).hexdigest()[:16]
     return base / "phikit" / "openvino" / key / path
-
-
-def _one_copy(option: Any, model_dir: Path) -> bool:
-    if option not in (None, AUTO):
-        return bool(option)
-    try:  # Linux; elsewhere both copies are kept, as before this option
-        meminfo = Path("/proc/meminfo").read_text().split()
-        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return False
-    return 2 * 1.3 * (model_dir / "openvino_model.bin").stat().st_size > available / 2
 
 
 def _device(core: ov.Core, wanted: str) -> str:
@@ -141,7 +130,8 @@ class OpenVinoSession:
         if options.get("cache_dir"):
             props["CACHE_DIR"] = str(_cache_dir(model_dir, options["cache_dir"]))
         self.props = props
-        self.one_copy = _one_copy(options.get("one_compiled_copy"), model_dir)
+        self.one_copy = one_copy_at_a_time(options.get("one_compiled_copy"),
+                                           (model_dir / "openvino_model.bin").stat().st_size)
         self.pipe = ovg.LLMPipeline(str(model_dir), self.device, **props)
         self.tokenizer = self.pipe.get_tokenizer()
         # LLMPipeline compiles the IR for generation; teacher-forced logits need a plain infer

@@ -10,6 +10,12 @@ Copied into bundles beside core.py. Options (from the bundle manifest or the cal
                               they wait for work (session.intra_op.allow_spinning); "auto":
                               decided for this CPU by HOST_TABLE
 
+Teacher-forced logits (validation) of a graph whose lm_head the builder pruned to the last
+position come from the all-logits graph the onnx backend writes beside it (all_logits_file: the
+same nodes and weights, the lm_head over every position) in one prefill; without that file, one
+token at a time through the decode path. Both graphs are held while two copies fit in memory
+(core.one_copy_at_a_time), else one at a time.
+
 A model built for another provider (cuda) whose provider cannot start here (no GPU, no CUDA
 build of the runtime) runs on the CPU execution provider when that can run the same graph
 (ONNX Runtime's CPU kernels take the fp16 graphs the builder writes for cuda); info() then says
@@ -28,7 +34,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import DEFAULT_CONTEXT, HostTable, auto_threads, check_length, stop_ids
+from .core import (DEFAULT_CONTEXT, HostTable, auto_threads, check_length, one_copy_at_a_time,
+                   stop_ids)
 from .hf_tokens import HfTokenizer
 import onnxruntime_genai as og
 
@@ -46,6 +53,12 @@ HOST_TABLE = HostTable(choices={"allow_spinning": (True, False)}, rows=(),
                        runtime_defaults={"allow_spinning": True})
 
 
+def all_logits_file(decoder: str) -> str:
+    """The graph beside decoder `decoder` (genai_config's filename) whose lm_head covers every
+    position, for teacher-forced logits."""
+    return f"{Path(decoder).stem}.all-logits.onnx"
+
+
 def _config_provider(genai: dict[str, Any]) -> str:
     """The provider genai_config.json names (the builder's `-e`), "cpu" when it names none."""
     options = genai["model"]["decoder"].get("session_options", {}).get("provider_options", [])
@@ -61,8 +74,10 @@ def _first_line(error: BaseException) -> str:
 
 def load_model(model_dir: Path, threads: int, provider: str,
                provider_options: dict[str, Any] | None = None,
-               config_entries: dict[str, str] | None = None) -> tuple[Any, str, str | None]:
+               config_entries: dict[str, str] | None = None,
+               decoder_file: str | None = None) -> tuple[Any, str, str | None]:
     """(og.Model, the provider it runs on, why the requested provider did not start or None).
+    decoder_file: another graph of the same decoder, in place of genai_config's.
 
     ORT GenAI raises RuntimeError from og.Model when a provider cannot start (without the CUDA
     build: "Cuda interface not available: Failed to load library ..."; with it but no GPU, a
@@ -70,8 +85,11 @@ def load_model(model_dir: Path, threads: int, provider: str,
     def config(on: str):
         cfg = og.Config(str(model_dir))
         # keys it does not know, ORT GenAI passes on as session config entries
-        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, **(config_entries or {})}}}}))
+        decoder: dict[str, Any] = {"session_options": {
+            "intra_op_num_threads": threads, **(config_entries or {})}}
+        if decoder_file:
+            decoder["filename"] = decoder_file
+        cfg.overlay(json.dumps({"model": {"decoder": decoder}}))
         cfg.clear_providers()  # no provider appended = the CPU execution provider
         if on not in _CPU:
             cfg.append_provider(on)
@@ -106,8 +124,15 @@ class OrtGenaiSession:
         options, self.options_in_force = HOST_TABLE.choose(options)
         entries = {} if options["allow_spinning"] is None else {
             "session.intra_op.allow_spinning": "1" if options["allow_spinning"] else "0"}
-        self.model, self.provider, self.fallback_reason = load_model(
-            model_dir, threads, self.requested_provider, options.get("provider_options"), entries)
+        self._load = lambda decoder_file=None: load_model(
+            model_dir, threads, self.requested_provider, options.get("provider_options"),
+            entries, decoder_file)
+        self.model, self.provider, self.fallback_reason = self._load()
+        full = model_dir / all_logits_file(genai["model"]["decoder"]["filename"])
+        self.all_logits_graph = full.name if full.is_file() else None
+        self.all_logits_model = None
+        weights = sum(p.stat().st_size for p in model_dir.glob("*.onnx*") if p.is_file())
+        self.one_copy = one_copy_at_a_time(None, weights)
         self.threads = threads
         self.tokenizer = og.Tokenizer(self.model)  # its chat template only
         self.hf_tokenizer = HfTokenizer(model_dir)  # the ids the model was trained on
@@ -127,8 +152,9 @@ class OrtGenaiSession:
         return self.tokenizer.apply_chat_template(json.dumps(messages),
                                                   add_generation_prompt=True)
 
-    def _generator(self, max_length: int, sampling=None) -> og.Generator:
-        params = og.GeneratorParams(self.model)
+    def _generator(self, max_length: int, sampling=None, model=None) -> og.Generator:
+        model = model or self._generation_model()
+        params = og.GeneratorParams(model)
         search: dict[str, Any] = {"max_length": max_length, "do_sample": False}
         if sampling is not None and sampling.temperature > 0:
             search.update(do_sample=True, temperature=sampling.temperature,
@@ -136,10 +162,27 @@ class OrtGenaiSession:
             if sampling.seed is not None:
                 search["random_seed"] = int(sampling.seed)
         params.set_search_options(**search)
-        return og.Generator(self.model, params)
+        return og.Generator(model, params)
+
+    def _generation_model(self):
+        if self.model is None:
+            self.all_logits_model = None  # one copy at a time: freed before the other loads
+            self.model = self._load()[0]
+        return self.model
+
+    def _all_logits_model(self):
+        if self.all_logits_model is None:
+            if self.one_copy:
+                self.model = None
+            self.all_logits_model = self._load(self.all_logits_graph)[0]
+        return self.all_logits_model
 
     def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
+        if self.all_logits_graph:
+            gen = self._generator(len(ids) + 1, model=self._all_logits_model())
+            gen.append_tokens(np.asarray([ids], dtype=np.int32))
+            return np.asarray(gen.get_output("logits"), dtype=np.float32)[0, start:]
         if not self.pruned_lm_head:
             gen = self._generator(len(ids) + 1)
             gen.append_tokens(np.asarray([ids], dtype=np.int32))
