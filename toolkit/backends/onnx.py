@@ -43,8 +43,6 @@ def write_all_logits_graph(out: Path) -> Path | None:
     pruning, no file."""
     import onnx
 
-    from ..runner.ortgenai import all_logits_file
-
     decoder = out / json.loads((out / "genai_config.json").read_text())["model"]["decoder"][
         "filename"]
     model = onnx.load(str(decoder), load_external_data=False)
@@ -60,6 +58,8 @@ def write_all_logits_graph(out: Path) -> Path | None:
     graph.node.remove(unsqueeze)
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "sequence_length"  # was 1
+    from ..runner.ortgenai import all_logits_file  # the runner's name for it (imports the runtime)
+
     path = out / all_logits_file(decoder.name)
     onnx.save(model, str(path))
     return path
