@@ -118,10 +118,15 @@ class OnnxModel:
                     yield from self._graphs(a.g)
 
     def save_graph(self) -> None:
-        """Write model.onnx only (graph edits); the external data file is left as it is."""
+        """Write model.onnx only (graph edits); the external data file is left as it is. The
+        backend derives the all-logits graph from model.onnx after conversion, so a converter's
+        defect is in both: it is derived again, as the backend would."""
         import onnx
 
+        from toolkit.backends.onnx import write_all_logits_graph
+
         onnx.save_model(self.proto, str(self.path))
+        write_all_logits_graph(self.path.parent)
 
 
 # --- OpenVINO IR: XML + bin -----------------------------------------------------------------

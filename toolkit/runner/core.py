@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 # what this machine is (host.py), re-exported: runtimes and phikit read it from here
 from .host import (AUTO, CPU_FEATURES_OF_NOTE, HostRule, HostTable, available_cpus,  # noqa: F401
-                   host_cpu, host_summary, one_of)
+                   host_cpu, host_summary, one_copy_at_a_time, one_of)
 
 MANIFEST = "manifest.json"
 # manifest.json signed with an OpenSSH ed25519 key (`ssh-keygen -Y sign`, the SSHSIG format): it
@@ -185,22 +185,6 @@ def auto_threads(option: Any) -> int:
 def stop_ids(session: "Session", sampling: "Sampling") -> set[int]:
     """Where generation stops: the model's EOS ids and the caller's stop tokens."""
     return set(session.eos_token_ids) | set(sampling.stop_token_ids)
-
-
-def one_copy_at_a_time(option: Any, weights_bytes: int) -> bool:
-    """Should a runtime that keeps a second copy of the model for teacher-forced logits
-    (OpenVINO's plain infer request beside LLMPipeline, ONNX's all-logits graph beside the
-    generation graph) hold one copy at a time, loading the other when the call changes? An
-    option other than "auto" decides; "auto": yes when two copies, each about 1.3x its weights,
-    would take more than half the memory available now (Linux; elsewhere both are kept)."""
-    if option not in (None, AUTO):
-        return bool(option)
-    try:
-        meminfo = Path("/proc/meminfo").read_text().split()
-        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return False
-    return 2 * 1.3 * weights_bytes > available / 2
 
 
 def check_length(n: int, context_length: int) -> None:

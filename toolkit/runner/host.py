@@ -1,5 +1,5 @@
-"""This machine's CPU and OS as runtimes see them: which kernels they pick (and so their figures,
-speed or crashes) depends on it. Standard library only; shipped in every bundle."""
+"""This machine's CPU, memory and OS as runtimes see them: which kernels they pick (and so their
+figures, speed or crashes) depends on it. Standard library only; shipped in every bundle."""
 
 from __future__ import annotations
 
@@ -166,3 +166,19 @@ def describe_choices(table: HostTable, cpu: dict[str, Any]) -> list[str]:
     """One line per option of `table`: what "auto" decides on this CPU and why (phikit doctor)."""
     _, in_force = table.choose({}, cpu)
     return [f"{option} = {entry['value']} ({entry['why']})" for option, entry in in_force.items()]
+
+
+def one_copy_at_a_time(option: Any, weights_bytes: int) -> bool:
+    """Should a runtime that keeps a second copy of the model for teacher-forced logits
+    (OpenVINO's plain infer request beside LLMPipeline, ONNX's all-logits graph beside the
+    generation graph) hold one copy at a time, loading the other when the call changes? An
+    option other than "auto" decides; "auto": yes when two copies, each about 1.3x its weights,
+    would take more than half the memory available now (Linux; elsewhere both are kept)."""
+    if option not in (None, AUTO):
+        return bool(option)
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return False
+    return 2 * 1.3 * weights_bytes > available / 2

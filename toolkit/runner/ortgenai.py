@@ -128,8 +128,9 @@ class OrtGenaiSession:
             model_dir, threads, self.requested_provider, options.get("provider_options"),
             entries, decoder_file)
         self.model, self.provider, self.fallback_reason = self._load()
-        full = model_dir / all_logits_file(genai["model"]["decoder"]["filename"])
-        self.all_logits_graph = full.name if full.is_file() else None
+        decoder = genai["model"]["decoder"].get("filename")
+        full = model_dir / all_logits_file(decoder) if decoder else None
+        self.all_logits_graph = full.name if full and full.is_file() else None
         self.all_logits_model = None
         weights = sum(p.stat().st_size for p in model_dir.glob("*.onnx*") if p.is_file())
         self.one_copy = one_copy_at_a_time(None, weights)
