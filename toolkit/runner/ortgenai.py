@@ -191,9 +191,9 @@ class OrtGenaiSession:
             if out.shape[0] == len(ids):
                 return out[start:]
             self.pruned_lm_head = True  # learnt once; later calls skip the wasted prefill
-        # The graph's lm_head is pruned to the last position (phikit's CPU default: prefill
-        # then skips the vocabulary projection of every other position). Every position's
-        # logits come through the decode path, one token at a time: the positions before
+        # The graph's lm_head is pruned to the last position and no all-logits graph is beside
+        # it (a bundle built before phikit wrote one, or a graph from elsewhere). Every
+        # position's logits come through the decode path, one token at a time: the positions before
         # `start` too, so that a check of generation (which prefills the prompt at once)
         # against these logits still compares two different paths.
         gen = self._generator(len(ids) + 1)
