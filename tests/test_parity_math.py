@@ -59,6 +59,22 @@ def test_gathered_log_probs_match_the_full_log_softmax(logits, offset, k):
                                topk_kld(ids, ref_lp, full), atol=2e-5)
 
 
+
+def test_row_stats_in_blocks_over_threads_agree_with_one_pass(monkeypatch):
+    """Validation normalises a text's logits in blocks of rows shared among threads; blocks of
+    3 rows here (37 rows: a short last block) must give what one float64 pass over the whole
+    matrix gives, and the argmax of the first maximum where a row ties."""
+    from toolkit.runner import logprobs
+
+    monkeypatch.setattr(logprobs, "_BLOCK_ELEMENTS", 900)
+    monkeypatch.setattr(logprobs, "_cpus", lambda: 2)
+    logits = np.random.default_rng(1).normal(0, 4, (37, 300)).astype(np.float32)
+    logits[5, [7, 200]] = logits[5].max() + 1  # a tie: argmax takes the first
+    normalizer, best = logprobs.row_stats(logits)
+    x = logits.astype(np.float64)
+    np.testing.assert_allclose(normalizer, np.log(np.exp(x).sum(-1)), atol=1e-5, rtol=0)
+    assert best.tolist() == logits.argmax(-1).tolist() and best[5] == 7
+
 def test_identical_distributions_give_zero():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 1000)) * 3

@@ -172,8 +172,10 @@ class OpenVinoSession:
         if "beam_idx" in self.input_names:
             inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
         self.request.reset_state()  # stateful IR: the KV cache lives in the request
-        out = self.request.infer(inputs)
-        return np.asarray(out[self.logits_port], dtype=np.float32)[0, start:]
+        # shared: the output is the request's own tensor, rewritten by its next infer, so only
+        # the rows asked for are copied out of it
+        out = self.request.infer(inputs, share_inputs=True, share_outputs=True)
+        return np.array(out[self.logits_port][0, start:], dtype=np.float32)
 
     def _compiled(self):
         if self.compiled is None:

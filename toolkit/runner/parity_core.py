@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .core import Sampling, Session, chat_ids
-from .logprobs import gathered_kld, gathered_logp, log_normalizer
+from .logprobs import gathered_kld, gathered_logp, row_stats
 from .reference_data import Reference
 
 REPORT_VERSION = 2  # toolkit/report/model.py reads (and upgrades) it
@@ -300,9 +300,9 @@ def teacher_forced(session: Session, ref: Reference, rows: dict, progress=None) 
         if logits.shape[0] != len(ids):
             raise ValueError(f"candidate returned logits for {logits.shape[0]} of {len(ids)} "
                              "positions")
-        normalizer = log_normalizer(logits)
+        normalizer, best = row_stats(logits)
         kld = gathered_kld(t.topk_logp, gathered_logp(logits, normalizer, t.topk_ids))
-        top1 = logits.argmax(axis=-1) == t.topk_ids[:, 0]
+        top1 = best == t.topk_ids[:, 0]
         out.klds.append(kld)
         out.top1s.append(top1)
         out.ref_nll.append(-t.next_logp.astype(np.float64))
