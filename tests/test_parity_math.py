@@ -59,7 +59,6 @@ def test_gathered_log_probs_match_the_full_log_softmax(logits, offset, k):
                                topk_kld(ids, ref_lp, full), atol=2e-5)
 
 
-
 def test_row_stats_in_blocks_over_threads_agree_with_one_pass(monkeypatch):
     """Validation normalises a text's logits in blocks of rows shared among threads; blocks of
     3 rows here (37 rows: a short last block) must give what one float64 pass over the whole
@@ -74,6 +73,7 @@ def test_row_stats_in_blocks_over_threads_agree_with_one_pass(monkeypatch):
     x = logits.astype(np.float64)
     np.testing.assert_allclose(normalizer, np.log(np.exp(x).sum(-1)), atol=1e-5, rtol=0)
     assert best.tolist() == logits.argmax(-1).tolist() and best[5] == 7
+
 
 def test_identical_distributions_give_zero():
     rng = np.random.default_rng(0)
