@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,8 @@ def test_runtime_segfault_is_exit_2_with_one_line(int4_bundle, tmp_path):
 @pytest.mark.slow
 def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch):
     """A stand-in backend (the ONNX one under another name, with SEGV_RT as its runtime) among
-    real demo rows: the demo finishes, its table shows the crashed row and every other row."""
+    real demo rows: the demo finishes, its table shows the crashed row and every other row. The
+    crash fails the demo where this machine is the target's device, and only then."""
     from rich.console import Console
 
     import toolkit.demo as demo
@@ -239,8 +241,9 @@ def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch
                       .replace("    onnx: [", "    segv-standin: ["))
     recipe = str(small_recipe(tmp_path, limit=6))
     monkeypatch.setattr(demo, "demo_builds", lambda only=None: [
-        (recipe, "generic-cpu", "this CPU"), (recipe, str(target), "this CPU"),
-        (recipe, "intel-cpu", "this CPU")])
+        demo.DemoBuild(recipe, "generic-cpu", "this CPU", True),
+        demo.DemoBuild(recipe, str(target), "this CPU", True),
+        demo.DemoBuild(recipe, "intel-cpu", "this CPU", True)])
     text = io.StringIO()
     console = Console(file=text, width=250)
     from toolkit.cli import progress_bars
@@ -252,6 +255,16 @@ def test_demo_marks_a_crashed_row_and_goes_on(int4_bundle, tmp_path, monkeypatch
     assert any("segv-cpu" in r and "CRASHED" in r for r in rows), shown
     assert sum("pass" in r for r in rows) == 2, shown
     assert "segv_rt runtime crashed (SIGSEGV)" in " ".join(shown.split())
+    assert "this machine is a segv-cpu device, so the demo fails" in " ".join(shown.split())
+
+    # the same crash on a row measured on a stand-in for its device: reported, not the demo's
+    monkeypatch.setattr(demo, "demo_builds", lambda only=None: [
+        demo.DemoBuild(recipe, str(target), "this CPU, not the target's device", False)])
+    text.seek(0)
+    text.truncate()
+    assert demo.run_demo(tmp_path / "dist", console, console, progress_bars) == 0
+    shown = " ".join(text.getvalue().split())
+    assert "CRASHED" in shown and "does not fail the demo" in shown, shown
     assert not (tmp_path / "dist" / f"{Path(recipe).stem}-segv-cpu").exists()
 
 
@@ -279,14 +292,61 @@ def test_server_outlives_a_crashing_runtime(int4_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_gguf_validates_with_the_amx_protection_forced(gguf_int4_bundle, tmp_path):
-    """No AMX CPU here: the protection's code path (llama.cpp loaded with use_extra_bufts off,
-    what `auto` picks on AMX) is forced, and the bundle still passes and says so."""
+    """The protection's path (llama.cpp loaded with use_extra_bufts off, what `auto` picks on
+    AMX) forced on any CPU: the bundle still passes, and its report says where the weights
+    were, from llama.cpp's load log."""
     report_path = tmp_path / "r.json"
     proc = phikit("validate", gguf_int4_bundle, "--option", "extra_buffer_types=false",
                   "--recipe", small_recipe(tmp_path, limit=6), "--json", report_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(report_path.read_text())
-    assert report["candidate"]["options_in_force"]["extra_buffer_types"]["value"] is False
+    candidate = json.loads(report_path.read_text())["candidate"]
+    assert candidate["options_in_force"]["extra_buffer_types"]["value"] is False
+    assert set(candidate["weight_buffers"]) <= {"CPU", "CPU_Mapped"}, candidate["weight_buffers"]
+
+
+# What llama.cpp actually did with the weights, from the bundle's own runner: the Llama object's
+# model parameters (what llama.cpp received) and llama.cpp's load log (where it put them). Only
+# the model is loaded: nothing is decoded, so the AMX buffer type's crash cannot happen here.
+LOAD_PROBE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import llama_cpp
+from phikit_runner import llamacpp_rt
+session = llamacpp_rt.open_session(Path(sys.argv[1]) / "model",
+                                   {"extra_buffer_types": sys.argv[2], "context_length": 256})
+print(json.dumps({"use_extra_bufts": bool(session.llm.model_params.use_extra_bufts),
+                  "weight_buffers": session.info().get("weight_buffers"),
+                  "system": llama_cpp.llama_print_system_info().decode()}))
+"""
+
+
+def load_probe(bundle: Path, extra_buffer_types: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(bundle), extra_buffer_types],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_extra_buffer_types_option_reaches_llama_cpp(gguf_int4_bundle):
+    """Off: llama.cpp received use_extra_bufts false and its log names no extra buffer type
+    (AMX, CPU_REPACK) holding weights. On: it received true, and where this llama.cpp has an
+    extra buffer type for Q4_0 weights on this CPU (AMX, else the AVX2 repack), that type holds
+    some. Runs on any x86 CPU: no AMX needed to see that the option reached llama.cpp."""
+    off = load_probe(gguf_int4_bundle, "false")
+    assert off["use_extra_bufts"] is False
+    assert off["weight_buffers"] and set(off["weight_buffers"]) <= {"CPU", "CPU_Mapped"}, off
+
+    on = load_probe(gguf_int4_bundle, "true")
+    assert on["use_extra_bufts"] is True
+    compiled = on["system"].partition("CPU :")[2]
+    expected = ("AMX" if "AMX_INT8 = 1" in compiled
+                else "CPU_REPACK" if "REPACK = 1" in compiled and "AVX2 = 1" in compiled
+                else None)
+    if expected is None:
+        pytest.skip(f"this llama.cpp has no extra buffer type for Q4_0 here: {compiled.strip()}")
+    assert expected in on["weight_buffers"], on
 
 
 # --- an AVX2-only CPU ---------------------------------------------------------------------------

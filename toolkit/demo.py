@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.markup import escape
 from rich.table import Table
@@ -29,9 +30,16 @@ PRECISIONS = ("int4", "int8", "fp32")
 QUESTION = "What does json.dumps do?"
 
 
-def demo_builds(only: list[str] | None = None) -> list[tuple[str, str, str]]:
-    """(recipe path, target name, where it is measured) for every target whose backend runs
-    here (`only`: those targets, each of which must be one of them)."""
+class DemoBuild(NamedTuple):
+    recipe: str
+    target: str
+    where: str        # where its figures are measured, for the table
+    on_device: bool   # this machine is the target's device: its failure is the demo's failure
+
+
+def demo_builds(only: list[str] | None = None) -> list[DemoBuild]:
+    """Every target whose backend runs here (`only`: those targets, each of which must be one
+    of them), at the precisions the demo builds for it."""
     builds = []
     cpu = host_cpu()
     rows = usable_targets()
@@ -53,7 +61,8 @@ def demo_builds(only: list[str] | None = None) -> list[tuple[str, str, str]]:
             continue
         if backend.demo_recipe:  # a target that needs a recipe of its own (the NPU's W8A16)
             where = (backend.host_notes(cpu) or ["this CPU"])[0]
-            builds.append((str(RECIPES_DIR / f"{backend.demo_recipe}.yaml"), target.name, where))
+            builds.append(DemoBuild(str(RECIPES_DIR / f"{backend.demo_recipe}.yaml"),
+                                    target.name, where, on_device=False))
             continue
         if reason is None:
             precisions, where = [p for p in PRECISIONS if p in target.precisions], "this CPU"
@@ -62,8 +71,8 @@ def demo_builds(only: list[str] | None = None) -> list[tuple[str, str, str]]:
             precisions = [wanted] if wanted in target.precisions else target.precisions[:1]
             where = (f"this CPU, not the target's {target.platform.os}/{target.platform.arch} "
                      f"{target.device}")
-        builds += [(str(RECIPES_DIR / f"tiny-phi3-{p}.yaml"), target.name, where)
-                   for p in precisions]
+        builds += [DemoBuild(str(RECIPES_DIR / f"tiny-phi3-{p}.yaml"), target.name, where,
+                             on_device=reason is None) for p in precisions]
     return builds
 
 
@@ -88,7 +97,7 @@ def run_demo(out_dir: Path, out, console, progress_bars, only: list[str] | None 
         table.add_column(col, justify="left" if col in ("target", "backend", "measured on")
                          else "right")
     failures = 0
-    for recipe, target, where in demo_builds(only):
+    for recipe, target, where, on_device in demo_builds(only):
         plan = make_plan(recipe, target)
         plan.out = out_dir / f"{Path(recipe).stem}-{plan.target.name}"
         console.print(f"[bold]{plan.recipe.name} -> {plan.target.name}[/]")
@@ -97,10 +106,13 @@ def run_demo(out_dir: Path, out, console, progress_bars, only: list[str] | None 
                 result = execute(plan, progress=bars, stage_cb=bars.stage)
             text, rate = answer(result.bundle, result.manifest) if result.passed else ("", 0.0)
         except PhikitError as e:
-            # one target's runtime crashing (or refusing) is that row's result, not the demo's end
-            failures += 1
+            # one target's runtime crashing (or refusing) is that row's result, not the demo's
+            # end; it fails the demo where this machine is the target's device (a bundle for it
+            # would fail the same way there), and is reported only where it is a stand-in
+            failures += on_device
             verdict = "[red]CRASHED[/]" if isinstance(e, RuntimeCrashed) else "[red]ERROR[/]"
             out.print(f"  [red]{escape(str(e))}[/]")
+            out.print(f"  [yellow]{escape(what_to_do(plan, on_device))}[/]")
             table.add_row(plan.target.name, plan.backend.name,
                           plan.recipe.quantization.precision, "-", "-", "-", "-", "-", verdict,
                           where)
@@ -118,3 +130,15 @@ def run_demo(out_dir: Path, out, console, progress_bars, only: list[str] | None 
                                if result.report.reused else ""))
     out.print(table)
     return 1 if failures else 0
+
+
+def what_to_do(plan, on_device: bool) -> str:
+    """The next step for a user whose demo row crashed or was refused."""
+    again = f"phikit build {plan.recipe_path} --target {plan.target.name}"
+    if not on_device:
+        return (f"{plan.target.name} is measured here on a stand-in for its device, so this row "
+                f"does not fail the demo; on the device itself, run `{again}` there")
+    return (f"this machine is a {plan.target.name} device, so the demo fails: `{again}` repeats "
+            "this row alone; a runtime option in a copy of the target's `runtime.options` "
+            "(a known issue above names the one that avoids it) tries it another way; "
+            "`phikit doctor` shows what this CPU and its runtimes support")

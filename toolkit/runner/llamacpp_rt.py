@@ -20,6 +20,8 @@ chat prompts without it for the same reason, so Ollama feeds the model the same 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -68,24 +70,78 @@ def compiled_cpu_features() -> tuple[list[str], str]:
     return [f.lower() for f in found], PORTABLE_BUILD
 
 
-def _load(path: Path, use_extra_bufts: bool, **kwargs) -> llama_cpp.Llama:
-    """llama_cpp.Llama with use_extra_bufts set: its constructor takes no such argument and
-    fills llama_model_params from llama_model_default_params(), so that is wrapped while it
-    runs (and restored at once)."""
-    if use_extra_bufts:
-        return llama_cpp.Llama(str(path), **kwargs)
-    default = llama_cpp.llama_model_default_params
+# The module whose llama_model_default_params() Llama.__init__ calls: llama.py imports the ctypes
+# bindings as its own global `llama_cpp`, which is not the top-level package of the same name.
+# Read from the constructor's globals, so it is the object Llama reads in any bindings version.
+_LLAMA_DEFAULTS = llama_cpp.Llama.__init__.__globals__["llama_cpp"]
+# where llama.cpp puts the weights when no extra buffer type takes them (mmap'd or read in)
+PLAIN_WEIGHT_BUFFERS = ("CPU", "CPU_Mapped")
+_WEIGHT_BUFFER = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([\d.]+) MiB")
+
+
+@contextlib.contextmanager
+def _model_defaults(use_extra_bufts: bool) -> Iterator[None]:
+    """llama_model_default_params() with use_extra_bufts set, while Llama's constructor runs:
+    the constructor takes no such argument (llama.cpp's --no-repack) and fills its
+    llama_model_params from that function."""
+    default = _LLAMA_DEFAULTS.llama_model_default_params
 
     def params():
         p = default()
-        p.use_extra_bufts = False
+        p.use_extra_bufts = use_extra_bufts
         return p
 
-    llama_cpp.llama_model_default_params = params
+    _LLAMA_DEFAULTS.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(str(path), **kwargs)
+        yield
     finally:
-        llama_cpp.llama_model_default_params = default
+        _LLAMA_DEFAULTS.llama_model_default_params = default
+
+
+@contextlib.contextmanager
+def _load_log(lines: list[str]) -> Iterator[None]:
+    """llama.cpp's (and ggml's) log lines into `lines` while the model loads, whatever
+    verbose says; llama-cpp-python's own log callback is put back afterwards."""
+    @_LLAMA_DEFAULTS.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    _LLAMA_DEFAULTS.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        from llama_cpp import _logger
+        _LLAMA_DEFAULTS.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def weight_buffers(log: Sequence[str]) -> dict[str, float]:
+    """{buffer type: MiB} of the model's weights, from llama.cpp's load log
+    ("load_tensors:  AMX model buffer size = 5.10 MiB")."""
+    found: dict[str, float] = {}
+    for name, mib in _WEIGHT_BUFFER.findall("".join(log)):
+        found[name] = found.get(name, 0.0) + float(mib)
+    return found
+
+
+def _load(path: Path, use_extra_bufts: bool, **kwargs) -> tuple[llama_cpp.Llama, dict[str, float]]:
+    """(llama_cpp.Llama loaded with use_extra_bufts, {buffer type: MiB} holding its weights).
+    What llama.cpp received and where it put the weights are both checked: a protection that
+    did not reach llama.cpp (a bindings version that fills its parameters another way) stops
+    the load here rather than the process later."""
+    log: list[str] = []
+    with _load_log(log), _model_defaults(use_extra_bufts):
+        llm = llama_cpp.Llama(str(path), **kwargs)
+    buffers = weight_buffers(log)
+    extra = sorted(set(buffers) - set(PLAIN_WEIGHT_BUFFERS))
+    if bool(llm.model_params.use_extra_bufts) != use_extra_bufts or (
+            not use_extra_bufts and extra):
+        llm.close()
+        raise RuntimeError(
+            f"llama-cpp-python {llama_cpp.__version__} did not apply use_extra_bufts="
+            f"{use_extra_bufts} (it loaded with {bool(llm.model_params.use_extra_bufts)}; weights "
+            f"in {', '.join(buffers) or 'no buffer named in its log'}): refusing to run a model "
+            "whose load is not what was asked")
+    return llm, buffers
 
 
 def _strip_patterns(model_dir: Path) -> list[tuple[re.Pattern, str]]:
@@ -118,8 +174,9 @@ class LlamaCppSession:
             options.get("extra_buffer_types", "auto"), cpu)
         # what a crash of this process most likely is, for the parent's one-line error
         self.known_crash = AMX_CRASH if self.extra_bufts and cpu["class"] == "amx" else None
-        self.llm = _load(files[0], self.extra_bufts, n_ctx=n_ctx, n_batch=512,
-                         n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm, self.weight_buffers = _load(files[0], self.extra_bufts, n_ctx=n_ctx,
+                                              n_batch=512, n_threads=threads,
+                                              n_threads_batch=threads, verbose=False)
         self.context_length = self.llm.n_ctx()
         self.meta = self.llm.metadata
         self.threads = threads
@@ -214,6 +271,7 @@ class LlamaCppSession:
                 "file": self.file.name, "file_type": file_type, "threads": self.threads,
                 "context_length": self.context_length,
                 "options_in_force": {"extra_buffer_types": self.extra_bufts_why},
+                "weight_buffers": self.weight_buffers,
                 "system": llama_cpp.llama_print_system_info().decode().strip()}
 
 
