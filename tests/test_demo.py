@@ -26,6 +26,28 @@ def test_doctor_and_list():
     assert any(r.get("name") == "generic-cpu" for r in doctor[0]["rows"])
 
 
+
+def test_doctor_hints_paste_as_printed_and_json_has_no_markup(monkeypatch):
+    """An unusable backend's install hint keeps its brackets on the terminal (Rich read
+    `"phikit[gguf]"` as markup and printed `"phikit"`), and --json cells are plain text."""
+    import io
+
+    from rich.console import Console
+
+    from toolkit.backends import BACKENDS
+    from toolkit.doctor import doctor_table
+    from toolkit.terminal import tables_json
+
+    gguf = BACKENDS["gguf"]
+    monkeypatch.setattr(type(gguf), "unavailable", lambda self: "llama_cpp is not installed")
+    table, ok = doctor_table()
+    screen = io.StringIO()
+    Console(file=screen, width=400).print(table)
+    assert not ok and '"phikit[gguf]"' in screen.getvalue()
+    rows = json.loads(tables_json([table]))[0]["rows"]
+    assert next(r for r in rows if r["name"] == "gguf")["status"] == "no"
+    assert not [cell for r in rows for cell in r.values() if "[/" in cell or "[red]" in cell]
+
 @pytest.mark.slow
 @pytest.mark.longest
 def test_demo_builds_validates_and_answers(dist):

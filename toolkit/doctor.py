@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from .backends import BACKENDS
 from .paths import named_files
@@ -44,30 +45,32 @@ def usable_targets() -> list[tuple[Path, object, str | None]]:
     return rows
 
 
+# cells are Text: Rich would read an install hint's "[gguf]" as markup and drop it
+USABLE = Text("usable", "green")
 TORCH_HINT = "install torch==2.13.0 from PyTorch's CPU index first (README: Install)"
 
 
-def torch_status() -> tuple[bool, str, str]:
+def torch_status() -> tuple[bool, Text, str]:
     """(ok, status, why) of the torch every reference and converter imports: present, which
     build, and whether a torchvision beside it imports (transformers imports one that is there,
     and PyPI's CUDA-built torchvision breaks every import of a model with torch's CPU wheel)."""
     try:
         torch = metadata.version("torch")
     except metadata.PackageNotFoundError:
-        return False, "[red]no[/]", TORCH_HINT
+        return False, Text("no", "red"), TORCH_HINT
     build = "CUDA build" if "+cu" in torch else "CPU build" if "+cpu" in torch else "PyPI build"
     try:
         vision = metadata.version("torchvision")
     except metadata.PackageNotFoundError:
-        return True, "[green]usable[/]", f"torch {torch} ({build})"
+        return True, USABLE, f"torch {torch} ({build})"
     proc = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True,
                           text=True, timeout=120)
     if proc.returncode != 0:
-        return False, "[red]broken[/]", (
+        return False, Text("broken", "red"), (
             f"torchvision {vision} does not import with torch {torch} ({build}): transformers "
             "imports it, so no model loads; `pip uninstall torchvision` (phikit does not use "
             "it) or install the matching build")
-    return True, "[green]usable[/]", f"torch {torch} ({build}), torchvision {vision}"
+    return True, USABLE, f"torch {torch} ({build}), torchvision {vision}"
 
 
 def doctor_table() -> tuple[Table, bool]:
@@ -76,24 +79,25 @@ def doctor_table() -> tuple[Table, bool]:
         table.add_column(col)
     ok = True
     cpu = host_cpu()
-    table.add_row("cpu", cpu["model"], cpu["class"],
+    table.add_row("cpu", Text(cpu["model"]), cpu["class"],
                   f"{cpu['cores']} cores; " + (" ".join(cpu["features"]) or "no features of note"))
     torch_ok, status, why = torch_status()
     ok &= torch_ok
-    table.add_row("python", "torch", status, why)
+    table.add_row("python", "torch", status, Text(why))
     for name, backend in sorted(BACKENDS.items()):
         reason = backend.unavailable()
         ok &= reason is None
-        table.add_row("backend", name, "[green]usable[/]" if not reason else "[red]no[/]",
-                      f"{reason}; install: {backend.install}" if reason else backend.tool)
+        table.add_row("backend", name, USABLE if not reason else Text("no", "red"),
+                      Text(f"{reason}; install: {backend.install}" if reason else backend.tool))
         if reason is None:
             for note in [*backend.host_notes(cpu), *backend.host_option_notes(cpu)]:
-                table.add_row("", "", "[cyan]on this CPU[/]", note)
+                table.add_row("", "", Text("on this CPU", "cyan"), Text(note))
     for path, target, reason in usable_targets():
         if target is None:
             ok = False
-        table.add_row("target", path.stem, "[green]runs here[/]" if not reason else
-                      "[yellow]build only[/]" if target else "[red]invalid[/]", reason or "")
+        table.add_row("target", path.stem, Text("runs here", "green") if not reason else
+                      Text("build only", "yellow") if target else Text("invalid", "red"),
+                      Text(reason or ""))
     return table, ok
 
 
@@ -107,13 +111,13 @@ def list_tables() -> list[Table]:
             recipes.add_row(r.name, r.source if not r.source_is_local else
                             Path(r.source).name, r.quantization.precision, path.name)
         except PhikitError as e:
-            recipes.add_row(path.stem, f"[red]{e}[/]", "", path.name)
+            recipes.add_row(path.stem, Text(str(e), "red"), "", path.name)
     targets = Table(title="targets", title_justify="left")
     for col in ("name", "device", "backends", "provider", "precisions", "platform"):
         targets.add_column(col)
     for path, t, reason in usable_targets():
         if t is None:
-            targets.add_row(path.stem, f"[red]{reason}[/]", "", "", "", "")
+            targets.add_row(path.stem, Text(str(reason), "red"), "", "", "", "")
             continue
         targets.add_row(t.name, t.device, ", ".join(t.allowed_backends()), t.execution_provider,
                         ", ".join(t.precisions), f"{t.platform.os}/{t.platform.arch}")
