@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from openai import APIStatusError, OpenAI
+from openai import APIStatusError, BadRequestError, NotFoundError, OpenAI
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +146,39 @@ def test_sixteen_concurrent_streams_all_complete(onnx_server):
         assert usage.prompt_tokens == expected.usage.prompt_tokens
 
 
+def test_clients_get_honoured_fields_or_a_400(onnx_server):
+    """What the openai and huggingface_hub clients send: the served model by id, developer as
+    system, and a 400 naming each field the server would otherwise have ignored."""
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import HfHubHTTPError
+
+    port, name = onnx_server
+    c = client(port)
+    assert c.models.retrieve(name).id == name
+    with pytest.raises(NotFoundError):
+        c.models.retrieve("gpt-4")
+    system = [{"role": "system", "content": "Answer in one word."}, *CHAT]
+    developer = [{"role": "developer", "content": "Answer in one word."}, *CHAT]
+    as_system, as_developer = (c.chat.completions.create(model=name, messages=m, max_tokens=6)
+                               .choices[0].message.content for m in (system, developer))
+    assert as_developer == as_system
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for fields, param in (({"tools": tools}, "tools"),
+                          ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"logprobs": True}, "logprobs"), ({"extra_body": {"stream": "false"}}, "stream"),
+                          ({"extra_body": {"top_k": 5}}, "top_k")):
+        with pytest.raises(BadRequestError) as e:
+            c.chat.completions.create(model=name, messages=CHAT, max_tokens=4, **fields)
+        assert e.value.param == param, e.value
+    hf = InferenceClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    out = hf.chat_completion(CHAT, model=name, max_tokens=6)
+    assert out.choices[0].message.content == c.chat.completions.create(
+        model=name, messages=CHAT, max_tokens=6).choices[0].message.content
+    with pytest.raises(HfHubHTTPError) as e:
+        hf.chat_completion(CHAT, model=name, max_tokens=4, response_format={"type": "json_object"})
+    assert e.value.response.status_code == 400
+
+
 def raw_post(port: int, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/v1/chat/completions", body=body,
@@ -187,7 +220,7 @@ def test_disconnect_mid_stream_frees_the_model(onnx_server):
     port, name = onnx_server
     sock = socket.create_connection(("127.0.0.1", port))
     body = json.dumps({"model": name, "messages": CHAT, "max_tokens": 4000, "stream": True})
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
     received = b""
     while b"data:" not in received:
@@ -217,6 +250,9 @@ def test_api_key_is_checked_and_azure_ai_inference_clients_work(int4_bundle):
             client(port, "wrong").models.list()
         assert e.value.status_code == 401
         assert [m.id for m in client(port, "s3cret").models.list()] == [name]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/v1/models", headers={"Authorization": "bearer s3cret"})
+        assert conn.getresponse().status == 200  # the scheme in any case (curl users write it so)
         expected = client(port, "s3cret").chat.completions.create(
             model=name, messages=CHAT, max_tokens=8).choices[0].message.content
 
