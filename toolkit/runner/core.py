@@ -63,8 +63,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # the runner's own modules, shipped beside the runtime module: never a manifest's runtime
-RUNNER_MODULES = ("core", "host", "cli", "server", "rpc", "worker", "hf_tokens", "parity_core",
-                  "logprobs", "reference_data", "device", "tune")
+RUNNER_MODULES = ("core", "host", "cli", "server", "openai_api", "rpc", "worker", "hf_tokens",
+                  "parity_core", "logprobs", "reference_data", "device", "tune")
 
 
 def manifest_files(data: Any, path: Path) -> dict[str, str]:

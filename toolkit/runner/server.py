@@ -11,7 +11,7 @@ Raspberry Pi than the runtime itself).
   GET  /v1/info               the same, as Azure AI model inference's get_model_info() reads it
   GET  /health
 
-Every request field is honoured or refused: HONOURED and INERT below list them per endpoint;
+Every request field is honoured or refused (openai_api.HONOURED and INERT, per endpoint);
 anything else (tools, response_format json_object / json_schema, logprobs, logit_bias, a
 penalty, an unknown field) is a 400 naming it, never silently ignored.
 
@@ -47,20 +47,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .core import Sampling, Session, TextStream, chat_ids
+from .core import Session
+from .openai_api import (MAX_BODY, ApiError, Generation, loggable, parse_request,
+                         refuse_what_cannot_fit)
 from .worker import WorkerCrashed
 
-MAX_BODY = 1 << 20  # bytes
 DRAIN_LIMIT = 16 << 20  # bodies up to this size are read and dropped before the 413
-MAX_SEED = 2**63 - 1
-# No token of a Phi-3 vocabulary spells more characters than this (the longest are runs of
-# whitespace): a prompt longer than context_length * MAX_CHARS_PER_TOKEN cannot fit and is
-# refused before it is tokenized, the expensive part (a 1 MB chat of `<|end|>` spellings held
-# the model 10.6 s only to learn that it was too long).
-MAX_CHARS_PER_TOKEN = 16
 # A connection that has waited for, or been reading, its request this long is a slow client,
 # not one still sending: when every connection slot is taken, the longest such one is closed.
 SLOW_READER_AFTER = 1.0  # seconds
@@ -85,265 +80,6 @@ class Limits:
     # Host header names answered besides the loopback names and the bound address ("*": any
     # name): a browser page on another name (DNS rebinding to this address) gets 403
     allowed_hosts: tuple[str, ...] = ()
-
-
-def _text(value: Any) -> bool:
-    """A str that encodes as UTF-8 (a lone surrogate from JSON's \\ud800 does not)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def loggable(text: str) -> str:
-    """`text` with every non-printable character escaped (ESC, CR, U+2028 as \\x1b, \\r,
-    \\u2028): bytes from a request must not drive a terminal or forge a log line."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = (status, message, kind,
-                                                                       param, code)
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-
-# Every field a request may carry, per endpoint. HONOURED fields do what OpenAI documents.
-# INERT fields are accepted only at the value that asks for nothing, what a client sends when
-# it spells out a default (n=1, presence_penalty=0, response_format {"type": "text"}). Any
-# other field or value is a 400 naming it, so that no client believes a setting took effect
-# that this server ignores (tools, response_format json_schema, logprobs, logit_bias, ...).
-# A null is the field left out, as in OpenAI's API.
-_HONOURED_BOTH = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                  "stream_options", "user"}  # user: an end-user id for the caller's records
-HONOURED = {"chat": _HONOURED_BOTH | {"messages", "max_completion_tokens"},
-            "completions": _HONOURED_BOTH | {"prompt"}}
-_INERT_BOTH = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
-INERT = {"chat": {**_INERT_BOTH, "logprobs": False, "response_format": {"type": "text"},
-                  "store": False},
-         "completions": {**_INERT_BOTH, "echo": False, "best_of": 1}}
-STREAM_OPTIONS = {"include_usage"}
-# Message fields by role (nulls aside); a tool result is shown to the model as a user turn
-MESSAGE_FIELDS = {"system": {"role", "content"}, "developer": {"role", "content"},
-                  "user": {"role", "content"}, "assistant": {"role", "content"},
-                  "tool": {"role", "content", "tool_call_id"}}
-TEMPLATE_ROLE = {"developer": "system", "tool": "user"}  # the Phi-3 template knows 3 roles
-
-
-def _same(value: Any, default: Any) -> bool:
-    """JSON equality: false is not 0, 0.0 is 0."""
-    return isinstance(value, bool) == isinstance(default, bool) and value == default
-
-
-def _checked_fields(body: dict, endpoint: str) -> dict[str, Any]:
-    """The request's non-null fields, each honoured or at its inert default, else a 400."""
-    fields = {key: value for key, value in body.items() if value is not None}
-    for key, value in fields.items():
-        if key in HONOURED[endpoint]:
-            continue
-        if key in INERT[endpoint]:
-            default = INERT[endpoint][key]
-            if not _same(value, default):
-                raise ApiError(400, f"'{key}' must be {json.dumps(default)} (or absent): this "
-                               "server does not honour other values", param=key,
-                               code="unsupported_value")
-            continue
-        raise ApiError(400, f"'{key}' is not supported by this server's {endpoint} endpoint",
-                       param=key, code="unsupported_parameter")
-    return fields
-
-
-def _number(fields: dict, key: str, default, lo: float, hi: float, kind=float):
-    """A JSON number (an integer where kind is int; never a boolean) from lo to hi."""
-    value = fields.get(key, default)
-    types = int if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, types) or not lo <= value <= hi:
-        what = "an integer" if kind is int else "a number"
-        raise ApiError(400, f"'{key}' must be {what} from {lo} to {hi}", param=key)
-    return kind(value)
-
-
-def _boolean(fields: dict, key: str, param: str | None = None) -> bool:
-    value = fields.get(key, False)
-    if not isinstance(value, bool):
-        raise ApiError(400, f"'{param or key}' must be true or false (a JSON boolean)",
-                       param=param or key)
-    return value
-
-
-def _messages(fields: dict) -> list[dict[str, str]]:
-    messages = fields.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    turns = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"{where} must be an object", param=where)
-        role = m.get("role")
-        if role not in MESSAGE_FIELDS:
-            raise ApiError(400, f"{where}.role must be one of {', '.join(MESSAGE_FIELDS)}",
-                           param=f"{where}.role")
-        for key, value in m.items():
-            if value is not None and key not in MESSAGE_FIELDS[role]:
-                raise ApiError(400, f"{where}.{key} is not supported by this server (in a "
-                               f"{role} message)", param=f"{where}.{key}",
-                               code="unsupported_parameter")
-        content = _content(m.get("content"))
-        if content is None:
-            raise ApiError(400, f"{where}.content must be a string or text content parts",
-                           param=f"{where}.content")
-        if role == "tool":
-            call = m.get("tool_call_id")
-            if not _text(call) or not call:
-                raise ApiError(400, f"{where}.tool_call_id must be a non-empty string",
-                               param=f"{where}.tool_call_id")
-            content = f"Result of tool call {call}:\n{content}"
-        turns.append({"role": TEMPLATE_ROLE.get(role, role), "content": content})
-    return turns
-
-
-def _content(value: Any) -> str | None:
-    """A message's content: a string, or the content-parts form [{type: text, text}] (text
-    parts only: this server holds a text model)."""
-    if _text(value):
-        return value
-    if isinstance(value, list) and value and all(
-            isinstance(p, dict) and p.get("type") == "text" and _text(p.get("text"))
-            for p in value):
-        return "".join(p["text"] for p in value)
-    return None
-
-
-def _prompt(fields: dict) -> str:
-    """/v1/completions' prompt: a string, or a list holding one (one choice per request)."""
-    prompt = fields.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not _text(prompt) or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string (or a list of one)",
-                       param="prompt")
-    return prompt
-
-
-def _stream_options(fields: dict) -> bool:
-    """stream_options.include_usage (the only option this server has)."""
-    options = fields.get("stream_options", {})
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    for key, value in options.items():
-        if value is not None and key not in STREAM_OPTIONS:
-            raise ApiError(400, f"'stream_options.{key}' is not supported by this server",
-                           param=f"stream_options.{key}", code="unsupported_parameter")
-    return _boolean({k: v for k, v in options.items() if v is not None}, "include_usage",
-                    "stream_options.include_usage")
-
-
-def parse_request(body: Any, model_name: str, chat: bool = True) -> dict[str, Any]:
-    """A /v1/chat/completions (chat) or /v1/completions request, checked field by field."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    fields = _checked_fields(body, "chat" if chat else "completions")
-    model = fields.get("model")
-    if model is not None and model != model_name:
-        raise ApiError(404, f"The model {loggable(str(model))!r} does not exist; this server "
-                       f"has '{model_name}'", param="model", code="model_not_found")
-    if not _text(fields.get("user", "")):
-        raise ApiError(400, "'user' must be a string", param="user")
-    stop = fields.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(_text(s) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    seed = fields.get("seed")
-    if seed is not None:
-        seed = _number(fields, "seed", None, 0, MAX_SEED, int)
-    # current OpenAI clients send max_completion_tokens; older ones max_tokens
-    budget = "max_completion_tokens" if "max_completion_tokens" in fields else "max_tokens"
-    return {
-        "chat": chat,
-        "messages": _messages(fields) if chat else None,
-        "prompt": None if chat else _prompt(fields),
-        "stream": _boolean(fields, "stream"),
-        "include_usage": _stream_options(fields),
-        "stop": stop or [],
-        "sampling": Sampling(
-            max_new_tokens=_number(fields, budget, 256, 1, 1 << 20, int),
-            temperature=_number(fields, "temperature", 0.0, 0, 2),
-            top_p=_number(fields, "top_p", 1.0, 0, 1), seed=seed),
-    }
-
-
-def refuse_what_cannot_fit(request: dict[str, Any], context_length: int) -> None:
-    """A 400 for a prompt too long to fit in any tokenization, decided on its length alone:
-    before the model's lock and before the tokenizer, whose cost grows with the text."""
-    texts = ([m["content"] for m in request["messages"]] if request["chat"]
-             else [request["prompt"]])
-    chars, most = sum(map(len, texts)), context_length * MAX_CHARS_PER_TOKEN
-    if chars > most:
-        field = "messages" if request["chat"] else "prompt"
-        raise ApiError(400, f"This model's maximum context length is {context_length} tokens; "
-                       f"the {field} hold {chars} characters, more than {most} "
-                       f"({MAX_CHARS_PER_TOKEN} per token) could ever fit", param=field,
-                       code="context_length_exceeded")
-
-
-class Generation:
-    """One completion: tokens -> text pieces, stop strings, finish reason, usage."""
-
-    def __init__(self, session: Session, request: dict[str, Any]):
-        self.session, self.request = session, request
-        self.prompt_ids = (chat_ids(session, request["messages"]) if request["chat"]
-                           else session.tokenize(request["prompt"]))
-        budget = session.context_length - len(self.prompt_ids)
-        if budget < 1:
-            raise ApiError(400, f"This model's maximum context length is "
-                           f"{session.context_length} tokens; the messages use "
-                           f"{len(self.prompt_ids)}", param="messages",
-                           code="context_length_exceeded")
-        self.sampling = request["sampling"]
-        self.sampling.max_new_tokens = min(self.sampling.max_new_tokens, budget)
-        self.completion_tokens = 0
-        self.finish_reason = "stop"
-
-    def pieces(self) -> Iterator[str]:
-        stops, stream = self.request["stop"], TextStream(self.session)
-        text, sent = "", 0
-        longest = max((len(s) for s in stops), default=0)
-        for token in self.session.generate(self.prompt_ids, self.sampling):
-            self.completion_tokens += 1
-            text += stream.push(token)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield text[sent:cut]
-                self.finish_reason = "stop"
-                return
-            # Hold back what could still become a stop string.
-            safe = len(text) - (longest - 1 if longest else 0)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-        if text[sent:]:
-            yield text[sent:]
-        self.finish_reason = ("length" if self.completion_tokens >= self.sampling.max_new_tokens
-                              else "stop")
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt_ids),
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": len(self.prompt_ids) + self.completion_tokens}
 
 
 def _host_name(host: str) -> str | None:
