@@ -168,18 +168,22 @@ def test_stalled_clients_do_not_hold_the_server(serve):
             s.close()
 
 
+
+def completion_status(port: int, timeout: float) -> int:
+    """The status of one chat completion on a connection of its own."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        return post(conn, "/v1/chat/completions", GOOD)[0]
+    finally:
+        conn.close()
+
 def test_soak_1000_requests_64_clients(serve, capsys):
     """1 000 completions from 64 concurrent clients (a backlog of 128): none fails, and clients
     that leave early print no traceback."""
     port = serve(Limits())
 
     def one(i):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            status, reply, _ = post(conn, "/v1/chat/completions", GOOD)
-            return status
-        finally:
-            conn.close()
+        return completion_status(port, timeout=60)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(64) as pool:
@@ -537,12 +541,7 @@ def test_soak_with_64_slow_clients_held(serve):
     slow = [trickle(port, seconds=60, every=0.5, reconnect=True, stop=stop) for _ in range(64)]
 
     def one(i):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            status, _, _ = post(conn, "/v1/chat/completions", GOOD)
-            return status
-        finally:
-            conn.close()
+        return completion_status(port, timeout=30)
 
     try:
         time.sleep(1.5)
