@@ -291,6 +291,35 @@ def test_server_outlives_a_crashing_runtime(int4_bundle, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_restarted_worker_runs_only_verified_code(int4_bundle, tmp_path):
+    """After a crash, the worker that would serve the next request imports the runtime's code
+    from disk again: code planted there meanwhile (hashes left stale, or rehashed as an
+    attacker of an unsigned bundle would) is refused with 503 and never runs."""
+    import sys
+
+    from security.conftest import payload, rehash
+    from test_server import free_port, raw_post, server
+
+    bundle = segv_bundle(int4_bundle, tmp_path, method="generate")
+    canary = tmp_path / "canary"
+    runtime = bundle / "phikit_runner" / "segv_rt.py"
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    port = free_port()
+    with server([sys.executable, str(bundle / "run.py"), "serve"], port) as proc:
+        status, reply = raw_post(port, body.encode())
+        assert status == 500 and "crashed (SIGSEGV)" in reply["error"]["message"], reply
+        runtime.write_text(payload(canary) + runtime.read_text())
+        for plant in ("stale hashes", "rehashed"):
+            if plant == "rehashed":
+                rehash(bundle)
+            status, reply = raw_post(port, body.encode())
+            assert status == 503, (plant, reply)
+            assert "no longer verifies" in reply["error"]["message"], reply
+            assert not canary.exists(), f"planted code ran ({plant})"
+        assert proc.poll() is None
+
+
+@pytest.mark.slow
 def test_gguf_validates_with_the_amx_protection_forced(gguf_int4_bundle, tmp_path):
     """The protection's path (llama.cpp loaded with use_extra_bufts off, what `auto` picks on
     AMX) forced on any CPU: the bundle still passes, and its report says where the weights

@@ -118,7 +118,7 @@ def test_deploy_then_redeploy_copies_only_what_changed(sshd, wheel_bundle, tmp_p
     check = subprocess.run([str(remote_dir / ".venv" / "bin" / "python"), str(remote_dir / "run.py"),
                             "verify", "--key", str(keydir / "other_key.pub")],
                            capture_output=True, text=True)
-    assert check.returncode == 0 and "signature by" in check.stdout, check.stderr
+    assert check.returncode == 0 and "signed by" in check.stdout, check.stderr
 
 
 def test_unreachable_host(sshd, int4_bundle, tmp_path):

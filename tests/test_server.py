@@ -235,17 +235,22 @@ def test_disconnect_mid_stream_frees_the_model(onnx_server):
 
 
 def test_api_key_is_checked_and_azure_ai_inference_clients_work(int4_bundle):
-    """A key-protected server, driven by OpenAI's client and by Azure AI Inference's (what
-    code written for GitHub Models / Azure AI uses): same answers, its ?api-version= query,
-    its api-key header and get_model_info()."""
+    """A key-protected server (and --allow-host), driven by OpenAI's client and by Azure AI
+    Inference's (what code written for GitHub Models / Azure AI uses): same answers, its
+    ?api-version= query, its api-key header and get_model_info()."""
     from azure.ai.inference import ChatCompletionsClient
     from azure.ai.inference.models import UserMessage
     from azure.core.credentials import AzureKeyCredential
     from azure.core.exceptions import HttpResponseError
 
     port, name = free_port(), model_name(int4_bundle)
-    with server([sys.executable, str(int4_bundle / "run.py"), "serve", "--api-key", "s3cret"],
-                port):
+    with server([sys.executable, str(int4_bundle / "run.py"), "serve", "--api-key", "s3cret",
+                 "--allow-host", "MyPi.local"], port):
+        for host, status in ((f"mypi.local:{port}", 200), (f"other.local:{port}", 403)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/v1/models", headers={"Host": host,
+                                                       "Authorization": "Bearer s3cret"})
+            assert conn.getresponse().status == status, host  # --allow-host reached the server
         with pytest.raises(APIStatusError) as e:
             client(port, "wrong").models.list()
         assert e.value.status_code == 401

@@ -25,8 +25,8 @@ from .errors import PhikitError
 from .evalset import load_evalset
 from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
-from .package import (finish_manifest, now, publish, sign_manifest, staging_dir, sweep_leftovers,
-                      write_archive, write_json, write_report_html, write_runner)
+from .package import (check_replaceable, finish_manifest, now, publish, sign_manifest, staging_dir,
+                      sweep_leftovers, write_archive, write_json, write_report_html, write_runner)
 from .paths import RECIPES_DIR, named_files
 from .remote import local_session
 from .report.model import ParityReport
@@ -65,11 +65,13 @@ class Plan:
     out: Path
     info: ModelInfo | None
     steps: list[str] = field(default_factory=list)
+    force: bool = False  # replace `out` even when it is not a bundle (package.check_replaceable)
 
 
 def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
               source: str | None = None, out: Path | None = None,
-              trust_remote_code: bool = False, revision: str | None = None) -> Plan:
+              trust_remote_code: bool = False, revision: str | None = None,
+              force: bool = False) -> Plan:
     recipe_path = find_recipe(recipe_ref)
     recipe = load_recipe(recipe_path, source_override=source)
     if revision is not None:  # a hub branch, tag or commit over the recipe's own
@@ -102,6 +104,7 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     # re-validation (on the device too) all read
     recipe = recipe.model_copy(update={"thresholds": effective_thresholds(recipe, be)})
     out = out or Path("dist") / f"{recipe.name}-{target.name}"
+    check_replaceable(out, force)  # before any work: what a build would delete is not a bundle
     model_desc = (f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}, "
                   f"vocab {info.vocab_size}" if info else "hub checkpoint (fetched at build time)")
     if info is not None and not recipe.source_is_local:
@@ -126,7 +129,7 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
         steps.append(f"warning   {', '.join(ungated)} not gated: the recipe sets no bound and "
                      f"{be.name} has no measured default for {quant.precision} (set "
                      "thresholds in the recipe)")
-    return Plan(recipe, recipe_path, target, target_path, be, out, info, steps)
+    return Plan(recipe, recipe_path, target, target_path, be, out, info, steps, force)
 
 
 WEIGHT_BOUNDS = ("kld_mean_max", "kld_p99_max", "top1_min")
@@ -341,7 +344,7 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
         passed = report.passed
         if sign is not None and passed:
             sign_manifest(stage, sign)
-        final = publish(stage, plan.out, passed)
+        final = publish(stage, plan.out, passed, plan.force)
         timings["package"] = time.perf_counter() - t2
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -58,7 +58,10 @@ def build(
     source: Optional[str] = typer.Option(None, help="checkpoint dir or hub id (overrides recipe)"),
     revision: Optional[str] = typer.Option(None, help="hub branch, tag or commit of the source "
                                            "(overrides the recipe's `revision`)"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory (a bundle "
+                                           "there is replaced; anything else only with --force)"),
+    force: bool = typer.Option(False, "--force", help="replace --out (and --out.failed) even "
+                               "when it is not a phikit bundle: what is there is deleted"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate inputs and print the plan"),
     archive: bool = typer.Option(False, help="also write a deterministic <out>.tar.gz"),
     with_wheels: bool = typer.Option(False, "--with-wheels",
@@ -94,7 +97,7 @@ def build(
             Path(recipe).write_text(text, encoding="utf-8")
             source = None
         plan_args = dict(backend=backend, source=source, out=out_dir,
-                         trust_remote_code=trust_remote_code, revision=revision)
+                         trust_remote_code=trust_remote_code, revision=revision, force=force)
         _build(recipe, target, plan_args, dry_run, json_out, verbose,
                dict(archive=archive, with_wheels=with_wheels, sign=sign_key,
                     revalidate=revalidate))
@@ -291,10 +294,9 @@ def verify(bundle: Path = typer.Argument(..., help="bundle directory"),
     """Check every file of a bundle against its manifest (and, with --key, its signature)."""
     from .runner.core import check_bundle
 
-    manifest = check_bundle(bundle, key).data
-    signed = f", signed by {key}" if key else ""
-    out.print(f"ok: {len(manifest['files'])} files match manifest.json{signed} "
-              f"(parity verdict: {manifest.get('parity', {}).get('verdict')})")
+    checked, signed = check_bundle(bundle, key)
+    out.print(f"ok: {len(checked.files)} files match manifest.json, {signed} "
+              f"(parity verdict: {checked.verdict})", markup=False, highlight=False)
     from .runner.core import describe_tuned
 
     tuned = describe_tuned(bundle)
@@ -310,9 +312,9 @@ def sign(bundle: Path = typer.Argument(..., help="bundle directory"),
     OpenSSH's SSHSIG format: `verify --key`, `run.py verify --key`, `deploy --key` and
     `ssh-keygen -Y verify` check it."""
     from .package import sign_manifest
-    from .runner.core import check_bundle
+    from .runner.core import check_files
 
-    check_bundle(bundle)  # sign only what verifies
+    check_files(bundle)  # sign only what verifies
     out.print(f"wrote {sign_manifest(bundle, key)}", highlight=False)
 
 

@@ -47,8 +47,9 @@ class Remote:
         return args + ["--", self.user_host]  # "--": a destination is never an ssh option
 
     def run(self, script: str, *, stdin: Any = None, check: bool = True,
-            timeout: int = 1800) -> subprocess.CompletedProcess:
-        """stdin: bytes, or a readable file (streamed: a bundle is never held in memory)."""
+            timeout: int = 1800, step: str = "remote command") -> subprocess.CompletedProcess:
+        """stdin: bytes, or a readable file (streamed: a bundle is never held in memory).
+        With check, a non-zero exit is a PhikitError naming `step`."""
         streamed = stdin is not None and not isinstance(stdin, bytes)
         proc = subprocess.run(self.ssh_args() + [f"sh -c {shlex.quote(script)}"],
                               input=None if streamed else stdin,
@@ -58,7 +59,7 @@ class Remote:
             raise PhikitError(_ssh_error(self.user_host, proc.stderr.decode(errors="replace")))
         if check and proc.returncode != 0:
             err = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
-            raise PhikitError(f"{self.user_host}: remote command failed (exit {proc.returncode}): "
+            raise PhikitError(f"{self.user_host}: {step} failed (exit {proc.returncode}): "
                               f"{err[-1] if err else ''}")
         return proc
 
@@ -73,15 +74,17 @@ def _ssh_error(host: str, stderr: str) -> str:
     return f"{host}: ssh failed ({text})"
 
 
+# Each matched whole (fullmatch: `$` would let a final newline into a remote shell or a unit).
 # [user@]host: a host name, an address or a Host alias of ~/.ssh/config; never an option
-DESTINATION = re.compile(r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*@)?[A-Za-z0-9_][A-Za-z0-9._-]*$")
+DESTINATION = re.compile(r"(?:[A-Za-z0-9._][A-Za-z0-9._-]*@)?[A-Za-z0-9_][A-Za-z0-9._-]*")
 # what a systemd unit line and a remote shell take without quoting surprises
-PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
+PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
+BIND_ADDRESS = re.compile(r"[A-Za-z0-9.:_-]+")
 
 
 def parse_destination(dest: str, bundle_name: str) -> tuple[str, str]:
     user_host, _, directory = dest.partition(":")
-    if not DESTINATION.match(user_host):
+    if not DESTINATION.fullmatch(user_host):
         raise PhikitError(f"destination must be [user@]host[:dir] (host: a name, an address or "
                           f"an alias from ~/.ssh/config), got {dest!r}", field="destination")
     return user_host, directory or f"phikit/{bundle_name}"
@@ -90,36 +93,54 @@ def parse_destination(dest: str, bundle_name: str) -> tuple[str, str]:
 PROBE = r"""
 PY={python}
 command -v "$PY" >/dev/null 2>&1 || {{ echo "nopython"; exit 0; }}
+set -e
 mkdir -p {dir}
 echo "arch $(uname -m)"
 echo "python $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 echo "free_kb $(df -Pk {dir} | awk 'NR==2 {{print $4}}')"
 cd {dir} && "$PY" - <<'EOF'
-import hashlib, json, os
-out = {{}}
-for root, dirs, files in os.walk("."):
-    dirs[:] = [d for d in dirs if d not in ("{venv}", "__pycache__")]
+import hashlib, json, os, stat
+# everything but the venv, byte code and leftovers included (what is not the bundle's is
+# removed); a link, FIFO or device is listed unread ("-": it is replaced, never opened)
+out, dirs = {{}}, []
+for root, subdirs, files in os.walk("."):
+    if root == ".":
+        subdirs[:] = [d for d in subdirs if d != "{venv}"]
+    for d in list(subdirs):
+        p = os.path.join(root, d)[2:]
+        if os.path.islink(p):
+            subdirs.remove(d)
+            out[p] = "-"
+        else:
+            dirs.append(p)
     for f in files:
         p = os.path.join(root, f)[2:]
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            out[p] = "-"
+            continue
         h = hashlib.sha256()
         with open(p, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
         out[p] = h.hexdigest()
 print("hashes " + json.dumps(out))
+print("dirs " + json.dumps(dirs))
 EOF
 """
 
 
 def probe(remote: Remote, python: str) -> dict:
     proc = remote.run(PROBE.format(python=shlex.quote(python), dir=shlex.quote(remote.directory),
-                                   venv=VENV))
+                                   venv=VENV), step="probing the host")
     info: dict = {}
     for line in proc.stdout.decode().splitlines():
         if line == "nopython":
             raise PhikitError(f"{remote.user_host}: no {python} on the host (use --python)")
         key, _, value = line.partition(" ")
-        info[key] = json.loads(value) if key == "hashes" else value
+        info[key] = json.loads(value) if key in ("hashes", "dirs") else value
+    if "hashes" not in info or not info.get("free_kb", "").isdigit():
+        raise PhikitError(f"{remote.user_host}: the probe of {remote.directory} did not finish "
+                          f"({proc.stderr.decode(errors='replace').strip()[-200:]})")
     return info
 
 
@@ -145,11 +166,19 @@ def check_host(info: dict, manifest: dict, bundle_bytes: int, remote: Remote) ->
                           f"{remote.directory}, need about {bundle_bytes * 2 / 1e6:.0f} MB")
 
 
-def changed_files(bundle: Path, manifest: dict, remote_hashes: dict[str, str]) -> list[str]:
+def wanted_files(bundle: Path, manifest: dict) -> dict[str, str]:
+    """What the host's directory must hold (besides the venv): every listed file by its sha256,
+    the manifest and, when the bundle has one, its signature ("-": always sent, it is what the
+    host verifies against)."""
     wanted = dict(manifest["files"])
-    wanted[MANIFEST] = "-"  # always sent: it is what the host verifies against
+    wanted[MANIFEST] = "-"
     if (bundle / SIGNATURE).is_file():
-        wanted[SIGNATURE] = "-"  # and the signature of it, for the device's own checks
+        wanted[SIGNATURE] = "-"
+    return wanted
+
+
+def changed_files(bundle: Path, manifest: dict, remote_hashes: dict[str, str]) -> list[str]:
+    wanted = wanted_files(bundle, manifest)
     return sorted(rel for rel, digest in wanted.items() if remote_hashes.get(rel) != digest)
 
 
@@ -164,19 +193,34 @@ def copy_files(bundle: Path, files: list[str], remote: Remote) -> None:
             raise PhikitError(f"{bundle}: tar could not read the bundle (exit {tar.returncode})")
 
 
-def remove_stale(manifest: dict, remote_hashes: dict[str, str], remote: Remote) -> list[str]:
-    stale = sorted(set(remote_hashes) - set(manifest["files"]) - {MANIFEST, SIGNATURE})
+def remove_stale(bundle: Path, manifest: dict, info: dict, remote: Remote) -> list[str]:
+    """Remove from the host what this bundle does not hold: files of an older bundle, byte code
+    and caches a run left (`run.py verify` there refuses every unlisted file or directory, so
+    one left behind would fail every later deploy), an old signature, the tuned.json measured
+    for the bundle before (--tune measures this one). Directories go whole, topmost first."""
+    wanted = set(wanted_files(bundle, manifest))
+    needed = {rel.rsplit("/", n)[0] for rel in wanted for n in range(1, rel.count("/") + 1)}
+    stale_dirs = sorted(d for d in info.get("dirs", []) if d not in needed)
+    topmost = [d for d in stale_dirs if not any(d.startswith(o + "/") for o in stale_dirs)]
+    stale = topmost + sorted(rel for rel in set(info["hashes"]) - wanted
+                             if not any(rel.startswith(d + "/") for d in topmost))
     if stale:
-        remote.run(f"cd {shlex.quote(remote.directory)} && rm -f -- "
-                   + " ".join(shlex.quote(s) for s in stale))
+        remote.run(f"cd {shlex.quote(remote.directory)} && rm -rf -- "
+                   + " ".join(shlex.quote(s) for s in stale), step="removing stale files")
     return stale
 
 
+# Every step's exit code counts (set -e): the lock's stamp, which makes the next deploy keep the
+# venv, is written only after pip succeeded, and a venv whose install failed is removed, so the
+# next deploy builds it again.
 INSTALL = r"""
+set -e
 cd {dir}
 LOCK_SHA=$(sha256sum requirements.lock | cut -d' ' -f1)
+[ -n "$LOCK_SHA" ]
 if [ ! -x {venv}/bin/python ] || [ "$(cat {venv}/.lock-sha256 2>/dev/null)" != "$LOCK_SHA" ]; then
   rm -rf {venv}
+  trap 'rm -rf {venv}' EXIT
   {python} -m venv {venv}
   if [ -d wheels ]; then
     {venv}/bin/python -m pip {install_offline}
@@ -184,6 +228,7 @@ if [ ! -x {venv}/bin/python ] || [ "$(cat {venv}/.lock-sha256 2>/dev/null)" != "
     {venv}/bin/python -m pip {install}
   fi
   echo "$LOCK_SHA" > {venv}/.lock-sha256
+  trap - EXIT
   echo installed
 else
   echo unchanged
@@ -246,15 +291,14 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
     # never ship a modified bundle, one whose manifest fields (its name reaches a remote shell
     # and a unit file) are not what the runner accepts, nor, with a key, one it did not sign
     try:
-        checked = check_bundle(bundle, key)
+        checked, signed = check_bundle(bundle, key)
     except BundleError as e:
         raise PhikitError(f"refusing to deploy: {e}") from None
     manifest = checked.data
-    if key is not None:
-        log(f"manifest signed by {key}")
+    log(f"manifest {signed}")
     if checked.verdict != "pass":
         raise PhikitError(f"{bundle}: parity verdict is not 'pass'; refusing to deploy")
-    if not re.match(r"^[A-Za-z0-9.:_-]+$", host_bind):
+    if not BIND_ADDRESS.fullmatch(host_bind):
         raise PhikitError(f"--host must be an address or a host name, got {host_bind!r}",
                           field="--host")
     user_host, directory = parse_destination(dest, manifest["name"])
@@ -269,16 +313,17 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
     log(f"copying {len(to_copy)} of {total} files to "
         f"{user_host}:{remote.directory}")
     copy_files(bundle, to_copy, remote)
-    stale = remove_stale(manifest, info["hashes"], remote)
+    stale = remove_stale(bundle, manifest, info, remote)
     d, py = shlex.quote(remote.directory), shlex.quote(python)
-    remote.run(f"{py} {d}/run.py verify --bundle {d}")
+    remote.run(f"{py} {d}/run.py verify --bundle {d}", step="run.py verify")
     log("verified every sha256 on the host")
     venv_state = remote.run(INSTALL.format(
         dir=d, venv=VENV, python=py, install=shlex.join(lock_install_args()),
-        install_offline=shlex.join(lock_install_args(wheels="wheels")))).stdout.decode().strip()
+        install_offline=shlex.join(lock_install_args(wheels="wheels"))),
+        step="the runtime venv (pip install of requirements.lock)").stdout.decode().strip()
     log(f"runtime venv: {venv_state.splitlines()[-1]}")
     smoke = remote.run(f"{d}/{VENV}/bin/python {d}/run.py --bundle {d} --prompt "
-                       f"'What does json.dumps do?' --max-tokens 8")
+                       f"'What does json.dumps do?' --max-tokens 8", step="the smoke prompt")
     log(f"smoke prompt: {smoke.stdout.decode(errors='replace').strip()[:80]!r}")
     device = validate_on_host(remote, bundle, d, report, log) if validate else None
     if tune:
@@ -289,7 +334,7 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
                               f"{lines[-1] if lines else ''}")
         log(f"tuned on the host: {lines[-1] if lines else ''}")
     if service:
-        if not PLAIN_PATH.match(remote.directory):
+        if not PLAIN_PATH.fullmatch(remote.directory):
             raise PhikitError(f"{user_host}:{remote.directory}: --service needs a directory "
                               "path of letters, digits and . _ / + - (it goes into a unit file)")
         unit_name = shlex.quote(f"phikit-{manifest['name']}.service")

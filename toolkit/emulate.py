@@ -31,8 +31,7 @@ from typing import Callable
 from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .runner.core import (BundleError, lock_install_args, read_manifest, runtime_module,
-                          verify_bundle)
+from .runner.core import BundleError, lock_install_args, runtime_module, verify_bundle
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
@@ -173,7 +172,7 @@ class EmulatedValidation:
             raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
                               field="--emulate")
         self.bundle, self.arch, self.log = bundle, arch, log
-        self.manifest = verify_bundle(bundle, read_manifest(bundle))
+        self.manifest = verify_bundle(bundle)
         self.platform = Platform.model_validate(self.manifest["target"]["platform"])
         start = time.perf_counter()
         self.info = (self._x86_setup() if arch == "x86-64-v3" else self._aarch64_setup())

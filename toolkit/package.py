@@ -22,14 +22,17 @@ from .checkpoint import file_sha256
 from .report.model import ParityReport
 from .errors import PhikitError
 from .runner.core import (BUNDLE_FORMAT, MANIFEST, RUNNER_MODULES, SIGNATURE, SIGNATURE_NAMESPACE,
-                          bundle_files)
+                          BundleError, bundle_files, read_manifest)
 from .runner.rpc import source_only_imports
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 RUN_PY = '''#!/usr/bin/env python3
 """Run this bundle: python run.py --prompt "..." | --chat | serve | verify.
-Needs only requirements.lock. Nothing from the bundle runs before its sha256 matches
-manifest.json: the runner files imported first are checked here, every other file by them."""
+Needs only requirements.lock. Nothing from the bundle runs before the whole bundle passes its
+trust policy: this file, with the standard library alone, checks every file against
+manifest.json (no file or directory more or less, regular files only, every sha256) and the
+signature (--key, else $PHIKIT_TRUSTED_KEY; or the bundle is signed) before it imports the
+runner. That check is phikit_runner/trust.py's source, copied in below (one definition)."""
 import os
 import sys
 
@@ -40,49 +43,43 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.dont_write_bytecode = True
 
 
+@TRUST@
+
+
 @SOURCE_ONLY_IMPORTS@
-# every runner module (any may be imported before the whole bundle is hashed), never the runtime's
-FIRST = @FIRST@
 
 
-def first_files_changed():
-    import hashlib
-    import json
+def key_option(argv):
+    """The --key of this command line, read before its own parser (cli.py, bundle code) may be
+    imported; None when not given (then $PHIKIT_TRUSTED_KEY, if set, is the key)."""
+    import argparse
 
-    try:
-        with open(os.path.join(HERE, "manifest.json"), "rb") as f:
-            files = json.load(f).get("files")
-        if not isinstance(files, dict):
-            return f"{os.path.join(HERE, 'manifest.json')}: field 'files': not a mapping"
-        for rel in FIRST:
-            path = os.path.join(HERE, *rel.split("/"))
-            if os.path.islink(path) or os.path.islink(os.path.dirname(path)):
-                return f"{path}: a symbolic link (not allowed)"
-            with open(path, "rb") as f:
-                if hashlib.sha256(f.read()).hexdigest() != files.get(rel):
-                    return f"{path}: sha256 does not match manifest.json (modified runner)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{HERE}: cannot verify the runner: {type(e).__name__}: {e}"
-    return None
+    parser = argparse.ArgumentParser(prog="run.py", add_help=False)
+    parser.add_argument("--key")
+    return parser.parse_known_args(argv)[0].key
 
 
 if __name__ == "__main__":
-    problem = first_files_changed()
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        _, manifest_sha256, _ = verify(HERE, key_option(sys.argv[1:]))
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     source_only_imports(HERE)
     sys.path.append(HERE)  # last: the standard library and the venv always come first
+    from phikit_runner import trust
+
+    trust.HASHED_IN_THIS_PROCESS.add((os.path.realpath(HERE), manifest_sha256))
     from phikit_runner.cli import main
 
     sys.exit(main())
 '''
 
 
-# one definition of the import guard, in rpc.py (which a child runs before any bundle import)
-RUN_PY = RUN_PY.replace("@SOURCE_ONLY_IMPORTS@", inspect.getsource(source_only_imports).strip() + "\n\n")
-RUN_PY = RUN_PY.replace("@FIRST@", repr(("phikit_runner/__init__.py",
-                                         *(f"phikit_runner/{m}.py" for m in RUNNER_MODULES))))
+# one definition of each: the trust policy in trust.py (which the runner imports), the import
+# guard in rpc.py (which a child runs before any bundle import)
+RUN_PY = RUN_PY.replace("@TRUST@", (RUNNER_DIR / "trust.py").read_text(encoding="utf-8").strip())
+RUN_PY = RUN_PY.replace("@SOURCE_ONLY_IMPORTS@", inspect.getsource(source_only_imports).strip())
 
 
 def write_runner(bundle: Path, runtime_module: str) -> None:
@@ -183,21 +180,54 @@ def staging_dir(out: Path) -> Path:
     return stage
 
 
-def publish(stage: Path, out: Path, passed: bool) -> Path:
-    """Move the staged bundle to `out` (passed) or `out.failed` (failed), replacing old ones."""
+def is_bundle(path: Path) -> bool:
+    """A directory holding a phikit manifest (a passed or a failed bundle, verified or not)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        read_manifest(path)
+    except BundleError:
+        return False
+    return True
+
+
+def check_replaceable(out: Path, force: bool = False) -> None:
+    """A build replaces `out` and `out.failed`: only a bundle or an empty directory is replaced
+    unasked, never a directory of someone's files (PhikitError unless `force`)."""
+    for path in (out, out.with_name(out.name + ".failed")):
+        if force or not os.path.lexists(path) or is_bundle(path):
+            continue
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            continue
+        raise PhikitError("exists and is not a phikit bundle: building would delete it; choose "
+                          "another --out, or pass --force to replace it", file=path,
+                          field="--out")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def publish(stage: Path, out: Path, passed: bool, force: bool = False) -> Path:
+    """Move the staged bundle to `out` (passed) or `out.failed` (failed), replacing old ones:
+    bundles, or with `force` whatever is there (check_replaceable, again: a build takes a while)."""
+    check_replaceable(out, force)
     final = out if passed else out.with_name(out.name + ".failed")
     # old bundles are moved aside first (renames are instant) and deleted after: the window in
     # which neither the old nor the new bundle is in place is two renames, not a tree removal
     aside = []
     for n, old in enumerate((out, out.with_name(out.name + ".failed"))):
-        if old.exists():
+        if os.path.lexists(old):
             moved = old.with_name(f".{out.name}.old{n}-{os.getpid()}")
-            shutil.rmtree(moved, ignore_errors=True)
+            _remove(moved)
             old.rename(moved)
             aside.append(moved)
     stage.rename(final)
     for moved in aside:
-        shutil.rmtree(moved, ignore_errors=True)
+        _remove(moved)
     return final
 
 

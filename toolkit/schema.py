@@ -22,7 +22,7 @@ from .runner.core import NAME_PATTERN
 
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 PRECISION_BITS = {"int4": 4, "int8": 8, "fp16": 16, "fp32": 32}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")  # \Z: `$` also matches before a final newline
 
 
 class Strict(BaseModel):
@@ -250,6 +250,32 @@ def _check_yaml_shape(text: str, path: Path) -> None:
             depth -= 1
 
 
+def _unbuildable_scalar(root: yaml.Node | None, path: Path) -> PhikitError:
+    """The first scalar, in document order, that PyYAML's safe constructor cannot make a value
+    of: an integer longer than Python converts (4300 digits), a timestamp that is no date."""
+    constructor = yaml.constructor.SafeConstructor()
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())] if root is not None else []
+    while stack:
+        node, loc = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):
+                stack += [(value, loc + (key.value,)), (key, loc + (key.value,))]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(value, loc + (i,)) for i, value in reversed(list(enumerate(node.value)))]
+        elif node.tag in constructor.yaml_constructors:
+            try:
+                constructor.yaml_constructors[node.tag](constructor, node)
+            except (ValueError, OverflowError) as e:
+                # an int's only failure: more digits than Python converts from text
+                why = (f"an integer of {sum(c.isdigit() for c in node.value)} digits: longer "
+                       "than any value phikit reads" if node.tag == "tag:yaml.org,2002:int"
+                       else f"{node.value[:40]!r} is not a valid "
+                       f"{node.tag.rsplit(':', 1)[-1]} ({str(e).splitlines()[0][:120]})")
+                return PhikitError(why, file=path, line=node.start_mark.line + 1,
+                                   field=".".join(map(str, loc)) or None)
+    return PhikitError("a value PyYAML cannot read", file=path)
+
+
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
         if not path.is_file():
@@ -265,7 +291,12 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise PhikitError(f"cannot read: {e}", file=path) from None
     try:
         _check_yaml_shape(text, path)
-        return yaml.safe_load(text), yaml.compose(text)
+        root = yaml.compose(text)
+        try:
+            return yaml.safe_load(text), root
+        except (ValueError, OverflowError):
+            # a scalar the constructor cannot make a value of: name it, not the traceback
+            raise _unbuildable_scalar(root, path) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise PhikitError(f"invalid YAML: {e.problem or e.context}", file=path,

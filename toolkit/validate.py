@@ -25,8 +25,7 @@ from .paths import RECIPES_DIR
 from .remote import bundle_session, local_session
 from .report.model import ParityReport
 from .report import write_text_atomic
-from .runner.core import (BundleError, Session, bundle_files, host_summary, read_manifest,
-                          verify_bundle)
+from .runner.core import BundleError, Session, bundle_files, host_summary, verify_bundle
 from .schema import Recipe, Thresholds, load_recipe
 
 DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
@@ -81,7 +80,7 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         return native
     if (path / "manifest.json").is_file():
         try:
-            manifest = verify_bundle(path, read_manifest(path))
+            manifest = verify_bundle(path)
         except BundleError as e:
             raise PhikitError(str(e)) from None
         recipe = Recipe.model_validate(manifest["recipe"])

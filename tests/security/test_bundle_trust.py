@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from importlib._bootstrap_external import (
     _code_to_timestamp_pyc,  # the format CPython reads
 )
@@ -16,21 +14,12 @@ from importlib._bootstrap_external import (
 import pytest
 from conftest import phikit
 
-from .conftest import synthetic_bundle
+from .conftest import payload, run_py, synthetic_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path):
     return synthetic_bundle(tmp_path / "b")
-
-
-def payload(marker) -> str:
-    return f"open({str(marker)!r}, 'w').write('ran')\n"
-
-
-def run_py(bundle, *args):
-    return subprocess.run([sys.executable, str(bundle / "run.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=bundle.parent)
 
 
 def refused(bundle, what: str) -> None:
@@ -79,7 +68,7 @@ def test_edited_runner_is_refused_before_it_runs(module, bundle, tmp_path):
     core.write_text(payload(marker) + core.read_text())
     for args in (("verify",), ("--prompt", "hi"), ("validate",)):
         proc = run_py(bundle, *args)
-        assert proc.returncode == 2 and "modified runner" in proc.stderr
+        assert proc.returncode == 2 and f"{module}.py: sha256 does not match" in proc.stderr
     assert not marker.exists()
     assert phikit("verify", bundle).returncode == 2
 

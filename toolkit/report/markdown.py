@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import html
+import re
 from typing import Any, Iterable
 
 from .model import ParityReport
 from .readout import report_data, band_failed, band_rows, bundle_facts, fmt, relation, split_generation
 
+# Report strings come from the bundle reported on (eval rows, generations, names): in a CI job
+# summary or a PR comment none of them may render as a link or an image a reader's browser
+# fetches. Brackets open every link and image ([x](url), ![x](url), [x][ref], [x]: url); a
+# backslash could undo an escape; ':' and '@' are where GitHub's bare autolinks start
+# (http://, mailto:, a@b.c), '.' after www the third kind. Raw HTML (<img>, <http://...>) is
+# escaped as entities first. Emphasis is left alone: it fetches nothing.
+_MD_ESCAPED = re.compile(r"[\\\[\]|:@]|(?<=www)\.", re.IGNORECASE)
+
+
+def md_text(text: str) -> str:
+    """`text` as literal Markdown text, on one line: no link, image, autolink or HTML."""
+    text = _MD_ESCAPED.sub(lambda m: "\\" + m.group(0), html.escape(text, quote=False))
+    return text.replace("\r", "").replace("\n", "↵")
+
 
 def md_cell(value: Any) -> str:
-    """One table cell: pipes and line breaks would end the cell, markup would render."""
-    text = value if isinstance(value, str) else fmt(value)
-    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", "↵")
+    """One table cell: a report's string as literal text (md_text; a pipe would end the cell,
+    a line break the row), a number formatted."""
+    return md_text(value if isinstance(value, str) else fmt(value))
 
 
 def md_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:

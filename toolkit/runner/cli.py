@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .core import (MANIFEST, BundleError, Sampling, Session, TextStream, chat_ids, check_bundle,
-                   open_bundle)
+from .core import (MANIFEST, TRUSTED_KEY_ENV, BundleError, Sampling, Session, TextStream, chat_ids,
+                   check_bundle, open_bundle)
 
 
 def stream_reply(session: Session, prompt_ids: list[int], sampling: Sampling,
@@ -86,8 +86,9 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, help="override the bundle's thread count")
-    ap.add_argument("--key", type=Path, help="verify: the manifest must be signed by this "
-                    "OpenSSH ed25519 public key (ssh-keygen -Y; file like id_ed25519.pub)")
+    ap.add_argument("--key", type=Path, help="every command: the manifest must be signed by "
+                    "this OpenSSH ed25519 public key (ssh-keygen -Y; file like id_ed25519.pub); "
+                    f"default: ${TRUSTED_KEY_ENV}")
     ap.add_argument("--json", type=Path, help="validate: write the parity report here")
     ap.add_argument("--limit", type=int, help="validate: the first N eval rows only")
     ap.add_argument("--candidates", help="tune: thread counts to try, e.g. 1,2,4 (default: 1, "
@@ -106,6 +107,12 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
                         help="connections served at once (more wait in the backlog)")
     limits.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for the model (more get 429 + Retry-After)")
+    limits.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds from a request's first byte to its last (a client "
+                             "trickling bytes is dropped)")
+    limits.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a Host header name answered besides the loopback names and the "
+                             "bound address (repeatable; '*' for any, e.g. behind a proxy)")
     ap.add_argument("--in-process", action="store_true",
                     help="serve: run the runtime in the server's process (by default it runs "
                          "in a child that a crash restarts: the request fails with HTTP 500, "
@@ -119,9 +126,8 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         if args.command == "verify":
-            manifest = check_bundle(args.bundle, args.key).data
-            signed = f", signature by {args.key} ok" if args.key else ""
-            print(f"ok: {len(manifest['files'])} files match {MANIFEST}{signed}")
+            checked, signed = check_bundle(args.bundle, args.key)
+            print(f"ok: {len(checked.files)} files match {MANIFEST}, {signed}")
             from .core import describe_tuned
 
             tuned = describe_tuned(args.bundle)
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
             except ValueError:
                 raise BundleError(f"--candidates: thread counts like 1,2,4, got "
                                   f"{args.candidates!r}") from None
-            return tune(args.bundle, threads)
+            return tune(args.bundle, threads, key=args.key)
         overrides = {"threads": args.threads} if args.threads else {}
         if args.command == "validate":
             from .device import validate_here
@@ -153,10 +159,10 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
                 if not isinstance(bounds, dict):
                     raise BundleError(f"{args.thresholds}: not a JSON object of bounds")
             return validate_here(args.bundle, args.json, overrides=overrides, limit=args.limit,
-                                 thresholds=bounds)
+                                 thresholds=bounds, key=args.key)
         session, manifest = open_bundle(args.bundle, allow_failed=args.allow_failed,
                                         overrides=overrides, worker=args.command == "serve"
-                                        and not args.in_process)
+                                        and not args.in_process, key=args.key)
         sampling = Sampling(max_new_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         if args.command == "serve":
@@ -165,7 +171,9 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
             serve(session, manifest["name"], args.host, args.port, args.api_key,
                   limits=Limits(backlog=args.backlog, timeout=args.timeout,
                                 max_connections=args.max_connections,
-                                max_queue=args.max_queue))
+                                max_queue=args.max_queue,
+                                request_timeout=args.request_timeout,
+                                allowed_hosts=tuple(args.allow_host)))
             return 0
         if args.chat:
             chat_loop(session, sampling, args.system, args.prompt)

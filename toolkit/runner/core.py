@@ -8,7 +8,6 @@ A runtime module (ortgenai.py, ...) exposes `open_session(model_dir, options) ->
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -22,21 +21,11 @@ from typing import Any, Iterator, Protocol, Sequence
 from .host import (AUTO, CPU_FEATURES_OF_NOTE, HostRule, HostTable, available_cpus,  # noqa: F401
                    host_cpu, host_summary, one_copy_at_a_time, one_of)
 
-MANIFEST = "manifest.json"
-# manifest.json signed with an OpenSSH ed25519 key (`ssh-keygen -Y sign`, the SSHSIG format): it
-# lists every file's sha256, so the signature binds the whole bundle, and anyone can check it
-# with the ssh-keygen every device already has
-SIGNATURE = MANIFEST + ".sig"
-SIGNATURE_NAMESPACE = "phikit-bundle"
-# runtime options `run.py tune` measured fastest on a device (and validated there): written on
-# the device beside the manifest, not hashed; the runner checks every value itself (tune.py)
-TUNED = "tuned.json"
-BUNDLE_FORMAT = "phikit-bundle/1"
-# The one directory of a bundle that is not part of it: the runtime venv `phikit deploy` creates
-# beside run.py on a device. Everything else is hashed: byte code (the runner writes none: run.py
-# and rpc.py run with -B), runtime caches (kept under the user's cache dir, never in the bundle)
-# and anything planted is an unexpected file; a symbolic link is refused outright.
-VENV_DIR = ".venv"
+# what a bundle is and whether it may run: trust.py (run.py runs the same source first)
+from .trust import (BUNDLE_FORMAT, MANIFEST, SIGNATURE, SIGNATURE_NAMESPACE,  # noqa: F401
+                    TRUSTED_KEY_ENV, TUNED, VENV_DIR, BundleError, bundle_files, bundle_tree,
+                    manifest_files, read_manifest, sha256_file, trusted_key, verify,
+                    verify_bundle, verify_files, verify_signature, verify_unchanged)
 
 
 def quiet_runtimes() -> None:
@@ -54,36 +43,15 @@ def quiet_runtimes() -> None:
 quiet_runtimes()
 
 
-class BundleError(Exception):
-    """The bundle is missing, modified or unusable. Exit code 2."""
-
-
-# a bundle, recipe or target name: it becomes a directory, a service unit and a shell word
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MODULE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# a bundle, recipe or target name: it becomes a directory, a service unit and a shell word.
+# NAME is matched whole (fullmatch: `$` would accept a final newline); NAME_PATTERN is the same
+# for pydantic, whose (Rust) regex reads `$` as the end of the text
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_PATTERN = rf"^{NAME.pattern}$"
+_MODULE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # the runner's own modules, shipped beside the runtime module: never a manifest's runtime
 RUNNER_MODULES = ("core", "host", "cli", "server", "openai_api", "rpc", "worker", "hf_tokens",
-                  "parity_core", "logprobs", "reference_data", "device", "tune")
-
-
-def manifest_files(data: Any, path: Path) -> dict[str, str]:
-    """The format and the `files` table: what hashing a bundle needs (a listed path that leaves
-    the bundle would have it hash, and report on, a file elsewhere)."""
-    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not a {BUNDLE_FORMAT} manifest")
-    files = data.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{path}: field 'files': missing or not a mapping")
-    for rel, digest in files.items():
-        parts = rel.split("/") if isinstance(rel, str) else []
-        if (not parts or rel.startswith("/") or any(p in ("", ".", "..") for p in parts)
-                or "\\" in rel):
-            raise BundleError(f"{path}: field 'files': {rel!r} is not a relative path inside "
-                              "the bundle")
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise BundleError(f"{path}: field 'files': {rel!r}: {digest!r} is not a sha256")
-    return files
+                  "parity_core", "logprobs", "reference_data", "device", "tune", "trust")
 
 
 @dataclass(frozen=True)
@@ -107,15 +75,15 @@ class Manifest:
 
         files = manifest_files(data, path)
         name = data.get("name")
-        if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise bad("name", f"{name!r} is not a name (letters, digits, '.', '_', '-')")
         model_dir = data.get("model_dir")
-        if (not isinstance(model_dir, str) or not re.match(NAME_PATTERN, model_dir)
+        if (not isinstance(model_dir, str) or not NAME.fullmatch(model_dir)
                 or not any(rel.startswith(model_dir + "/") for rel in files)):
             raise bad("model_dir", f"{model_dir!r} is not a directory of this bundle's files")
         runtime = data.get("runtime")
         module = runtime.get("module") if isinstance(runtime, dict) else None
-        if not isinstance(module, str) or not _MODULE.match(module) or module in RUNNER_MODULES \
+        if not isinstance(module, str) or not _MODULE.fullmatch(module) or module in RUNNER_MODULES \
                 or f"phikit_runner/{module}.py" not in files:
             raise bad("runtime.module", f"{module!r} is not a runtime module of this bundle")
         options = runtime.get("options", {})
@@ -205,106 +173,18 @@ def generation_eos(model_dir: Path, default: Any = None) -> tuple[int, ...]:
     return tuple(eos if isinstance(eos, list) else [eos])
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def check_bundle(root: Path, public_key: Path | None = None) -> tuple[Manifest, str]:
+    """The trust policy (verify: every file; the signature by `public_key`, else
+    $PHIKIT_TRUSTED_KEY), then every manifest field the runner acts on: what `verify` commands
+    say ok to is what open_bundle would open. Also returns what the signature established."""
+    manifest, _, signed = verify(root, public_key)
+    return Manifest.parse(manifest, Path(root) / MANIFEST), signed
 
 
-def bundle_files(root: Path) -> list[str]:
-    """Every file under root except the manifest and the top-level venv, as sorted posix paths.
-    A symbolic link anywhere (to a file or a directory, inside or out) is a BundleError: a
-    link can point a verified name at unverified bytes, or shadow a module."""
-    out = []
-    stack = [root]
-    while stack:
-        for p in sorted(stack.pop().iterdir()):
-            rel = p.relative_to(root)
-            if p.is_symlink():
-                raise BundleError(f"{p}: a symbolic link inside the bundle (not allowed)")
-            if p.is_dir():
-                if rel.as_posix() != VENV_DIR:
-                    stack.append(p)
-            elif rel.as_posix() not in (MANIFEST, SIGNATURE, TUNED):
-                out.append(rel.as_posix())
-    return sorted(out)
-
-
-def read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{root}: not a phikit bundle ({MANIFEST} missing)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path}: unreadable manifest: {e}") from None
-    manifest_files(manifest, path)  # the fields the runner acts on: Manifest.parse, before use
-    return manifest
-
-
-def verify_bundle(root: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file's sha256 against the manifest; refuse extra or missing files by name."""
-    manifest = manifest or read_manifest(root)
-    expected: dict[str, str] = manifest.get("files", {})
-    present = set(bundle_files(root))
-    for rel in sorted(expected):
-        if rel not in present:
-            raise BundleError(f"{root / rel}: listed in the manifest but missing")
-        if sha256_file(root / rel) != expected[rel]:
-            raise BundleError(f"{root / rel}: sha256 does not match the manifest (modified file)")
-    extra = sorted(present - set(expected))
-    if extra:
-        raise BundleError(f"{root / extra[0]}: not listed in the manifest (unexpected file)")
-    return manifest
-
-
-def check_bundle(root: Path, public_key: Path | None = None) -> Manifest:
-    """verify_bundle, then every manifest field the runner acts on: what `verify` commands say
-    ok to is what open_bundle would open. With a key, the manifest must carry its signature."""
-    manifest = Manifest.parse(verify_bundle(root), Path(root) / MANIFEST)
-    if public_key is not None:
-        verify_signature(root, public_key)
-    return manifest
-
-
-def _ssh_keygen(args: list[str], **kw):
-    import subprocess
-
-    try:
-        return subprocess.run(["ssh-keygen", *args], capture_output=True, timeout=120, **kw)
-    except FileNotFoundError:
-        raise BundleError("checking a signature needs ssh-keygen (OpenSSH; Debian: "
-                          "openssh-client)") from None
-
-
-def verify_signature(root: Path, public_key: Path) -> None:
-    """The bundle's manifest.json.sig is a valid SSHSIG signature of its manifest.json, in the
-    phikit namespace, by this ed25519 public key (a one-line OpenSSH public key file)."""
-    import tempfile
-
-    root, public_key = Path(root), Path(public_key)
-    try:
-        key = public_key.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BundleError(f"{public_key}: cannot read the public key: {e}") from None
-    if not key.startswith("ssh-ed25519 ") or "\n" in key:
-        raise BundleError(f"{public_key}: not an OpenSSH ed25519 public key (one line starting "
-                          "'ssh-ed25519 ')")
-    signature = root / SIGNATURE
-    if not signature.is_file() or signature.is_symlink():
-        raise BundleError(f"{signature}: missing: the bundle is not signed, and a key was given")
-    with tempfile.TemporaryDirectory() as tmp:
-        allowed = Path(tmp) / "allowed_signers"
-        allowed.write_text(f'phikit namespaces="{SIGNATURE_NAMESPACE}" {key}\n')
-        with open(root / MANIFEST, "rb") as manifest:
-            proc = _ssh_keygen(["-Y", "verify", "-f", str(allowed), "-I", "phikit", "-n",
-                                SIGNATURE_NAMESPACE, "-s", str(signature)], stdin=manifest)
-    if proc.returncode != 0:
-        why = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
-        raise BundleError(f"{signature}: not a signature of this manifest.json by "
-                          f"{public_key} ({why[-1] if why else 'ssh-keygen refused it'})")
+def check_files(root: Path) -> Manifest:
+    """check_bundle without the signature: what `phikit sign` signs (it replaces the
+    signature, so neither an old one nor a configured key has a say)."""
+    return Manifest.parse(verify_files(root), Path(root) / MANIFEST)
 
 
 def lock_install_args(lock: str = "requirements.lock", wheels: str | None = None) -> list[str]:
@@ -348,12 +228,13 @@ def bundle_options(root: Path, typed: "Manifest",
     return {**typed.runtime_options, **tuned_options(root), **(overrides or {})}
 
 
-def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
-                overrides: dict[str, Any] | None = None,
-                worker: bool = False) -> tuple[Session, dict[str, Any]]:
-    """The bundle's Session; with worker=True the runtime runs in a child process (worker.py)
+def open_bundle(root: Path, *, allow_failed: bool = False,
+                overrides: dict[str, Any] | None = None, worker: bool = False,
+                key: Path | None = None) -> tuple[Session, dict[str, Any]]:
+    """The bundle's Session, once it passes the trust policy (verify_bundle; `key` over
+    $PHIKIT_TRUSTED_KEY); with worker=True the runtime runs in a child process (worker.py)
     that is started again after a crash, so a server outlives its runtime."""
-    manifest = verify_bundle(root) if verify else read_manifest(root)
+    manifest, digest, _ = verify(root, key)
     parity = manifest.get("parity")
     verdict = parity.get("verdict") if isinstance(parity, dict) else None
     if verdict != "pass" and not allow_failed:  # first: the most useful thing to hear
@@ -368,7 +249,9 @@ def open_bundle(root: Path, *, verify: bool = True, allow_failed: bool = False,
         cmd = rpc_command(runner=root, module=typed.runtime_module,
                           model_dir=root / typed.model_dir, options=options)
         try:
-            return WorkerSession(cmd, label=typed.runtime_module, restart=True), manifest
+            return WorkerSession(cmd, label=typed.runtime_module, restart=True,
+                                 before_restart=lambda: verify_unchanged(root, digest, key)
+                                 ), manifest
         except WorkerOpenError as e:
             raise BundleError(str(e)) from None
     return open_session(typed.runtime_module, root / typed.model_dir, options), manifest

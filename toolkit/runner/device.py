@@ -23,10 +23,11 @@ from .reference_data import load_reference, read_eval_rows
 
 def validate_here(root: Path, out: Path | None, log=lambda s: print(s, file=sys.stderr),
                   overrides: dict[str, Any] | None = None, limit: int | None = None,
-                  thresholds: dict[str, Any] | None = None) -> int:
+                  thresholds: dict[str, Any] | None = None, key: Path | None = None) -> int:
     """limit: the first N eval rows only (a slow device, an emulator); thresholds: bounds in
-    place of the bundle's (a subset scatters more than the whole set they were set for)."""
-    session, manifest = open_bundle(root, allow_failed=True, overrides=overrides)
+    place of the bundle's (a subset scatters more than the whole set they were set for); key:
+    the trusted key (open_bundle)."""
+    session, manifest = open_bundle(root, allow_failed=True, overrides=overrides, key=key)
     try:
         ref_file = manifest.get("reference_file")
         if not isinstance(ref_file, str) or ref_file not in manifest.get("files", {}):

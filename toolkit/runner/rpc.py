@@ -4,10 +4,10 @@ The parity engine never loads a candidate runtime in its own process: it starts 
 child (natively, under qemu-user for another CPU class or ISA, or inside an emulated root) and
 calls the Session through it, so a runtime that segfaults, aborts or is OOM-killed takes only the
 child down. Start it as
-  python rpc.py --bundle DIR                         a phikit bundle (its own phikit_runner)
   python rpc.py --runner DIR --module M --model-dir D [--package P] [--options JSON]
-                                                     a runtime module from DIR/P (P defaults to
-                                                     phikit_runner), e.g. a bundle being staged
+a runtime module from DIR/P (P defaults to phikit_runner). The parent has verified DIR (a bundle,
+or one being staged) before it starts the child, and again before every restart (worker.py):
+this file imports from DIR and verifies nothing itself.
 Protocol (binary pipes, one JSON object per line):
   request   {"op": "tokenize" | "detokenize" | "render_chat" | "logits" | "generate" | "info",
              "args": [...]}
@@ -60,12 +60,6 @@ def _open(args: argparse.Namespace):
     # own environment), transformers (mlx-lm's tokenizer) would import it anyway: seconds per
     # worker, and a process unlike the one on the device. Hidden, transformers sees no torch.
     sys.modules.setdefault("torch", None)
-    if args.bundle is not None:
-        source_only_imports(str(args.bundle))
-        sys.path.insert(0, str(args.bundle))
-        core = importlib.import_module("phikit_runner.core")
-        session, _ = core.open_bundle(args.bundle, allow_failed=True)
-        return core, session
     source_only_imports(str(args.runner))
     sys.path.insert(0, str(args.runner))
     core = importlib.import_module(f"{args.package}.core")
@@ -74,7 +68,6 @@ def _open(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rpc.py")
-    ap.add_argument("--bundle", type=Path)
     ap.add_argument("--runner", type=Path)
     ap.add_argument("--package", default="phikit_runner")
     ap.add_argument("--module")

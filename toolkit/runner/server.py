@@ -50,7 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .core import Session
+from .core import BundleError, Session
 from .openai_api import (MAX_BODY, ApiError, Generation, loggable, parse_request,
                          refuse_what_cannot_fit)
 from .worker import WorkerCrashed
@@ -65,9 +65,8 @@ WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 
 @dataclass
 class Limits:
-    """What one small device's server accepts; each field a `run.py serve` flag (--backlog,
-    --timeout, --max-connections, --max-queue; request_timeout and allowed_hosts are set by
-    whoever builds the Limits)."""
+    """What one small device's server accepts; each field but max_body a `run.py serve` flag
+    (--backlog, --timeout, --max-connections, --max-queue, --request-timeout, --allow-host)."""
 
     backlog: int = 128  # pending TCP connections the kernel queues (the stdlib default is 5)
     timeout: float = 60.0  # seconds a connection may sit idle in a read or a write
@@ -265,6 +264,11 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 sys.stderr.write(f"[phikit serve] {e}; restarting it for the next request\n")
                 self._send_json(500, ApiError(500, f"{e}; it is restarted for the next "
                                               "request", kind="server_error").body())
+            except BundleError as e:  # a restart found the bundle changed: nothing is loaded
+                sys.stderr.write(f"[phikit serve] {loggable(str(e))}\n")
+                self._send_json(503, ApiError(503, "the bundle on disk no longer verifies; the "
+                                              "server runs nothing until it is restarted",
+                                              kind="server_error").body())
             except Exception as e:  # noqa: BLE001 - never a stack trace to the client
                 sys.stderr.write(f"[phikit serve] internal error: {e!r}\n")
                 self._send_json(500, ApiError(500, "internal server error",

@@ -48,12 +48,12 @@ def measure(session, prompt: list[int], repeats: int = 2) -> dict[str, float]:
             "request_seconds": round(min(prefill) + min(generate), 4)}
 
 
-def tune(root: Path, threads: list[int] | None = None,
+def tune(root: Path, threads: list[int] | None = None, *, key: Path | None = None,
          log=lambda s: print(s, file=sys.stderr)) -> int:
     from .device import validate_here
 
     root = Path(root)
-    manifest = verify_bundle(root)
+    manifest = verify_bundle(root, key)
     typed = Manifest.parse(manifest, root / MANIFEST)
     if not isinstance(manifest.get("reference_file"), str):
         raise BundleError(f"{root}: this bundle carries no reference: rebuild it to tune it")
@@ -93,7 +93,8 @@ def tune(root: Path, threads: list[int] | None = None,
             best, best_seconds = {**best, option: fastest}, trials[fastest]
     for result in sorted(results, key=lambda r: r["request_seconds"]):
         log(f"validating the fastest: {result['options']}")
-        if validate_here(root, None, overrides=result["options"], log=lambda s: None) != 0:
+        if validate_here(root, None, overrides=result["options"], log=lambda s: None,
+                         key=key) != 0:
             result["validated"] = False
             log(f"{result['options']} fails validation here: skipped")
             continue

@@ -37,29 +37,30 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
-def rpc_command(*, bundle: Path | None = None, runner: Path | None = None,
+def rpc_command(*, runner: Path | None = None,
                 package: str = "phikit_runner", module: str | None = None,
                 model_dir: Path | None = None, options: dict[str, Any] | None = None,
                 python: str = sys.executable, rpc: Path | str = RPC) -> list[str]:
-    """The child's command line for a bundle (verified by the child), or for a runtime module +
-    model dir run by `runner`/`package` (a bundle already verified or being staged; a bare
-    artifact, run by phikit's own toolkit.runner)."""
+    """The child's command line for a runtime module + model dir run by `runner`/`package` (a
+    bundle the caller has verified, one being staged, or a bare artifact run by phikit's own
+    toolkit.runner)."""
     # -I: no user site, PYTHON* variables or cwd on sys.path; -B: no byte code written
     cmd = [python, "-I", "-B", str(rpc)]
-    if bundle is not None:
-        return cmd + ["--bundle", str(bundle)]
     return cmd + ["--runner", str(runner), "--package", package, "--module", str(module),
                   "--model-dir", str(model_dir), "--options", json.dumps(options or {})]
 
 
 class WorkerSession:
     """The Session protocol (runner/core.py), every call answered by a child running rpc.py.
-    With restart=True a call after a crash starts a new child (a server stays up)."""
+    With restart=True a call after a crash starts a new child (a server stays up), once
+    `before_restart` (the bundle's trust policy, again) has returned: the new child imports the
+    runtime's code from disk, which may have changed since the first one did."""
 
     def __init__(self, cmd: list[str], *, label: str, env: dict[str, str] | None = None,
                  extra_info: dict[str, Any] | None = None, cleanup=None,
-                 restart: bool = False):
+                 restart: bool = False, before_restart=None):
         self.cmd, self.env, self.label, self.restart = cmd, env, label, restart
+        self.before_restart = before_restart
         self.extra_info = extra_info or {}
         self.cleanup = cleanup
         self._lock = threading.RLock()
@@ -120,6 +121,8 @@ class WorkerSession:
 
     def _send(self, op: str, args: list, doing: str) -> None:
         if self.proc.poll() is not None and self.restart:
+            if self.before_restart is not None:
+                self.before_restart()
             self._start()  # the last call crashed it: a server keeps serving
         self.doing = doing
         try:
