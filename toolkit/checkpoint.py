@@ -112,7 +112,7 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _HASHED:
-        _HASHED[key] = sha256_file(path)
+        _HASHED[key] = sha256_file(path.resolve())  # a hub snapshot links to its blob
     return _HASHED[key]
 
 
@@ -129,7 +129,7 @@ def checkpoint_digest(path: Path) -> str:
         st = f.stat()
         key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = sha256_file(f)
+            memo[key] = sha256_file(f.resolve())  # a hub snapshot's files link to its blobs
             changed = True
         h.update(f"{f.name}\0{memo[key]}\n".encode())
     if changed:
