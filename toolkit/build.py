@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .backends import BACKENDS, Backend, get_backend
 from .backends.common import tool_scratch, with_block_size
-from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, checkpoint_files,
+from .checkpoint import (ModelInfo, cache_lock, refuse_pickles, cache_root, checkpoint_digest, checkpoint_files,
                          read_model_info, resolve_source)
 from .errors import PhikitError
 from .evalset import load_evalset
@@ -79,6 +79,8 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
     # First, before any other check or work: a checkpoint that would run remote code.
     info = known_info(recipe.source)
     check_remote_code(info, trust_remote_code, recipe.source)
+    if Path(recipe.source).is_dir():  # a hub checkpoint is checked once it is found or fetched
+        refuse_pickles(Path(recipe.source))
     recipe = recipe.model_copy(update={"trust_remote_code": trust_remote_code})
     load_evalset(recipe.eval.file, recipe.eval.limit)  # a malformed row: file:line now, offline
     target_path = find_target(target_ref)

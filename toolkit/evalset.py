@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PhikitError
+from .runner.trust import BundleError, read_regular
 
 KINDS = ("text", "prompt", "messages")
+# Bounds on what one eval set may make phikit read: a row of a 128k-token context is about
+# 0.5 MB of text, so these are far above any honest set and far below a file that would take
+# the build's memory (every row is held, tokenized and run through two models).
+MAX_EVALSET_BYTES = 256 << 20
+MAX_ROW_BYTES = 8 << 20
 ROLES = {"system", "user", "assistant"}
 
 
@@ -82,11 +88,20 @@ def _row(path: Path, lineno: int, raw: str) -> EvalRow:
 def load_evalset(path: str | Path, limit: int | None = None) -> EvalSet:
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PhikitError(f"cannot read eval set: {e.strerror}", file=path) from None
+        data = read_regular(path, MAX_EVALSET_BYTES)
+    except BundleError as e:  # not a regular file (a FIFO would hang the build), or too large
+        raise PhikitError(f"cannot read eval set: {str(e).removeprefix(f'{path}: ')}",
+                          file=path) from None
+    try:
+        text = data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PhikitError(f"not UTF-8 text (byte {e.start})", file=path, line=line) from None
     rows, seen = [], set()
-    for lineno, raw in enumerate(data.decode("utf-8", errors="strict").splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if len(raw) > MAX_ROW_BYTES:
+            raise PhikitError(f"row longer than {MAX_ROW_BYTES >> 20} MiB", file=path,
+                              line=lineno)
         if raw.strip():
             row = _row(path, lineno, raw)
             if row.id in seen:

@@ -353,7 +353,8 @@ def _problem(path: Path, model: type[BaseModel], err: dict, root: yaml.Node | No
 def _existing_file(yaml_path: Path, root: yaml.Node | None, loc: tuple, value: Path) -> Path:
     full = value if value.is_absolute() else yaml_path.parent / value
     if not full.is_file():
-        raise PhikitError(f"file not found: {full}", file=yaml_path, line=_line(root, loc),
+        what = "not a regular file" if full.exists() else "file not found"
+        raise PhikitError(f"{what}: {full}", file=yaml_path, line=_line(root, loc),
                           field=".".join(loc))
     return full.resolve()
 

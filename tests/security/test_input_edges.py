@@ -1,6 +1,6 @@
 """Inputs at their edges: a build's --out that holds someone's files, names and addresses with a
 final newline (a regex's `$` matches before one), an integer too long for Python to read in a
-recipe, report strings that would render as remote images or links in Markdown."""
+recipe, eval sets that are FIFOs, huge or not text, a pickle-only checkpoint at --dry-run, report strings that would render as remote images or links in Markdown."""
 
 from __future__ import annotations
 
@@ -115,6 +115,53 @@ def test_an_integer_too_long_to_read_is_one_error_line(kind, tmp_path):
     error = proc.stderr.strip()
     assert "Traceback" not in error and "\n" not in error
     assert str(path) in error and f"field '{field}'" in error and "5000 digits" in error
+
+
+
+def eval_set_at(tmp_path, make) -> tuple:
+    """A copy of the tiny recipe whose eval set is the file `make(path)` leaves at `path`."""
+    evals = tmp_path / "evals.jsonl"
+    make(evals)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((REPO / RECIPE).read_text().replace("../", f"{REPO}/").replace(
+        f"{REPO}/evalsets/tiny-phi3.jsonl", str(evals)))
+    return recipe, evals
+
+
+@pytest.mark.parametrize("case, message", [
+    ("fifo", "not a regular file"),
+    ("long-row", "row longer than 8 MiB"),
+    ("not-utf8", "not UTF-8 text"),
+])
+def test_eval_sets_are_read_within_bounds(case, message, tmp_path):
+    """`--dry-run` read any eval set whole: a 1 GB line passed (3.2 GB of memory), a FIFO was
+    "file not found", bytes that are not UTF-8 were a traceback."""
+    import os
+
+    make = {"fifo": os.mkfifo,
+            "long-row": lambda p: p.write_text('{"id": "a", "text": "' + "x" * (9 << 20) + '"}\n'),
+            "not-utf8": lambda p: p.write_bytes(b'{"id": "a", "text": "ok"}\n\xff\xfe\n')}[case]
+    recipe, evals = eval_set_at(tmp_path, make)
+    proc = phikit("build", recipe, "--target", "generic-cpu", "--dry-run", timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    error = proc.stderr.strip()
+    assert "Traceback" not in error and "\n" not in error, error
+    assert str(evals) in error and message in error, error
+
+
+def test_dry_run_refuses_a_pickle_only_checkpoint(tmp_path):
+    """The plan said yes to a checkpoint phikit would refuse to read (only pytorch_model.bin)."""
+    import shutil
+
+    from conftest import TINY
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(TINY, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    (ckpt / "pytorch_model.bin").write_bytes(b"planted pickle")
+    proc = phikit("build", RECIPE, "--target", "generic-cpu", "--source", ckpt, "--dry-run",
+                  timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pytorch_model.bin" in proc.stderr and "Traceback" not in proc.stderr
 
 
 REMOTE = ["![x](http://evil.example/x.png)", "[click](https://evil.example/a)",
