@@ -38,7 +38,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_length,
+from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_constraint, check_length,
                    one_copy_at_a_time, stop_ids, thread_count)
 import openvino as ov
 import openvino_genai as ovg
@@ -143,6 +143,8 @@ class OpenVinoSession:
         self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
         config = json.loads((model_dir / "config.json").read_text())
         self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT))
+        # openvino_genai's structured output (GenerationConfig.structured_output_config: XGrammar)
+        self.constrains = "openvino-genai structured output"
         vocab = self.ir.output("logits").get_partial_shape()[-1]
         if vocab.is_static and config.get("vocab_size") not in (None, vocab.get_length()):
             raise ValueError(f"config.json says vocab_size {config['vocab_size']} but the IR's "
@@ -205,6 +207,7 @@ class OpenVinoSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
+        check_constraint(self, sampling)
         if self.one_copy:  # the port, too, holds the compiled model
             self.request = self.compiled = self.logits_port = None
         pipe = self._pipeline()
@@ -217,6 +220,8 @@ class OpenVinoSession:
             config.top_k = sampling.top_k or 0
             if sampling.seed is not None:
                 config.rng_seed = int(sampling.seed)
+        config.structured_output_config = None if sampling.constraint is None else \
+            ovg.StructuredOutputConfig(json_schema=sampling.constraint.schema_text())
         stop = stop_ids(self, sampling)
         arr = np.asarray([ids], dtype=np.int64)
         inputs = ovg.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr)))
