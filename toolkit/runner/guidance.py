@@ -36,7 +36,9 @@ class GuidanceMask:
         from llguidance import LLMatcher, LLTokenizer
 
         if self.tokenizer is None:
-            self.tokenizer = LLTokenizer(str(self.path), n_vocab=self.vocab, eos_token=self.eos)
+            # llguidance 1.6 takes one EOS id: any of the model's ends generation the same way
+            self.tokenizer = LLTokenizer(str(self.path), n_vocab=self.vocab,
+                                         eos_token=self.eos[0] if self.eos else None)
 
         grammar = LLMatcher.grammar_from_json_schema(constraint.schema_text())
         matcher = LLMatcher(self.tokenizer, grammar)
