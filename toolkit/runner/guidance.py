@@ -81,3 +81,24 @@ def mask_for(model_dir: Path, eos: Sequence[int], vocab: int) -> GuidanceMask | 
     if not available() or not (Path(model_dir) / "tokenizer.json").is_file():
         return None
     return GuidanceMask(Path(model_dir) / "tokenizer.json", eos, vocab)
+
+
+def pick(logits: Any, sampling: Any, rng: Any) -> int:
+    """The next token from one position's (masked) logits, as the runtimes sample: greedy at
+    temperature 0, else softmax at the temperature over top_k and top_p. For a runtime whose
+    own sampler cannot take a mask (OpenVINO GenAI's pipeline)."""
+    import numpy as np
+
+    if sampling.temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    order = np.argsort(-scaled)
+    if sampling.top_k:
+        order = order[:sampling.top_k]
+    order = order[np.isfinite(scaled[order])]
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), sampling.top_p) + 1)
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    return int(order[rng.choice(len(order), p=probs)])
