@@ -204,10 +204,13 @@ class MlxSession:
         check_constraint(self, sampling)
         processors = None
         if sampling.constraint is not None:
-            state, prompt = self.guidance.start(sampling.constraint), len(ids)
+            state, calls = self.guidance.start(sampling.constraint), [0]
 
             def constrain(tokens: mx.array, logits: mx.array) -> mx.array:
-                allowed = state.allowed(tokens.tolist()[prompt:])
+                # mlx-lm passes what went through this step's calls (the prefill's last prompt
+                # token on, not the whole prompt): call k ends with the k tokens generated
+                k, calls[0] = calls[0], calls[0] + 1
+                allowed = state.allowed(tokens.tolist()[len(tokens) - k:] if k else [])
                 n = logits.shape[-1]
                 keep = np.zeros(n, dtype=bool)
                 keep[:min(n, allowed.shape[0])] = allowed[:n]
