@@ -95,6 +95,11 @@ def test_json_mode_answers_an_object(served):
         else:
             assert finish == "length" and out.usage.completion_tokens == 64, out
             assert text.startswith("{"), text
+    bogus = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}
+    with pytest.raises(BadRequestError) as e:  # the grammar engine's refusal, before a token
+        c.chat.completions.create(model=name, messages=WEATHER, max_tokens=8,
+                                  response_format=bogus)
+    assert e.value.param == "response_format" and "bogus" in e.value.message
 
 
 @pytest.mark.slow

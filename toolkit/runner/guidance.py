@@ -40,11 +40,13 @@ class GuidanceMask:
             self.tokenizer = LLTokenizer(str(self.path), n_vocab=self.vocab,
                                          eos_token=self.eos[0] if self.eos else None)
 
-        grammar = LLMatcher.grammar_from_json_schema(constraint.schema_text())
-        matcher = LLMatcher(self.tokenizer, grammar)
+        try:
+            matcher = LLMatcher(self.tokenizer,
+                                LLMatcher.grammar_from_json_schema(constraint.schema_text()))
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"the schema cannot be enforced: {e}") from None
         if matcher.is_error():
-            raise ValueError(f"'{constraint.field}': the schema cannot be enforced: "
-                             f"{matcher.get_error()}")
+            raise ValueError(f"the schema cannot be enforced: {matcher.get_error()}")
         return GuidanceState(matcher, self.vocab)
 
 

@@ -165,9 +165,13 @@ class OrtGenaiSession:
             if sampling.seed is not None:
                 search["random_seed"] = int(sampling.seed)
         params.set_search_options(**search)
-        if sampling is not None and sampling.constraint is not None:
-            params.set_guidance("json_schema", sampling.constraint.schema_text())
-        return og.Generator(model, params)
+        if sampling is None or sampling.constraint is None:
+            return og.Generator(model, params)
+        params.set_guidance("json_schema", sampling.constraint.schema_text())
+        try:
+            return og.Generator(model, params)  # where guidance compiles the schema
+        except RuntimeError as e:
+            raise ValueError(f"the schema cannot be enforced: {_first_line(e)}") from None
 
     def _generation_model(self):
         if self.model is None:
