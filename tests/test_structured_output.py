@@ -144,6 +144,30 @@ def test_streamed_tool_call_is_assembled_by_the_client(served):
     assert streamed.function.parsed_arguments is not None
 
 
+@pytest.mark.slow
+def test_logprobs_are_the_models(served):
+    """logprobs / top_logprobs in OpenAI's shape: one entry per generated token, its text
+    what the answer says; greedy picks the most likely token, so each chosen token is the top
+    of its own list (to the rounding between the decode path and the teacher-forced pass)."""
+    c, name = served
+    out = c.chat.completions.create(model=name, messages=WEATHER, max_tokens=12,
+                                    logprobs=True, top_logprobs=3)
+    choice = out.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert "".join(e.token for e in content).strip() == choice.message.content.strip()
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted(
+            (t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].token == e.token or \
+            abs(e.top_logprobs[0].logprob - e.logprob) < 1e-2, e
+    with pytest.raises(BadRequestError) as err:
+        c.chat.completions.create(model=name, messages=WEATHER, max_tokens=4, logprobs=True,
+                                  stream=True)
+    assert err.value.param == "logprobs"
+
+
 # --- fast: the server around stand-in sessions ---------------------------------------------
 
 class Scripted:

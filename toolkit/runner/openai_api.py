@@ -2,8 +2,8 @@
 request field honoured or a 400 naming it, messages through the chat template, one completion's
 text pieces, stop strings, finish reason and usage. Standard library only.
 
-HONOURED and INERT list the fields per endpoint; anything else (logprobs, logit_bias, a
-penalty, an unknown field) is a 400 naming it, never silently ignored. response_format, tools
+HONOURED and INERT list the fields per endpoint; anything else (logit_bias, a penalty, an
+unknown field) is a 400 naming it, never silently ignored. response_format, tools
 and tool_choice are structured.py's; a runtime that cannot constrain its output gets a 400
 naming the field that asked for it.
 """
@@ -65,10 +65,11 @@ class ApiError(Exception):
 _HONOURED_BOTH = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                   "stream_options", "user"}  # user: an end-user id for the caller's records
 HONOURED = {"chat": _HONOURED_BOTH | {"messages", "max_completion_tokens", "response_format",
-                                      "tools", "tool_choice", "parallel_tool_calls"},
+                                      "tools", "tool_choice", "parallel_tool_calls",
+                                      "logprobs", "top_logprobs"},
             "completions": _HONOURED_BOTH | {"prompt"}}
 _INERT_BOTH = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
-INERT = {"chat": {**_INERT_BOTH, "logprobs": False, "store": False},
+INERT = {"chat": {**_INERT_BOTH, "store": False},
          "completions": {**_INERT_BOTH, "echo": False, "best_of": 1}}
 STREAM_OPTIONS = {"include_usage"}
 # Message fields by role (nulls aside); a tool result is shown to the model as a user turn
@@ -222,6 +223,7 @@ def parse_request(body: Any, model_name: str, chat: bool = True) -> dict[str, An
     return {
         "chat": chat,
         "structure": structure,
+        "logprobs": _logprobs(fields) if chat else None,
         "messages": present_tools(_messages(fields), structure) if chat else None,
         "prompt": None if chat else _prompt(fields),
         "stream": _boolean(fields, "stream"),
@@ -233,6 +235,19 @@ def parse_request(body: Any, model_name: str, chat: bool = True) -> dict[str, An
             top_p=_number(fields, "top_p", 1.0, 0, 1), seed=seed,
             constraint=structure.constraint),
     }
+
+
+def _logprobs(fields: dict) -> int | None:
+    """How many top_logprobs per token, when logprobs is asked for (else None)."""
+    if not _boolean(fields, "logprobs"):
+        if "top_logprobs" in fields:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    if _boolean(fields, "stream"):
+        # they are computed from the whole answer's logits (Generation.logprobs), after it
+        raise ApiError(400, "'logprobs' is not supported with 'stream': true by this server",
+                       param="logprobs", code="unsupported_parameter")
+    return _number(fields, "top_logprobs", 0, 0, 20, int)
 
 
 def refuse_what_cannot_fit(request: dict[str, Any], context_length: int) -> None:
@@ -269,6 +284,10 @@ class Generation:
             raise ApiError(400, f"'{constraint.field}' needs constrained decoding, which this "
                            "server's runtime does not have", param=constraint.field,
                            code="unsupported_parameter")
+        if request.get("logprobs") is not None and not hasattr(session, "logits"):
+            raise ApiError(400, "'logprobs': this server's runtime gives no logits",
+                           param="logprobs", code="unsupported_parameter")
+        self.tokens: list[int] = []
         self._tokens = self._first_token_checked() if constraint is not None else None
         self.completion_tokens = 0
         self.finish_reason = "stop"
@@ -293,6 +312,7 @@ class Generation:
         tokens, self._tokens = self._tokens, None
         for token in tokens or self.session.generate(self.prompt_ids, self.sampling):
             self.completion_tokens += 1
+            self.tokens.append(token)
             text += stream.push(token)
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
@@ -317,7 +337,35 @@ class Generation:
             return {"index": 0, "text": text, "logprobs": None,
                     "finish_reason": self.finish_reason}
         message, finish = answer(text, self.finish_reason, self.request["structure"])
-        return {"index": 0, "message": message, "finish_reason": finish}
+        choice = {"index": 0, "message": message, "finish_reason": finish}
+        if self.request.get("logprobs") is not None:
+            choice["logprobs"] = {"content": self.logprobs(self.request["logprobs"]),
+                                  "refusal": None}
+        return choice
+
+    def logprobs(self, top: int) -> list[dict[str, Any]]:
+        """OpenAI's logprobs.content of the generated tokens: the model's log-probabilities (no
+        temperature, no constraint mask), from one teacher-forced pass over prompt + answer
+        (Session.logits, what validation compares), so that every runtime gives them alike."""
+        from .logprobs import chosen_and_top
+
+        if not self.tokens:
+            return []
+        ids = self.prompt_ids + self.tokens[:-1]
+        rows = self.session.logits(ids, start=len(self.prompt_ids) - 1)
+
+        def entry(before: int, token: int, logprob: float) -> dict[str, Any]:
+            # decoded after the token before it, as TextStream does: SentencePiece drops a
+            # token's leading space when it is decoded alone
+            text = self.session.detokenize([before, token])[
+                len(self.session.detokenize([before])):]
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        befores = [self.prompt_ids[-1], *self.tokens[:-1]]
+        return [{**entry(before, token, lp),
+                 "top_logprobs": [entry(before, t, p) for t, p in best]}
+                for before, token, (lp, best) in zip(befores, self.tokens,
+                                                     chosen_and_top(rows, self.tokens, top))]
 
     def events(self) -> Iterator[tuple[dict[str, Any], str | None]]:
         """(delta, finish_reason) per streamed chunk: the role, content pieces, a tool call
