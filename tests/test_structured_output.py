@@ -269,3 +269,59 @@ def test_a_runtime_that_cannot_constrain_is_a_400_naming_the_field(scripted, fie
     with pytest.raises(BadRequestError) as e:
         c.chat.completions.create(model="m", messages=WEATHER, max_tokens=4, **fields)
     assert e.value.param == param and session.sampling is None  # the runtime was never asked
+
+
+ECHO_RT = '''
+import json
+
+
+class Session:
+    eos_token_ids = (0,)
+    context_length = 1024
+    constrains = "echo"
+
+    def tokenize(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def detokenize(self, ids):
+        return "".join(map(chr, ids))
+
+    def render_chat(self, messages):
+        return ""
+
+    def generate(self, ids, sampling):
+        c = sampling.constraint
+        yield from (ord(ch) for ch in json.dumps([c.field, c.schema, c.schema_text()]))
+
+
+def open_session(model_dir, options):
+    return Session()
+'''
+
+
+def test_the_constraint_crosses_the_worker_pipe(tmp_path):
+    """What a served bundle's runtime gets, in its own process (worker.py / rpc.py): the same
+    typed Constraint, and the parent learns the runtime's mechanism."""
+    import shutil
+    from pathlib import Path
+
+    from toolkit.runner.core import Constraint, Sampling
+    from toolkit.runner.worker import WorkerSession, rpc_command
+
+    runner = Path(__file__).resolve().parent.parent / "toolkit" / "runner"
+    package = tmp_path / "phikit_runner"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("core.py", "host.py", "trust.py", "rpc.py"):
+        shutil.copy(runner / name, package / name)
+    (package / "echo_rt.py").write_text(ECHO_RT)
+    session = WorkerSession(rpc_command(runner=tmp_path, module="echo_rt", model_dir=tmp_path),
+                            label="echo_rt")
+    try:
+        sent = Constraint(GetWeather.model_json_schema(), "tool_choice")
+        got = json.loads(session.detokenize(list(session.generate(
+            [1], Sampling(max_new_tokens=8, constraint=sent)))))
+        assert session.constrains == "echo"
+        assert got == [sent.field, sent.schema, sent.schema_text()]
+    finally:
+        session.close()

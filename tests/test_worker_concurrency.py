@@ -47,7 +47,7 @@ def test_calls_from_other_threads_wait_for_a_generation(tmp_path):
     package = tmp_path / "phikit_runner"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name in ("core.py", "host.py", "rpc.py"):
+    for name in ("core.py", "host.py", "trust.py", "rpc.py"):
         shutil.copy(RUNNER / name, package / name)
     (package / "slow_rt.py").write_text(SLOW_RT)
     session = WorkerSession(rpc_command(runner=tmp_path, module="slow_rt", model_dir=tmp_path),
