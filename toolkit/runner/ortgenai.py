@@ -143,7 +143,8 @@ class OrtGenaiSession:
         self.vocab_size = int(genai["model"].get("vocab_size", 0))
         self.pruned_lm_head = False  # set when the graph returns only the last position
         # ORT GenAI's own guidance (GeneratorParams.set_guidance: llguidance inside)
-        self.constrains = "onnxruntime-genai guidance"
+        self.constrains = ("onnxruntime-genai guidance"
+                           if hasattr(og.GeneratorParams, "set_guidance") else None)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf_tokenizer.tokenize(text, add_special_tokens)
@@ -167,9 +168,9 @@ class OrtGenaiSession:
         params.set_search_options(**search)
         if sampling is None or sampling.constraint is None:
             return og.Generator(model, params)
-        params.set_guidance("json_schema", sampling.constraint.schema_text())
-        try:
-            return og.Generator(model, params)  # where guidance compiles the schema
+        try:  # a build without guidance refuses here; a bad schema at og.Generator
+            params.set_guidance("json_schema", sampling.constraint.schema_text())
+            return og.Generator(model, params)
         except RuntimeError as e:
             raise ValueError(f"the schema cannot be enforced: {_first_line(e)}") from None
 
