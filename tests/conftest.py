@@ -130,6 +130,11 @@ def mlx_int4_bundle(dist) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_int4_bundle(dist) -> Path:
+    return build_bundle(dist, "int4", "ollama")
+
+
+@pytest.fixture(scope="session")
 def mlx_int8_bundle(dist) -> Path:
     return build_bundle(dist, "int8", "apple-metal")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, build_bundle, once, phikit, small_recipe
+from conftest import REPO, once, phikit, small_recipe
 from toolkit.report.load import write_text_atomic
 from toolkit.emulate import beyond
 from toolkit.runner.core import host_cpu
@@ -379,11 +379,6 @@ def test_extra_buffer_types_option_reaches_llama_cpp(gguf_int4_bundle):
 
 
 # --- an AVX2-only CPU ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gguf_int4_bundle(dist) -> Path:
-    return build_bundle(dist, "int4", "ollama")
-
 
 @pytest.fixture(scope="module")
 def onnx_default_block_bundle(dist) -> Path:

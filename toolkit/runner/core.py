@@ -51,7 +51,8 @@ NAME_PATTERN = rf"^{NAME.pattern}$"
 _MODULE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # the runner's own modules, shipped beside the runtime module: never a manifest's runtime
 RUNNER_MODULES = ("core", "host", "cli", "server", "openai_api", "rpc", "worker", "hf_tokens",
-                  "parity_core", "logprobs", "reference_data", "device", "tune", "trust")
+                  "parity_core", "logprobs", "reference_data", "device", "tune", "trust",
+                  "structured", "guidance")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,27 @@ class Manifest:
                    verdict=verdict, data=data)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What a generation's text must be: one JSON value valid against `schema` (a JSON Schema;
+    {"type": "object"} for any object). `field` is the request field that asked for it, so that
+    a runtime that cannot constrain is refused naming it. Runtimes get the schema as text
+    (`schema_text`): compact JSON, and the x-guidance options llguidance reads (ORT GenAI's
+    guidance is llguidance too): no free whitespace, which a weak model could otherwise fill
+    until max_tokens cuts the JSON."""
+    schema: dict[str, Any]
+    field: str = "response_format"
+
+    def schema_text(self) -> str:
+        guided = {**self.schema, "x-guidance": {"whitespace_flexible": False,
+                                                 **self.schema.get("x-guidance", {})}}
+        return json.dumps(guided, separators=(",", ":"))
+
+
+class CannotConstrain(ValueError):
+    """A runtime asked for a Constraint it cannot enforce (the server answers 400)."""
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
@@ -106,6 +128,30 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    constraint: Constraint | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """As JSON for the worker protocol (rpc.py), read back by `from_wire`."""
+        out = {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                              "seed")}
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.constraint is not None:
+            out["constraint"] = {"schema": self.constraint.schema,
+                                 "field": self.constraint.field}
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> "Sampling":
+        constraint = data.get("constraint")
+        return cls(**{**data, "constraint": Constraint(**constraint) if constraint else None})
+
+
+def check_constraint(session: "Session", sampling: "Sampling") -> None:
+    """CannotConstrain when `sampling` asks for a constraint `session` has no mechanism for:
+    never a generation that silently ignores it."""
+    if sampling.constraint is not None and not getattr(session, "constrains", None):
+        raise CannotConstrain(f"'{sampling.constraint.field}': this runtime cannot constrain "
+                              "its output (no structured-output mechanism)")
 
 
 class Session(Protocol):
@@ -113,6 +159,9 @@ class Session(Protocol):
 
     eos_token_ids: tuple[int, ...]
     context_length: int
+    # how it enforces Sampling.constraint (e.g. "llguidance"); None: it cannot, and is never
+    # asked to (the server answers 400 naming the field)
+    constrains: str | None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids as the model's tokenizer makes them; with add_special_tokens, BOS where the

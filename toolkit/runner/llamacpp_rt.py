@@ -31,8 +31,9 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .core import (AUTO, HostRule, HostTable, auto_threads, check_length, generation_eos, host_cpu,
-                   stop_ids)
+from .core import (AUTO, HostRule, HostTable, auto_threads, check_constraint, check_length,
+                   generation_eos, host_cpu, stop_ids)
+from .guidance import MECHANISM, mask_for
 
 AMX_CRASH = ("llama.cpp's AMX buffer type crashes llama_decode on AMX CPUs "
              "(ggml-org/llama.cpp#20824, ollama/ollama#17205); extra_buffer_types: false avoids it")
@@ -183,6 +184,10 @@ class LlamaCppSession:
         self.file = files[0]
         self.n_vocab = self.llm.n_vocab()
         self.eos_token_ids = self._eos_ids(model_dir)
+        # llama.cpp's own GBNF from a JSON Schema leaves out numeric bounds (minimum/maximum),
+        # so a schema would hold only sometimes: llguidance's mask over the logits instead
+        self.guidance = mask_for(model_dir, self.eos_token_ids, self.n_vocab)
+        self.constrains = MECHANISM if self.guidance else None
         self.strip = _strip_patterns(model_dir)
         template = self.meta.get("tokenizer.chat_template")
         # compiled once; transformers renders chat templates with these Jinja settings
@@ -247,6 +252,8 @@ class LlamaCppSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
+        check_constraint(self, sampling)
+        state = self.guidance.start(sampling.constraint) if sampling.constraint else None
         self._restart()
         if sampling.seed is not None:
             self.llm.set_seed(int(sampling.seed))
@@ -256,7 +263,9 @@ class LlamaCppSession:
         tokens = self.llm.generate(list(ids), temp=sampling.temperature,
                                    top_k=1 if greedy else (sampling.top_k or 0),
                                    top_p=1.0 if greedy else sampling.top_p, min_p=0.0,
-                                   repeat_penalty=1.0, reset=True)
+                                   repeat_penalty=1.0, reset=True,
+                                   logits_processor=state and llama_cpp.LogitsProcessorList([
+                                       lambda seen, logits: state.masked(logits, seen[len(ids):])]))
         for n, token in enumerate(tokens):
             token = int(token)
             if token in stop:

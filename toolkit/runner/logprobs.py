@@ -88,3 +88,15 @@ def gathered_kld(ref_logp: np.ndarray, q_logp: np.ndarray) -> np.ndarray:
     tail = np.where(p_tail > 1e-9, p_tail * (np.log(np.maximum(p_tail, 1e-300)) - np.log(q_tail)),
                     0.0)
     return np.maximum(kl + tail, 0.0)
+
+
+def chosen_and_top(logits: np.ndarray, ids, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of `logits` (one position's prediction): the log-probability of ids[i], and the
+    `top` most likely tokens with theirs (the server's logprobs / top_logprobs)."""
+    logp = log_softmax(np.asarray(logits, dtype=np.float32))
+    out = []
+    for row, token in zip(logp, ids):
+        best = np.argpartition(-row, top)[:top] if top else np.empty(0, dtype=np.int64)
+        best = best[np.argsort(-row[best])]
+        out.append((float(row[int(token)]), [(int(b), float(row[b])) for b in best]))
+    return out

@@ -64,7 +64,9 @@ from mlx_lm.models import phimoe as mlx_phimoe  # noqa: E402
 from mlx_lm.models.rope_utils import SuScaledRoPE  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from .core import DEFAULT_CONTEXT, check_length, generation_eos, stop_ids  # noqa: E402
+from .core import (DEFAULT_CONTEXT, check_constraint, check_length, generation_eos,  # noqa: E402
+                   stop_ids)
+from .guidance import MECHANISM, mask_for  # noqa: E402
 
 
 def _use_window(window: int | None) -> None:
@@ -177,6 +179,9 @@ class MlxSession:
                               or tuple(sorted(self.tokenizer.eos_token_ids)))
         self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT))
         self.quantization = config.get("quantization")
+        # mlx-lm has logits processors but no grammar engine: llguidance's mask through one
+        self.guidance = mask_for(model_dir, self.eos_token_ids, int(config["vocab_size"]))
+        self.constrains = MECHANISM if self.guidance else None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -196,6 +201,22 @@ class MlxSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
+        check_constraint(self, sampling)
+        processors = None
+        if sampling.constraint is not None:
+            state, calls = self.guidance.start(sampling.constraint), [0]
+
+            def constrain(tokens: mx.array, logits: mx.array) -> mx.array:
+                # mlx-lm passes what went through this step's calls (the prefill's last prompt
+                # token on, not the whole prompt): call k ends with the k tokens generated
+                k, calls[0] = calls[0], calls[0] + 1
+                allowed = state.allowed(tokens.tolist()[len(tokens) - k:] if k else [])
+                n = logits.shape[-1]
+                keep = np.zeros(n, dtype=bool)
+                keep[:min(n, allowed.shape[0])] = allowed[:n]
+                return mx.where(mx.array(keep), logits, -math.inf)
+
+            processors = [constrain]
         if sampling.seed is not None:
             mx.random.seed(int(sampling.seed))
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p,
@@ -204,7 +225,7 @@ class MlxSession:
         max_new = max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))
         _use_window(self.window)
         for token, _ in generate_step(mx.array(list(ids)), self.model, max_tokens=max_new,
-                                      sampler=sampler):
+                                      sampler=sampler, logits_processors=processors):
             token = int(token)
             if token in stop:
                 return

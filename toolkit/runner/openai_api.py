@@ -2,17 +2,21 @@
 request field honoured or a 400 naming it, messages through the chat template, one completion's
 text pieces, stop strings, finish reason and usage. Standard library only.
 
-HONOURED and INERT list the fields per endpoint; anything else (tools, response_format
-json_object / json_schema, logprobs, logit_bias, a penalty, an unknown field) is a 400 naming
-it, never silently ignored.
+HONOURED and INERT list the fields per endpoint; anything else (logit_bias, a penalty, an
+unknown field) is a 400 naming it, never silently ignored. response_format, tools
+and tool_choice are structured.py's; a runtime that cannot constrain its output gets a 400
+naming the field that asked for it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any, Iterator
 
 from .core import Sampling, Session, TextStream, chat_ids
+from .structured import (Structure, StructureError, answer, assistant_calls_text, may_be_call,
+                         parse_structure, present_tools)
 
 MAX_BODY = 1 << 20  # bytes
 MAX_SEED = 2**63 - 1
@@ -60,16 +64,17 @@ class ApiError(Exception):
 # A null is the field left out, as in OpenAI's API.
 _HONOURED_BOTH = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                   "stream_options", "user"}  # user: an end-user id for the caller's records
-HONOURED = {"chat": _HONOURED_BOTH | {"messages", "max_completion_tokens"},
+HONOURED = {"chat": _HONOURED_BOTH | {"messages", "max_completion_tokens", "response_format",
+                                      "tools", "tool_choice", "parallel_tool_calls",
+                                      "logprobs", "top_logprobs"},
             "completions": _HONOURED_BOTH | {"prompt"}}
 _INERT_BOTH = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
-INERT = {"chat": {**_INERT_BOTH, "logprobs": False, "response_format": {"type": "text"},
-                  "store": False},
+INERT = {"chat": {**_INERT_BOTH, "store": False},
          "completions": {**_INERT_BOTH, "echo": False, "best_of": 1}}
 STREAM_OPTIONS = {"include_usage"}
 # Message fields by role (nulls aside); a tool result is shown to the model as a user turn
 MESSAGE_FIELDS = {"system": {"role", "content"}, "developer": {"role", "content"},
-                  "user": {"role", "content"}, "assistant": {"role", "content"},
+                  "user": {"role", "content"}, "assistant": {"role", "content", "tool_calls"},
                   "tool": {"role", "content", "tool_call_id"}}
 TEMPLATE_ROLE = {"developer": "system", "tool": "user"}  # the Phi-3 template knows 3 roles
 
@@ -134,6 +139,12 @@ def _messages(fields: dict) -> list[dict[str, str]]:
                                f"{role} message)", param=f"{where}.{key}",
                                code="unsupported_parameter")
         content = _content(m.get("content"))
+        if role == "assistant" and m.get("tool_calls") is not None:
+            try:  # the calls as the model wrote them, after any text
+                calls = assistant_calls_text(m["tool_calls"], where)
+            except StructureError as e:
+                raise ApiError(400, str(e), param=e.field) from None
+            content = f"{content}\n{calls}" if content else calls
         if content is None:
             raise ApiError(400, f"{where}.content must be a string or text content parts",
                            param=f"{where}.content")
@@ -205,9 +216,15 @@ def parse_request(body: Any, model_name: str, chat: bool = True) -> dict[str, An
         seed = _number(fields, "seed", None, 0, MAX_SEED, int)
     # current OpenAI clients send max_completion_tokens; older ones max_tokens
     budget = "max_completion_tokens" if "max_completion_tokens" in fields else "max_tokens"
+    try:
+        structure = parse_structure(fields) if chat else Structure()
+    except StructureError as e:
+        raise ApiError(400, str(e), param=e.field) from None
     return {
         "chat": chat,
-        "messages": _messages(fields) if chat else None,
+        "structure": structure,
+        "logprobs": _logprobs(fields) if chat else None,
+        "messages": present_tools(_messages(fields), structure) if chat else None,
         "prompt": None if chat else _prompt(fields),
         "stream": _boolean(fields, "stream"),
         "include_usage": _stream_options(fields),
@@ -215,8 +232,22 @@ def parse_request(body: Any, model_name: str, chat: bool = True) -> dict[str, An
         "sampling": Sampling(
             max_new_tokens=_number(fields, budget, 256, 1, 1 << 20, int),
             temperature=_number(fields, "temperature", 0.0, 0, 2),
-            top_p=_number(fields, "top_p", 1.0, 0, 1), seed=seed),
+            top_p=_number(fields, "top_p", 1.0, 0, 1), seed=seed,
+            constraint=structure.constraint),
     }
+
+
+def _logprobs(fields: dict) -> int | None:
+    """How many top_logprobs per token, when logprobs is asked for (else None)."""
+    if not _boolean(fields, "logprobs"):
+        if "top_logprobs" in fields:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    if _boolean(fields, "stream"):
+        # they are computed from the whole answer's logits (Generation.logprobs), after it
+        raise ApiError(400, "'logprobs' is not supported with 'stream': true by this server",
+                       param="logprobs", code="unsupported_parameter")
+    return _number(fields, "top_logprobs", 0, 0, 20, int)
 
 
 def refuse_what_cannot_fit(request: dict[str, Any], context_length: int) -> None:
@@ -248,15 +279,40 @@ class Generation:
                            code="context_length_exceeded")
         self.sampling = request["sampling"]
         self.sampling.max_new_tokens = min(self.sampling.max_new_tokens, budget)
+        constraint = self.sampling.constraint
+        if constraint is not None and not getattr(session, "constrains", None):
+            raise ApiError(400, f"'{constraint.field}' needs constrained decoding, which this "
+                           "server's runtime does not have", param=constraint.field,
+                           code="unsupported_parameter")
+        if request.get("logprobs") is not None and not hasattr(session, "logits"):
+            raise ApiError(400, "'logprobs': this server's runtime gives no logits",
+                           param="logprobs", code="unsupported_parameter")
+        self.tokens: list[int] = []
+        self._tokens = self._first_token_checked() if constraint is not None else None
         self.completion_tokens = 0
         self.finish_reason = "stop"
+
+    def _first_token_checked(self) -> Iterator[int]:
+        """The generation, started: a schema the runtime's grammar engine rejects fails its
+        first token, which must be a 400 before any streamed header, not a broken stream."""
+        field = self.sampling.constraint.field
+        tokens = self.session.generate(self.prompt_ids, self.sampling)
+        try:
+            first = next(tokens, None)
+        except ValueError as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ApiError(400, f"'{field}' cannot be enforced by this runtime: {why}",
+                           param=field, code="unsupported_value") from None
+        return itertools.chain(() if first is None else (first,), tokens)
 
     def pieces(self) -> Iterator[str]:
         stops, stream = self.request["stop"], TextStream(self.session)
         text, sent = "", 0
         longest = max((len(s) for s in stops), default=0)
-        for token in self.session.generate(self.prompt_ids, self.sampling):
+        tokens, self._tokens = self._tokens, None
+        for token in tokens or self.session.generate(self.prompt_ids, self.sampling):
             self.completion_tokens += 1
+            self.tokens.append(token)
             text += stream.push(token)
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
@@ -273,6 +329,75 @@ class Generation:
             yield text[sent:]
         self.finish_reason = ("length" if self.completion_tokens >= self.sampling.max_new_tokens
                               else "stop")
+
+    def choice(self) -> dict[str, Any]:
+        """The whole answer as a response's choice (chat: message, maybe tool_calls)."""
+        text = "".join(self.pieces())
+        if not self.request["chat"]:
+            return {"index": 0, "text": text, "logprobs": None,
+                    "finish_reason": self.finish_reason}
+        message, finish = answer(text, self.finish_reason, self.request["structure"])
+        choice = {"index": 0, "message": message, "finish_reason": finish}
+        if self.request.get("logprobs") is not None:
+            choice["logprobs"] = {"content": self.logprobs(self.request["logprobs"]),
+                                  "refusal": None}
+        return choice
+
+    def logprobs(self, top: int) -> list[dict[str, Any]]:
+        """OpenAI's logprobs.content of the generated tokens: the model's log-probabilities (no
+        temperature, no constraint mask), from one teacher-forced pass over prompt + answer
+        (Session.logits, what validation compares), so that every runtime gives them alike."""
+        from .logprobs import chosen_and_top
+
+        if not self.tokens:
+            return []
+        ids = self.prompt_ids + self.tokens[:-1]
+        rows = self.session.logits(ids, start=len(self.prompt_ids) - 1)
+
+        def entry(before: int, token: int, logprob: float) -> dict[str, Any]:
+            # decoded after the token before it, as TextStream does: SentencePiece drops a
+            # token's leading space when it is decoded alone
+            text = self.session.detokenize([before, token])[
+                len(self.session.detokenize([before])):]
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        befores = [self.prompt_ids[-1], *self.tokens[:-1]]
+        return [{**entry(before, token, lp),
+                 "top_logprobs": [entry(before, t, p) for t, p in best]}
+                for before, token, (lp, best) in zip(befores, self.tokens,
+                                                     chosen_and_top(rows, self.tokens, top))]
+
+    def events(self) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """(delta, finish_reason) per streamed chunk: the role, content pieces, a tool call
+        (its id and name, then its arguments), and last an empty delta with the finish reason.
+        An answer that may still become a tool call is held back until it is known."""
+        structure, chat = self.request["structure"], self.request["chat"]
+        if chat:
+            yield {"role": "assistant", "content": ""}, None
+        held: str | None = ""
+        pieces = self.pieces()
+        try:
+            for piece in pieces:
+                if held is not None:
+                    held += piece
+                    if may_be_call(held, structure):
+                        continue
+                    piece, held = held, None
+                yield {"content": piece}, None
+        finally:
+            pieces.close()  # stops the runtime's generator: frees the model for the queue
+        if held is None or not chat:
+            yield {}, self.finish_reason
+            return
+        message, finish = answer(held, self.finish_reason, structure)
+        for call in message.get("tool_calls", []):
+            fn = call["function"]
+            yield {"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                   "function": {"name": fn["name"], "arguments": ""}}]}, None
+            yield {"tool_calls": [{"index": 0, "function": {"arguments": fn["arguments"]}}]}, None
+        if message["content"]:
+            yield {"content": message["content"]}, None
+        yield {}, finish
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": len(self.prompt_ids),

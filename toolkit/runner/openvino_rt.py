@@ -38,8 +38,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_length,
+from .core import (AUTO, DEFAULT_CONTEXT, HostRule, HostTable, check_constraint, check_length,
                    one_copy_at_a_time, stop_ids, thread_count)
+from .guidance import MECHANISM, mask_for, pick
 import openvino as ov
 import openvino_genai as ovg
 
@@ -143,6 +144,11 @@ class OpenVinoSession:
         self.eos_token_ids = tuple(sorted(gen.stop_token_ids or {gen.eos_token_id}))
         config = json.loads((model_dir / "config.json").read_text())
         self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT))
+        # Not openvino_genai's structured output: its XGrammar vocabulary reads byte-fallback
+        # tokens (Phi-3's <0x0A>) as their literal spelling, so it let raw newlines into JSON
+        # strings. Constrained requests decode through the IR with llguidance's mask instead.
+        self.guidance = mask_for(model_dir, self.eos_token_ids, int(config["vocab_size"]))
+        self.constrains = MECHANISM if self.guidance else None
         vocab = self.ir.output("logits").get_partial_shape()[-1]
         if vocab.is_static and config.get("vocab_size") not in (None, vocab.get_length()):
             raise ValueError(f"config.json says vocab_size {config['vocab_size']} but the IR's "
@@ -177,6 +183,32 @@ class OpenVinoSession:
         out = self.request.infer(inputs, share_inputs=True, share_outputs=True)
         return np.array(out[self.logits_port][0, start:], dtype=np.float32)
 
+    def _constrained(self, ids: Sequence[int], sampling) -> Iterator[int]:
+        """Generation through the compiled IR's own infer request (its KV cache is the request's
+        state), one token at a time, each sampled from llguidance's masked logits."""
+        state = self.guidance.start(sampling.constraint)
+        compiled = self._compiled()
+        request, port = compiled.create_infer_request(), compiled.output("logits")
+        names = {i.get_any_name() for i in compiled.inputs}
+        rng = np.random.default_rng(sampling.seed)
+        stop, generated, feed = stop_ids(self, sampling), [], list(ids)
+        for _ in range(max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))):
+            past = len(ids) + len(generated) - len(feed)
+            arr = np.asarray([feed], dtype=np.int64)
+            inputs = {"input_ids": arr,
+                      "attention_mask": np.ones((1, past + len(feed)), dtype=np.int64)}
+            if "position_ids" in names:
+                inputs["position_ids"] = np.arange(past, past + len(feed), dtype=np.int64)[None]
+            if "beam_idx" in names:
+                inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
+            logits = np.array(request.infer(inputs)[port][0, -1], dtype=np.float32)
+            token = pick(state.masked(logits, generated), sampling, rng)
+            if token in stop:
+                return
+            yield token
+            generated.append(token)
+            feed = [token]
+
     def _compiled(self):
         if self.compiled is None:
             if self.one_copy:
@@ -205,6 +237,10 @@ class OpenVinoSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
+        check_constraint(self, sampling)
+        if sampling.constraint is not None:
+            yield from self._constrained(ids, sampling)
+            return
         if self.one_copy:  # the port, too, holds the compiled model
             self.request = self.compiled = self.logits_port = None
         pipe = self._pipeline()

@@ -34,8 +34,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import (DEFAULT_CONTEXT, HostTable, auto_threads, check_length, one_copy_at_a_time,
-                   stop_ids)
+from .core import (DEFAULT_CONTEXT, HostTable, auto_threads, check_constraint, check_length,
+                   one_copy_at_a_time, stop_ids)
 from .hf_tokens import HfTokenizer
 import onnxruntime_genai as og
 
@@ -142,6 +142,9 @@ class OrtGenaiSession:
         self.context_length = int(genai["model"].get("context_length", DEFAULT_CONTEXT))
         self.vocab_size = int(genai["model"].get("vocab_size", 0))
         self.pruned_lm_head = False  # set when the graph returns only the last position
+        # ORT GenAI's own guidance (GeneratorParams.set_guidance: llguidance inside)
+        self.constrains = ("onnxruntime-genai guidance"
+                           if hasattr(og.GeneratorParams, "set_guidance") else None)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf_tokenizer.tokenize(text, add_special_tokens)
@@ -163,7 +166,13 @@ class OrtGenaiSession:
             if sampling.seed is not None:
                 search["random_seed"] = int(sampling.seed)
         params.set_search_options(**search)
-        return og.Generator(model, params)
+        if sampling is None or sampling.constraint is None:
+            return og.Generator(model, params)
+        try:  # a build without guidance refuses here; a bad schema at og.Generator
+            params.set_guidance("json_schema", sampling.constraint.schema_text())
+            return og.Generator(model, params)
+        except RuntimeError as e:
+            raise ValueError(f"the schema cannot be enforced: {_first_line(e)}") from None
 
     def _generation_model(self):
         if self.model is None:
@@ -206,6 +215,7 @@ class OrtGenaiSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
+        check_constraint(self, sampling)
         max_length = min(self.context_length, len(ids) + sampling.max_new_tokens)
         gen = self._generator(max_length, sampling)
         gen.append_tokens(np.asarray([ids], dtype=np.int32))

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # core first: its quiet_runtimes() runs before the runtime initializes (no telemetry)
-from .core import auto_threads, check_length, generation_eos, stop_ids
+from .core import auto_threads, check_constraint, check_length, generation_eos, stop_ids
 from .hf_tokens import HfTokenizer
 import onnxruntime as ort
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -88,6 +88,9 @@ class QnnSession:
         self.spec = spec
         self.chunk = int(spec["chunk"])
         self.context_length = int(spec["context_length"])
+        # no grammar engine is part of a QNN bundle yet: response_format / tool_choice that need
+        # one are refused (400 naming the field), never ignored
+        self.constrains = None
         self.provider = options.get("execution_provider", "qnn")
         self.backend = options.get("backend", "htp")
         self.cpu_fallback = bool(options.get("cpu_fallback", False))
@@ -254,6 +257,7 @@ class QnnSession:
 
     def generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
         check_length(len(ids) + 1, self.context_length)
+        check_constraint(self, sampling)
         cache = self._fresh_cache()
         logits = self._prefill(ids, cache, all_logits=False)[-1]
         rng = np.random.default_rng(sampling.seed)

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     send({"ok": {"eos_token_ids": list(session.eos_token_ids),
                  "context_length": session.context_length,
                  "special_tokens": list(getattr(session, "special_tokens", ()) or ()),
-                 "known_crash": getattr(session, "known_crash", None)}})
+                 "known_crash": getattr(session, "known_crash", None),
+                 "constrains": getattr(session, "constrains", None)}})
     stdin = sys.stdin.buffer
 
     def handle(line: bytes) -> None:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.flush()
                 return
             if op == "generate":
-                n, tokens = 0, session.generate(params[0], core.Sampling(**params[1]))
+                n, tokens = 0, session.generate(params[0], core.Sampling.from_wire(params[1]))
                 for token in tokens:
                     send({"token": int(token)})
                     n += 1

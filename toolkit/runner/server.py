@@ -348,16 +348,12 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 if request["stream"]:
                     self._stream(gen)
                 else:
-                    text = "".join(gen.pieces())
-                    choice = ({"message": {"role": "assistant", "content": text}}
-                              if request["chat"] else {"text": text, "logprobs": None})
+                    choice = gen.choice()
                     self._send_json(200, {
                         "id": f"{'chatcmpl' if request['chat'] else 'cmpl'}-{uuid.uuid4().hex}",
                         "object": "chat.completion" if request["chat"] else "text_completion",
                         "created": int(time.time()), "model": model_name,
-                        "choices": [{"index": 0, "finish_reason": gen.finish_reason,
-                                     **choice}],
-                        "usage": gen.usage()})
+                        "choices": [choice], "usage": gen.usage()})
 
         def _stream(self, gen: Generation) -> None:
             chat = gen.request["chat"]
@@ -382,12 +378,10 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
-            if chat:
-                event({"role": "assistant", "content": ""})
-            pieces = gen.pieces()
+            events = gen.events()
             try:
-                for piece in pieces:
-                    event({"content": piece})  # raises BrokenPipeError if the client left
+                for delta, finish in events:
+                    event(delta, finish)  # raises BrokenPipeError if the client left
             except WorkerCrashed as e:  # headers are sent: the error goes in the stream
                 sys.stderr.write(f"[phikit serve] {e}; restarting it for the next request\n")
                 error = ApiError(500, f"{e}; it is restarted for the next request",
@@ -396,8 +390,7 @@ def make_handler(session: Session, model_name: str, api_key: str | None, lock: t
                 self.wfile.flush()
                 return
             finally:
-                pieces.close()  # stops the runtime's generator: frees the model for the queue
-            event({}, gen.finish_reason)
+                events.close()  # stops the runtime's generator: frees the model for the queue
             if gen.request["include_usage"]:
                 event(None, usage=gen.usage())
             self.wfile.write(b"data: [DONE]\n\n")

@@ -89,6 +89,7 @@ class WorkerSession:
         self.context_length = int(attrs["context_length"])
         self.special_tokens = tuple(attrs.get("special_tokens", ()))
         self.known_crash = attrs.get("known_crash")
+        self.constrains = attrs.get("constrains")
 
     def _open_error(self, message: str) -> Exception:
         return WorkerOpenError(f"{self.label}: {message}")
@@ -174,11 +175,8 @@ class WorkerSession:
             yield from self._generate(ids, sampling)
 
     def _generate(self, ids: Sequence[int], sampling) -> Iterator[int]:
-        self._send("generate", [list(map(int, ids)), {
-            "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
-            "stop_token_ids": list(sampling.stop_token_ids)}],
-            f"generating after a {len(ids)}-token prompt")
+        self._send("generate", [list(map(int, ids)), sampling.wire()],
+                   f"generating after a {len(ids)}-token prompt")
         n, finished, pending = 0, False, False
         try:
             while True:
