@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 
@@ -20,6 +22,20 @@ TARGETS_DIR = REPO / "targets"
 RECIPES_DIR = REPO / "recipes"
 EVALSETS_DIR = REPO / "evalsets"
 MODELS_DIR = REPO / "models"
+
+
+def data_file(name: str) -> Path:
+    """A file of toolkit/data, the package data a wheel carries (not a checkout's copy)."""
+    return Path(str(files("toolkit") / "data" / name))
+
+
+# the versions verified together: `pip install -c CONSTRAINTS ...`, the lock step, the Makefile
+CONSTRAINTS = data_file("constraints.txt")
+
+
+def pip_install_hint(spec: str) -> str:
+    """A pip command that pastes into a shell and works here: the constraints by absolute path."""
+    return f"pip install -c {shlex.quote(str(CONSTRAINTS))} {shlex.quote(spec)}"
 
 
 def search_dirs(kind: str) -> list[Path]:

@@ -109,7 +109,9 @@ class BackendDefaults:
     @property
     def install(self) -> str:
         """What to install where unavailable() says no (doctor, demo --target)."""
-        return f'pip install -c constraints.txt "phikit[{self.name}]"'
+        from ..paths import pip_install_hint  # noqa: PLC0415
+
+        return pip_install_hint(f"phikit[{self.name}]")
 
 
 def first_import_error(*modules: str) -> str | None:
