@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import PhikitError
@@ -260,15 +261,19 @@ def init(
     """Write a commented recipe for a checkpoint, with the backend's default bounds."""
     from .backends import BACKENDS
     from .build import find_target
-    from .init import recipe_name, recipe_text
+    from .init import bounds_warning, recipe_name, recipe_text
     from .schema import load_target
 
-    text = recipe_text(source, load_target(find_target(target), set(BACKENDS)), precision,
-                       backend)
+    loaded = load_target(find_target(target), set(BACKENDS))
     path = output or Path(f"{recipe_name(source, precision)}.yaml")
     if path.exists() and not force:
         raise PhikitError("exists; pass --force to overwrite it", file=path)
+    text = recipe_text(source, loaded, precision, backend, recipe_dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+    warning = bounds_warning(source, backend or loaded.backend, precision)
+    if warning:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
     out.print(f"wrote {path}; next: phikit build {path} --target {target}", highlight=False)
 
 

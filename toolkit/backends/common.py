@@ -68,6 +68,8 @@ class BackendDefaults:
     # precision -> what an honest bundle measures (bench/honest_bounds.py prints these); a
     # precision without an entry has no default bounds: the recipe's own only
     honest: dict[str, Honest] = {}
+    # the checkpoint `honest` was measured on: `phikit init` warns when a recipe's model is another
+    honest_model = "tiny-phi3"
     float_intermediate = False
     # name -> runtime options: the numerics the runtime may choose by itself on some CPU (the
     # `honest` figures are the worst of them; bench/honest_bounds.py validates under each)
