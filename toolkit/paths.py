@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -31,11 +30,6 @@ def data_file(name: str) -> Path:
 
 # the versions verified together: `pip install -c CONSTRAINTS ...`, the lock step, the Makefile
 CONSTRAINTS = data_file("constraints.txt")
-
-
-def pip_install_hint(spec: str) -> str:
-    """A pip command that pastes into a shell and works here: the constraints by absolute path."""
-    return f"pip install -c {shlex.quote(str(CONSTRAINTS))} {shlex.quote(spec)}"
 
 
 def search_dirs(kind: str) -> list[Path]:

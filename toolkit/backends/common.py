@@ -111,7 +111,7 @@ class BackendDefaults:
     @property
     def install(self) -> str:
         """What to install where unavailable() says no (doctor, demo --target)."""
-        from ..paths import pip_install_hint  # noqa: PLC0415
+        from ..installing import pip_install_hint  # noqa: PLC0415
 
         return pip_install_hint(f"phikit[{self.name}]")
 

@@ -77,7 +77,7 @@ class GgufBackend(BackendDefaults):
 
     @property
     def install(self) -> str:
-        from ..paths import pip_install_hint
+        from ..installing import pip_install_hint
 
         return (pip_install_hint("phikit[gguf]") + " (compiles llama.cpp: minutes); the "
                 "converter is fetched on the first build, or PHIKIT_LLAMA_CPP=<llama.cpp tree>")

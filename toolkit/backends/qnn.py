@@ -59,7 +59,7 @@ class QnnBackend(BackendDefaults):
 
     @property
     def install(self) -> str:
-        from ..paths import pip_install_hint
+        from ..installing import pip_install_hint
 
         return (pip_install_hint("phikit[qnn]") + ", then Olive's ModelBuilder runtime apart: "
                 "`make olive-genai` in a checkout")
