@@ -76,14 +76,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
-# Side-by-side measurements (ratios printed; never timed assertions).
+# Side-by-side measurements (ratios printed; never timed assertions): bench/record.py runs each
+# benchmark, keeps its output in bench/results/ and writes docs/benchmarks.md from those records.
 bench: install
-	$(PY) bench/runtime.py --layers 4
-	$(PY) bench/convert.py
-	$(PY) bench/convert.py --layers 4 --backends onnx,openvino,gguf --precisions int4
-	$(PY) bench/validate.py
-	$(PY) bench/runner_overhead.py --layers 2
-	$(PY) bench/openvino_memory.py --layers 4
+	$(PY) bench/record.py
 
 # The full-size (32-layer, 7.6 GB) conversion + end-to-end build of the Performance section.
 bench-full: install
@@ -109,9 +105,9 @@ fixture: install
 	$(PY) fixtures/make_tiny_phi3.py --member tiny-phimoe --steps 120
 	$(PY) fixtures/make_tiny_phi3.py --long-context-evalset evalsets/phi3-long-context.jsonl
 
-# The README's support matrix, regenerated from the backends' own checks (a test keeps it true).
+# docs/family.md's support matrix, regenerated from the backends' own checks (a test keeps it true).
 matrix: install
-	$(PY) -c "from toolkit.family import update_readme; update_readme()"
+	$(PY) -c "from toolkit.family import update_matrix_doc; update_matrix_doc()"
 
 clean:
 	rm -rf dist

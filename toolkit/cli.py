@@ -352,7 +352,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
 def list_cmd(
     matrix: bool = typer.Option(False, "--matrix", help="the support matrix: family member x "
                                 "backend x precision, from the same checks builds run"),
-    markdown: bool = typer.Option(False, "--markdown", help="with --matrix: Markdown (README)"),
+    markdown: bool = typer.Option(False, "--markdown", help="with --matrix: Markdown (docs/family.md)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Recipes and targets shipped with phikit (--matrix: what each backend supports)."""
