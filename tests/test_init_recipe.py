@@ -83,3 +83,17 @@ def test_a_missing_shipped_file_is_one_error_line(tmp_path):
     proc = phikit("build", recipe, "--target", "generic-cpu", "--dry-run", check=2)
     assert "file not found" in proc.stderr and "eval.file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_runtime_that_caps_the_context_gets_it_written(tmp_path):
+    """llama.cpp serves Phi-3 as trained only within its sliding window: the recipe init writes
+    for ollama says so, and plans (where the uncapped one is refused)."""
+    ck = own_checkpoint(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    phikit("init", "--source", ck, "--target", "ollama", "--output", recipe, check=0)
+    data = yaml.safe_load(recipe.read_text())
+    assert data["context_length"] == 2048 and data["eval"]["max_tokens"] <= 2048
+    phikit("build", recipe, "--target", "ollama", "--dry-run", check=0)
+    recipe.write_text(recipe.read_text().replace("context_length: 2048\n", ""))
+    assert "serves at most 2048" in phikit("build", recipe, "--target", "ollama", "--dry-run",
+                                          check=2).stderr

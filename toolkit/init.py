@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .backends import get_backend
 from .errors import PhikitError
+from .family import known_info
 from .paths import EVALSETS_DIR, MODELS_DIR
 from .schema import SHIPPED, Target
 
@@ -71,12 +72,16 @@ def recipe_text(source: str, target: Target, precision: str, backend: str | None
     fixture = is_fixture(source)
     written = _relative(local, recipe_dir) if local.is_dir() else source
     bounds = be.default_thresholds(precision)
+    info = known_info(source)
+    cap = be.max_context(info) if info is not None else None
     lines = [f"# Written by `phikit init` for {target.name} ({be.name}), "
              f"{time.strftime('%Y-%m-%d')}. docs/recipe.md names every field;",
              "# relative paths are read from this file's folder. Check it offline with",
              f"# `phikit build THIS_FILE --target {target.name} --dry-run`.",
              f"name: {name or recipe_name(source, precision)}",
              f"source: {written}  # a checkpoint directory, or a hub id (org/name)",
+             *([f"# {be.name} serves this model as trained up to {cap} tokens",
+                f"context_length: {cap}"] if cap else []),
              "quantization:", f"  precision: {precision}", "eval:"]
     if fixture:
         lines += ["  # the fixture's own eval set (texts, prompts, chats)",
@@ -85,7 +90,8 @@ def recipe_text(source: str, target: Target, precision: str, backend: str | None
     else:
         lines += ["  # phikit's real-text eval set (prose, code, chats, system turns, long",
                   "  # context). Better: rows like your traffic, as long as the bundle serves",
-                  f"  file: {REAL_EVAL}", f"  max_tokens: {REAL_MAX_TOKENS}",
+                  f"  file: {REAL_EVAL}",
+                  f"  max_tokens: {min(REAL_MAX_TOKENS, cap or REAL_MAX_TOKENS)}",
                   "  max_new_tokens: 64"]
     if bounds:
         lines += [f"# {be.name} {precision} defaults: 2x the error its honest bundle of "

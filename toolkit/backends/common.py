@@ -75,6 +75,9 @@ class BackendDefaults:
     # `honest` figures are the worst of them; bench/honest_bounds.py validates under each)
     honest_numerics: dict[str, dict] = {}
 
+    def max_context(self, info) -> int | None:
+        return None
+
     def default_thresholds(self, precision: str) -> dict[str, float]:
         """Bounds for what a recipe leaves unset, from this backend's honest measurements."""
         honest = self.honest.get(precision)

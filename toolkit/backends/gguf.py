@@ -148,16 +148,21 @@ class GgufBackend(BackendDefaults):
                     f"{info.original_max_positions} -> long factors for every position, even "
                     "of short prompts; src/llama-model.cpp), not by sequence length as the "
                     "model was trained: KLD 0.075 on short texts of an fp32 tiny LongRoPE Phi-3")
-        window = info.sliding_window
-        if window:
-            cap = window + 1
+        cap = GgufBackend.max_context(info)
+        if cap is not None:
             need = max(recipe.context_length or info.max_positions, recipe.eval.max_tokens)
             if need > cap:
                 return (f"llama.cpp disables Phi-3's sliding window (src/models/phi3.cpp), so "
-                        f"past {window} tokens attention would see the whole context: a GGUF "
-                        f"bundle serves at most {cap} tokens; set context_length (and "
-                        f"eval.max_tokens) <= {cap} (this recipe needs {need})")
+                        f"past {info.sliding_window} tokens attention would see the whole "
+                        f"context: a GGUF bundle serves at most {cap} tokens; set "
+                        f"context_length (and eval.max_tokens) <= {cap} (this recipe needs "
+                        f"{need})")
         return None
+
+    @staticmethod
+    def max_context(info: ModelInfo) -> int | None:
+        # llama.cpp's Phi-3 graph has no sliding window: only the window's own span is as trained
+        return info.sliding_window + 1 if info.sliding_window else None
 
     def recognizes(self, path: Path) -> bool:
         return len(list(path.glob("*.gguf"))) == 1
