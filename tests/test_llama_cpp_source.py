@@ -112,7 +112,7 @@ def test_the_doctor_hint_pastes():
     from toolkit.backends import BACKENDS
 
     hint = BACKENDS["gguf"].install
-    m = re.match(r"pip install -c (\S+) 'phikit\[gguf\]'", hint)
+    m = re.match(r'pip install -c (\S+) "phikit\[gguf\]"', hint)
     assert m and Path(m.group(1)).is_file() and Path(m.group(1)).is_absolute(), hint
     assert "==" in Path(m.group(1)).read_text()
 

@@ -19,7 +19,8 @@ from .paths import CONSTRAINTS
 
 def pip_install_hint(spec: str) -> str:
     """A pip command that pastes into a shell and works here: the constraints by absolute path."""
-    return f"pip install -c {shlex.quote(str(CONSTRAINTS))} {shlex.quote(spec)}"
+    # double quotes keep a shell from globbing the extra's brackets, as the README writes it
+    return f'pip install -c {shlex.quote(str(CONSTRAINTS))} "{spec}"'
 
 
 def extra_requirements(extra: str, dist: str = "phikit") -> list[str]:
