@@ -97,3 +97,15 @@ def test_a_runtime_that_caps_the_context_gets_it_written(tmp_path):
     recipe.write_text(recipe.read_text().replace("context_length: 2048\n", ""))
     assert "serves at most 2048" in phikit("build", recipe, "--target", "ollama", "--dry-run",
                                           check=2).stderr
+
+
+def test_bounds_of_ones_own_replace_the_defaults(tmp_path):
+    ck = own_checkpoint(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    phikit("init", "--source", ck, "--output", recipe, "--bound", "ppl_ratio_max=1.02", check=0)
+    assert yaml.safe_load(recipe.read_text())["thresholds"]["ppl_ratio_max"] == 1.02
+    plan = phikit("build", recipe, "--target", "generic-cpu", "--dry-run", check=0).stdout
+    assert "ppl_ratio_max=1.02" in plan  # what validation will hold the bundle to
+    bad = phikit("init", "--source", ck, "--output", tmp_path / "x.yaml", "--bound", "ppl=2",
+                 check=2)
+    assert "--bound ppl=2" in bad.stderr and "Traceback" not in bad.stderr

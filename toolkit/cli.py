@@ -257,18 +257,22 @@ def init(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where the recipe goes "
                                           "(default: NAME.yaml here)"),
     force: bool = typer.Option(False, help="overwrite an existing file"),
+    bound: list[str] = typer.Option([], "--bound", help="KEY=VALUE: a bound you accept for "
+                                    "your model, in place of the default (repeatable), e.g. "
+                                    "ppl_ratio_max=1.02"),
 ) -> None:
     """Write a commented recipe for a checkpoint, with the backend's default bounds."""
     from .backends import BACKENDS
     from .build import find_target
-    from .init import bounds_warning, recipe_name, recipe_text
+    from .init import bounds_warning, parse_bounds, recipe_name, recipe_text
     from .schema import load_target
 
     loaded = load_target(find_target(target), set(BACKENDS))
     path = output or Path(f"{recipe_name(source, precision)}.yaml")
     if path.exists() and not force:
         raise PhikitError("exists; pass --force to overwrite it", file=path)
-    text = recipe_text(source, loaded, precision, backend, recipe_dir=path.parent)
+    text = recipe_text(source, loaded, precision, backend, recipe_dir=path.parent,
+                       bounds=parse_bounds(bound))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     warning = bounds_warning(source, backend or loaded.backend, precision)

@@ -19,7 +19,7 @@ from .backends import get_backend
 from .errors import PhikitError
 from .family import known_info
 from .paths import EVALSETS_DIR, MODELS_DIR
-from .schema import SHIPPED, Target
+from .schema import SHIPPED, Bounds, Target
 
 FIXTURE_EVAL = EVALSETS_DIR / "tiny-phi3.jsonl"
 REAL_EVAL = f"{SHIPPED}evalset-real.jsonl"
@@ -61,9 +61,28 @@ def bounds_warning(source: str, backend: str, precision: str) -> str | None:
             "checkpoint: build once, read `phikit report`, then set them from what it measures")
 
 
+def parse_bounds(items: list[str]) -> dict[str, float]:
+    """--bound KEY=VALUE items: the bounds one accepts for one's own model."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Bounds.model_fields:
+            raise PhikitError(f"--bound {item}: expected KEY=VALUE with KEY one of "
+                              f"{', '.join(Bounds.model_fields)}", field="--bound")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise PhikitError(f"--bound {item}: {value!r} is not a number",
+                              field="--bound") from None
+    return out
+
+
 def recipe_text(source: str, target: Target, precision: str, backend: str | None = None,
-                name: str | None = None, recipe_dir: Path | None = None) -> str:
-    """The recipe; with recipe_dir, local paths are written relative to it."""
+                name: str | None = None, recipe_dir: Path | None = None,
+                bounds: dict[str, float] | None = None) -> str:
+    """The recipe; with recipe_dir, local paths are written relative to it; `bounds` replace
+    the backend's defaults where given."""
+    own = bounds or {}
     be = get_backend(backend or target.backend)
     if precision not in target.precisions:
         raise PhikitError(f"precision {precision} is not allowed on target {target.name} "
@@ -71,7 +90,8 @@ def recipe_text(source: str, target: Target, precision: str, backend: str | None
     local = Path(source).expanduser()
     fixture = is_fixture(source)
     written = _relative(local, recipe_dir) if local.is_dir() else source
-    bounds = be.default_thresholds(precision)
+    defaults = be.default_thresholds(precision)
+    bounds = {**defaults, **own}
     info = known_info(source)
     cap = be.max_context(info) if info is not None else None
     lines = [f"# Written by `phikit init` for {target.name} ({be.name}), "
@@ -93,9 +113,11 @@ def recipe_text(source: str, target: Target, precision: str, backend: str | None
                   f"  file: {REAL_EVAL}",
                   f"  max_tokens: {min(REAL_MAX_TOKENS, cap or REAL_MAX_TOKENS)}",
                   "  max_new_tokens: 64"]
-    if bounds:
+    if defaults:
         lines += [f"# {be.name} {precision} defaults: 2x the error its honest bundle of "
                   f"{be.honest_model} measures."]
+        if own:
+            lines += [f"# Yours (phikit init --bound): {', '.join(sorted(own))}."]
         if not fixture:
             lines += [f"# WARNING: measured on {be.honest_model}, not on this checkpoint. A real "
                       "model errs", "# differently: build once, read `phikit report`, then "
@@ -103,6 +125,7 @@ def recipe_text(source: str, target: Target, precision: str, backend: str | None
         lines += ["thresholds:"] + [f"  {k}: {v}" for k, v in bounds.items()]
     else:
         lines += [f"# {be.name} has no measured default for {precision}: set bounds "
-                  "(docs/validation.md)", "thresholds:", "  kld_mean_max: 0.05",
-                  "  top1_min: 0.85"]
+                  "(docs/parity.md)", "thresholds:"] + [
+                      f"  {k}: {v}" for k, v in {"kld_mean_max": 0.05, "top1_min": 0.85,
+                                                 **own}.items()]
     return "\n".join(lines) + "\n"
