@@ -1,8 +1,8 @@
 """pip-only GGUF (issue 40): with no checkout, phikit fetches llama.cpp's converter itself, the
 llama-cpp-python sdist and sha256 that toolkit/data/llama-cpp.pin names (the Makefile reads the
-same file). The sdist comes from a local folder (PIP_FIND_LINKS, pip's own setting) holding the one `make
-llama-cpp` downloaded; pip takes the sdist's build backend from the configured index, and the
-test skips when that is unreachable."""
+same file). The sdist comes from a local folder (PIP_FIND_LINKS, pip's own setting) holding the
+one `make llama-cpp` downloaded; pip takes the sdist's build backend from the configured index,
+and the test skips when that is unreachable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Where the GGUF backend's llama.cpp converter comes from, and how phikit gets it without a checkout.
+"""Where the GGUF backend's llama.cpp converter comes from, and how phikit gets it without a
+checkout.
 
 The converter (convert_hf_to_gguf.py, conversion/, gguf-py) is the one vendored in the
 llama-cpp-python source package whose bindings are the quantizer, so converter and quantizer are
