@@ -84,7 +84,8 @@ class GgufBackend(BackendDefaults):
 
     def unavailable(self) -> str | None:
         # no converter yet is fine: convert() fetches the pinned one (llama_cpp_source.ensure)
-        return (first_import_error("llama_cpp", "sentencepiece", "jinja2")
+        # google.protobuf: sentencepiece's model proto, which spm.py writes tokenizer.model with
+        return (first_import_error("llama_cpp", "sentencepiece", "google.protobuf", "jinja2")
                 or llama_cpp_source.installed_version_note())
 
     options_model = GgufOptions
