@@ -3,11 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-# llama.cpp for the GGUF backend: llama-cpp-python's source package, pinned by version and sha256.
-# Its bindings are compiled from it (about 4 min on 2 cores) and its vendored llama.cpp converter
-# (convert_hf_to_gguf.py + conversion/ + gguf-py) is unpacked beside the venv, not copied into the repo.
-LLAMA_CPP_PYTHON := llama_cpp_python-0.3.36
-LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+# llama.cpp for the GGUF backend: llama-cpp-python's source package, pinned by version and sha256
+# in toolkit/data/llama-cpp.pin (phikit reads the same file when it fetches the converter itself).
+# Its bindings are compiled from it and its vendored llama.cpp converter (convert_hf_to_gguf.py +
+# conversion/ + gguf-py) is unpacked beside the venv, not copied into the repo.
+LLAMA_CPP_PIN    := toolkit/data/llama-cpp.pin
+LLAMA_CPP_PYTHON := llama_cpp_python-$(shell awk '$$1 == "version" {print $$2}' $(LLAMA_CPP_PIN))
+LLAMA_CPP_SHA256 := $(shell awk '$$1 == "sha256" {print $$2}' $(LLAMA_CPP_PIN))
 LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
 # Olive 0.13's ModelBuilder pass (Qualcomm NPU backend) imports a module onnxruntime-genai removed
 # after 0.12; 0.12.2 goes into a directory only the Olive subprocess puts on its path, so the
@@ -20,10 +22,10 @@ install: $(VENV)/.installed
 
 # torch first (the CPU wheel); anything that asks for plain torch later would pull a CUDA build.
 # optimum-intel requires torchvision, which it does not use: remove it and re-pin torch.
-$(VENV)/.installed: constraints.txt requirements.txt pyproject.toml
+$(VENV)/.installed: toolkit/data/constraints.txt requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q -c toolkit/data/constraints.txt -r requirements.txt
 	$(PIP) uninstall -q -y torchvision
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps -e .
@@ -37,7 +39,7 @@ llama-cpp:
 	rm -rf $(VENV)/share/phikit/src && mkdir -p $(VENV)/share/phikit/src
 	$(PIP) download -q --no-deps --no-binary :all: -d $(VENV)/share/phikit/src "llama-cpp-python==$(subst llama_cpp_python-,,$(LLAMA_CPP_PYTHON))"
 	echo "$(LLAMA_CPP_SHA256)  $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz" | sha256sum -c -
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -c constraints.txt $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -c toolkit/data/constraints.txt $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz
 	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
 	tar -xzf $(VENV)/share/phikit/src/$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 \
 	  $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
@@ -74,14 +76,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
-# Side-by-side measurements (ratios printed; never timed assertions).
+# Side-by-side measurements (ratios printed; never timed assertions): bench/record.py runs each
+# benchmark, keeps its output in bench/results/ and writes docs/benchmarks.md from those records.
 bench: install
-	$(PY) bench/runtime.py --layers 4
-	$(PY) bench/convert.py
-	$(PY) bench/convert.py --layers 4 --backends onnx,openvino,gguf --precisions int4
-	$(PY) bench/validate.py
-	$(PY) bench/runner_overhead.py --layers 2
-	$(PY) bench/openvino_memory.py --layers 4
+	$(PY) bench/record.py
 
 # The full-size (32-layer, 7.6 GB) conversion + end-to-end build of the Performance section.
 bench-full: install
@@ -107,9 +105,9 @@ fixture: install
 	$(PY) fixtures/make_tiny_phi3.py --member tiny-phimoe --steps 120
 	$(PY) fixtures/make_tiny_phi3.py --long-context-evalset evalsets/phi3-long-context.jsonl
 
-# The README's support matrix, regenerated from the backends' own checks (a test keeps it true).
+# docs/family.md's support matrix, regenerated from the backends' own checks (a test keeps it true).
 matrix: install
-	$(PY) -c "from toolkit.family import update_readme; update_readme()"
+	$(PY) -c "from toolkit.family import update_matrix_doc; update_matrix_doc()"
 
 clean:
 	rm -rf dist

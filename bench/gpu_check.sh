@@ -47,9 +47,9 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "${SYSTEM_SITE[@]}" "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install -q torch==2.13.0
-# phikit's ONNX path only (see requirements.txt), pinned by constraints.txt; the CUDA runtime as
+# phikit's ONNX path only (see requirements.txt), pinned by toolkit/data/constraints.txt; the CUDA runtime as
 # the target locks it. pip's constraints leave onnxruntime-gpu / -genai-cuda to the target's pins.
-"${PIP[@]}" install -q -c constraints.txt transformers safetensors sentencepiece typer rich \
+"${PIP[@]}" install -q -c toolkit/data/constraints.txt transformers safetensors sentencepiece typer rich \
   pydantic pyyaml numpy onnx onnx-ir onnxscript $RUNTIME
 "${PIP[@]}" install -q --no-deps -e .
 if "$VENV/bin/python" -c "import onnxruntime_genai as og; assert og.__id__ == 'onnxruntime-genai-cuda'"; then
@@ -91,7 +91,7 @@ step "CUDA 13 libraries"
 { read -r LIBDIRS; read -r MISSING || true; } < <(cuda_dirs)
 if [ -n "${MISSING:-}" ] && [ "$ALLOW_CPU" != 1 ]; then  # a CPU rehearsal needs none
   echo "missing: $MISSING -> installing ${ORT_GPU/==/[cuda,cudnn]==}"
-  "${PIP[@]}" install -q -c constraints.txt "${ORT_GPU/==/[cuda,cudnn]==}"
+  "${PIP[@]}" install -q -c toolkit/data/constraints.txt "${ORT_GPU/==/[cuda,cudnn]==}"
   { read -r LIBDIRS; read -r MISSING || true; } < <(cuda_dirs)
 fi
 echo "library dirs: ${LIBDIRS:-(system)}; still missing: ${MISSING:-none}"

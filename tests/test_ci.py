@@ -49,22 +49,39 @@ def test_ci_init_workflows_and_their_steps_run_here(tmp_path):
     run executed here in order on the tiny model (a local dry run of the jobs)."""
     repo = tmp_path / "repo"
     (repo / "recipes").mkdir(parents=True)
-    (repo / "recipes" / "tiny.yaml").write_text(
-        (REPO / "recipes" / "tiny-phi3-int4.yaml").read_text().replace("../", f"{REPO}/"))
+    shutil.copy(REPO / "recipes" / "tiny-phi3-int4.yaml", repo / "recipes" / "tiny.yaml")
+    shutil.copytree(REPO / "models" / "tiny-phi3", repo / "models" / "tiny-phi3")
+    shutil.copytree(REPO / "evalsets", repo / "evalsets")
     recipes, targets = ["recipes/tiny.yaml"], ["generic-cpu", "intel-cpu"]
     args = ["ci", "init", *recipes, "-t", targets[0], "-t", targets[1]]
-    workflow = yaml.safe_load(phikit(*args, "--github", check=0).stdout)
+
+    def in_repo(*argv: str, check: int) -> subprocess.CompletedProcess:
+        """ci init runs from the repository's root: the recipes are paths in it."""
+        proc = subprocess.run([sys.executable, "-m", "toolkit.cli", *argv], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == check, proc.stdout + proc.stderr
+        return proc
+
+    workflow = yaml.safe_load(in_repo(*args, "--github", check=0).stdout)
     build = workflow["jobs"]["build"]
     assert build["needs"] == "reference"
     assert build["strategy"]["matrix"] == {"recipe": recipes, "target": targets}
     runs = [s.get("run", "") for s in build["steps"]]
     assert any("phikit build ${{ matrix.recipe }}" in r for r in runs)
     assert any("GITHUB_STEP_SUMMARY" in r for r in runs)
-    pipeline = yaml.safe_load(phikit(*args, "--gitlab", check=0).stdout)
+    pipeline = yaml.safe_load(in_repo(*args, "--gitlab", check=0).stdout)
     assert pipeline["phikit-build"]["parallel"]["matrix"] == [{"RECIPE": recipes,
                                                                "TARGET": targets}]
     assert pipeline["phikit-build"]["artifacts"]["reports"]["junit"] == "phikit-junit.xml"
-    phikit("ci", "init", *recipes, "-t", "generic-cpu", check=2)  # neither --github nor --gitlab
+    in_repo("ci", "init", *recipes, "-t", "generic-cpu", check=2)  # neither --github nor --gitlab
+    # a recipe that names an absolute path would build on this machine only: refused, named
+    (repo / "recipes" / "abs.yaml").write_text((repo / "recipes" / "tiny.yaml").read_text()
+                                               .replace("../models", f"{repo}/models"))
+    refused = in_repo("ci", "init", "recipes/abs.yaml", "-t", "generic-cpu", "--github", check=2)
+    assert "source" in refused.stderr and "absolute path" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    (repo / "recipes" / "abs.yaml").unlink()
 
     phikit_bin = Path(sys.executable).parent / "phikit"
     env = {**os.environ, "PHIKIT_CACHE": os.environ.get("PHIKIT_CACHE", str(tmp_path / "c"))}

@@ -45,6 +45,9 @@ def test_the_wheel_carries_extras_and_data(wheel):
     data = [n.split("/data/share/phikit/", 1)[1] for n in names if "/data/share/phikit/" in n]
     assert {"recipes/tiny-phi3-int4.yaml", "targets/generic-cpu.yaml", "evalsets/tiny-phi3.jsonl",
             "models/tiny-phi3/model.safetensors"} <= set(data)
+    # package data: what `pip install -c <path phikit prints>` and the GGUF fetch read
+    assert {"toolkit/data/constraints.txt", "toolkit/data/llama-cpp.pin",
+            "toolkit/data/evalset-real.jsonl"} <= set(names)
 
 
 def test_extras_pin_what_the_constraints_verified():
@@ -59,7 +62,7 @@ def test_extras_pin_what_the_constraints_verified():
         return re.split(r"[\[=<>!~; ]", req, 1)[0].lower().replace("_", "-")
 
     pins = {name(line): line.split("==", 1)[1].split("+")[0]
-            for line in (REPO / "constraints.txt").read_text().splitlines()
+            for line in (REPO / "toolkit" / "data" / "constraints.txt").read_text().splitlines()
             if "==" in line and not line.startswith("#")}
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
@@ -95,7 +98,8 @@ def test_one_extra_into_a_fresh_venv_runs_the_demo(wheel, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     pip("torch==2.13.0")  # the CPU wheel first, as the README says
-    pip("-c", str(REPO / "constraints.txt"), f"phikit[openvino] @ {wheel.as_uri()}")
+    pip("-c", str(REPO / "toolkit" / "data" / "constraints.txt"),
+        f"phikit[openvino] @ {wheel.as_uri()}")
     empty = tmp_path / "empty"
     empty.mkdir()
     phikit = venv / "bin" / "phikit"
@@ -120,6 +124,9 @@ def test_one_extra_into_a_fresh_venv_runs_the_demo(wheel, tmp_path):
         rows = doctor()
     assert "usable" in rows["torch"]["status"] and "usable" in rows["openvino"]["status"]
     assert "no" in rows["gguf"]["status"] and "phikit[gguf]" in rows["gguf"]["why"]
+    # the hint pastes: its -c path is the installed package's own constraints file
+    hint_path = rows["gguf"]["why"].split("pip install -c ", 1)[1].split(" ", 1)[0]
+    assert Path(hint_path).is_file() and str(venv) in hint_path, rows["gguf"]["why"]
     demo = subprocess.run([str(phikit), "demo", "--target", "intel-cpu", "--out", "dist"],
                           capture_output=True, text=True, cwd=empty, timeout=1800)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]

@@ -58,11 +58,14 @@ def ci_run(
 
 @ci_app.command("init")
 def ci_init(
-    recipes: list[str] = typer.Argument(..., help="recipe YAMLs, as paths in the repository"),
+    recipes: list[str] = typer.Argument(..., help="recipe YAMLs, as paths in the repository "
+                                        "(run from its root)"),
     target: list[str] = typer.Option(..., "--target", "-t", help="target (repeatable)"),
     github: bool = typer.Option(False, "--github", help="a GitHub Actions workflow"),
     gitlab: bool = typer.Option(False, "--gitlab", help="a GitLab CI pipeline"),
-    spec: str = typer.Option("phikit[onnx,openvino]", help="what the jobs pip-install"),
+    spec: Optional[str] = typer.Option(None, help="what the jobs pip-install: a requirement "
+                                       "(default: phikit[onnx,openvino]==this version), or "
+                                       "'phikit[...] @ <wheel or git URL>'"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write it here "
                                           "(default: stdout)"),
 ) -> None:
@@ -71,7 +74,14 @@ def ci_init(
 
     if github == gitlab:
         raise PhikitError("choose one of --github and --gitlab")
-    text = (gen.github if github else gen.gitlab)(recipes, target, spec)
+    recipes = gen.repo_paths(recipes)
+    spec = spec or gen.PHIKIT_SPEC
+    if github:
+        where = output.as_posix() if output is not None and not output.is_absolute() else \
+            gen.GITHUB_PATH
+        text = gen.github(recipes, target, spec, path=where)
+    else:
+        text = gen.gitlab(recipes, target, spec)
     if output is None:
         sys.stdout.write(text)
     else:

@@ -7,13 +7,73 @@ test can run them on the tiny model as a local dry run of the workflow."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-PHIKIT_SPEC = "phikit[onnx,openvino]"  # the extras the targets' backends need
+from . import __version__
+from .errors import PhikitError
+
+# the extras the targets' backends need, at the version that wrote the workflow
+PHIKIT_SPEC = f"phikit[onnx,openvino]=={__version__}"
+GITHUB_PATH = ".github/workflows/phikit.yml"
 # the CPU wheel first: a plain `torch` requirement would pull the CUDA build
 TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+CONSTRAINTS = '"$(python -m toolkit.installing constraints)"'
+# optimum-intel requires torchvision and phikit does not use it; PyPI's build of it is CUDA's,
+# which breaks every transformers model import beside torch's CPU wheel
+NO_TORCHVISION = "pip uninstall -y torchvision"
+
+
+def install_commands(spec: str) -> list[str]:
+    """A build job's install: torch's CPU wheel, phikit itself (for its constraints file), then
+    its extras within those constraints."""
+    return [TORCH_CPU, f"pip install --no-deps {_q(spec)}",
+            f"pip install -c {CONSTRAINTS} {_q(spec)}", NO_TORCHVISION]
+
+
+def report_install_commands(spec: str) -> list[str]:
+    """The summary job's install: phikit without its dependencies, then the `report` extra."""
+    return [f"pip install --no-deps {_q(spec)}",
+            "python -m toolkit.installing report > phikit-report.txt",
+            f"pip install -c {CONSTRAINTS} -r phikit-report.txt"]
+
+
+def _q(spec: str) -> str:
+    return "'" + spec.replace("'", "'\\''") + "'"
+
+
+def repo_paths(recipes: list[str], root: Path | None = None) -> list[str]:
+    """The recipes as paths relative to the repository root (here): a runner checks the
+    repository out elsewhere, so an absolute path, or one outside it, would not be found."""
+    root = (root or Path.cwd()).resolve()
+    out = []
+    for recipe in recipes:
+        full = (root / recipe).resolve()
+        if not full.is_file():
+            raise PhikitError("recipe not found (ci init takes paths in the repository, from "
+                              "its root)", file=recipe)
+        if not full.is_relative_to(root):
+            raise PhikitError(f"outside the repository {root}: a CI runner would not have it",
+                              file=recipe)
+        _relative_fields(full)
+        out.append(full.relative_to(root).as_posix())
+    return out
+
+
+def _relative_fields(recipe: Path) -> None:
+    """A recipe whose own paths are absolute builds on this machine only."""
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    fields = {"source": data.get("source"),
+              "eval.file": (data.get("eval") or {}).get("file"),
+              "quantization.calibration": (data.get("quantization") or {}).get("calibration")}
+    for field, value in fields.items():
+        if isinstance(value, str) and os.path.isabs(os.path.expanduser(value)):
+            raise PhikitError(f"absolute path {value}: a CI runner checks the repository out "
+                              "elsewhere; write it relative to the recipe (phikit init does)",
+                              file=recipe, field=field)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -52,17 +112,19 @@ def phikit_commands(recipes: list[str], targets: list[str]) -> list[str]:
             + [build_command(r, t) for r in recipes for t in targets] + [SUMMARY_COMMAND])
 
 
-def github(recipes: list[str], targets: list[str], spec: str = PHIKIT_SPEC) -> str:
-    install = [
-        {"uses": "actions/checkout@v4"},
-        {"uses": "actions/setup-python@v5", "with": {"python-version": "3.11", "cache": "pip"}},
-        {"run": TORCH_CPU},
-        {"run": f'pip install "{spec}"'},
-        {"uses": "actions/cache@v4", "with": {
-            "path": "~/.cache/huggingface\n~/.cache/phikit/artifacts",
-            "key": "phikit-${{ hashFiles('recipes/**') }}",
-            "restore-keys": "phikit-"}},
-    ]
+def github(recipes: list[str], targets: list[str], spec: str = PHIKIT_SPEC,
+           path: str = GITHUB_PATH) -> str:
+    """`path`: where the workflow is committed; setup-python keys its pip cache on that file,
+    which exists on every run and changes when the install lines do."""
+    setup = [{"uses": "actions/checkout@v4"},
+             {"uses": "actions/setup-python@v5", "with": {
+                 "python-version": "3.11", "cache": "pip", "cache-dependency-path": path}}]
+    install = [*setup, *({"run": c} for c in install_commands(spec)),
+               {"uses": "actions/cache@v4", "with": {
+                   "path": "~/.cache/huggingface\n~/.cache/phikit/artifacts",
+                   "key": "phikit-${{ hashFiles(%s) }}" % ", ".join(
+                       f"'{r}'" for r in [*recipes, path]),
+                   "restore-keys": "phikit-"}}]
     reference_dir = "~/.cache/phikit/reference"
     workflow: dict[str, Any] = {
         "name": "phikit quantization gate",
@@ -90,19 +152,18 @@ def github(recipes: list[str], targets: list[str], spec: str = PHIKIT_SPEC) -> s
                                     "path": "dist/", "if-no-files-found": "ignore"}}]},
             "summary": {
                 "needs": "build", "if": "always()", "runs-on": "ubuntu-24.04",
-                "steps": [*install,
+                "steps": [*setup, *({"run": c} for c in report_install_commands(spec)),
                           {"uses": "actions/download-artifact@v4",
                            "with": {"pattern": "bundle-*", "path": "dist",
                                     "merge-multiple": True}},
                           {"run": f'{SUMMARY_COMMAND} >> "$GITHUB_STEP_SUMMARY"'}]},
         },
     }
-    return _dump("# Written by `phikit ci init --github`: .github/workflows/phikit.yml\n",
-                 workflow)
+    return _dump(f"# Written by `phikit ci init --github`: commit it as {path}\n", workflow)
 
 
 def gitlab(recipes: list[str], targets: list[str], spec: str = PHIKIT_SPEC) -> str:
-    install = [TORCH_CPU, f'pip install "{spec}"']
+    install = install_commands(spec)
     pipeline: dict[str, Any] = {
         "stages": ["reference", "build", "summary"],
         "default": {"image": "python:3.11-bookworm",
@@ -124,7 +185,8 @@ def gitlab(recipes: list[str], targets: list[str], spec: str = PHIKIT_SPEC) -> s
                           "reports": {"junit": "phikit-junit.xml"}}},
         "phikit-summary": {
             "stage": "summary", "when": "always", "needs": ["phikit-build"],
-            "script": [*install, f"{SUMMARY_COMMAND} | tee phikit-summary.md"],
+            "script": [*report_install_commands(spec),
+                       f"{SUMMARY_COMMAND} | tee phikit-summary.md"],
             "artifacts": {"when": "always", "paths": ["phikit-summary.md"]}},
     }
     return _dump("# Written by `phikit ci init --gitlab`: .gitlab-ci.yml\n", pipeline)

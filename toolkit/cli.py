@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import PhikitError
@@ -256,19 +257,27 @@ def init(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where the recipe goes "
                                           "(default: NAME.yaml here)"),
     force: bool = typer.Option(False, help="overwrite an existing file"),
+    bound: list[str] = typer.Option([], "--bound", help="KEY=VALUE: a bound you accept for "
+                                    "your model, in place of the default (repeatable), e.g. "
+                                    "ppl_ratio_max=1.02"),
 ) -> None:
     """Write a commented recipe for a checkpoint, with the backend's default bounds."""
     from .backends import BACKENDS
     from .build import find_target
-    from .init import recipe_name, recipe_text
+    from .init import bounds_warning, parse_bounds, recipe_name, recipe_text
     from .schema import load_target
 
-    text = recipe_text(source, load_target(find_target(target), set(BACKENDS)), precision,
-                       backend)
+    loaded = load_target(find_target(target), set(BACKENDS))
     path = output or Path(f"{recipe_name(source, precision)}.yaml")
     if path.exists() and not force:
         raise PhikitError("exists; pass --force to overwrite it", file=path)
+    text = recipe_text(source, loaded, precision, backend, recipe_dir=path.parent,
+                       bounds=parse_bounds(bound))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+    warning = bounds_warning(source, backend or loaded.backend, precision)
+    if warning:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
     out.print(f"wrote {path}; next: phikit build {path} --target {target}", highlight=False)
 
 
@@ -347,7 +356,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
 def list_cmd(
     matrix: bool = typer.Option(False, "--matrix", help="the support matrix: family member x "
                                 "backend x precision, from the same checks builds run"),
-    markdown: bool = typer.Option(False, "--markdown", help="with --matrix: Markdown (README)"),
+    markdown: bool = typer.Option(False, "--markdown", help="with --matrix: Markdown (docs/family.md)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Recipes and targets shipped with phikit (--matrix: what each backend supports)."""

@@ -47,7 +47,8 @@ def usable_targets() -> list[tuple[Path, object, str | None]]:
 
 # cells are Text: Rich would read an install hint's "[gguf]" as markup and drop it
 USABLE = Text("usable", "green")
-TORCH_HINT = "install torch==2.13.0 from PyTorch's CPU index first (README: Install)"
+# pastes as it is: PyPI's default torch is the CUDA build
+TORCH_HINT = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
 
 def torch_status() -> tuple[bool, Text, str]:

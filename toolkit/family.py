@@ -243,8 +243,8 @@ def matrix_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path = REPO / "README.md") -> None:
-    """Regenerate the README's matrix section (between its begin/end markers) from the code."""
+def update_matrix_doc(readme: Path = REPO / "docs" / "family.md") -> None:
+    """Regenerate docs/family.md's matrix section (between its begin/end markers) from the code."""
     text = readme.read_text(encoding="utf-8")
     begin, end = "<!-- matrix:begin -->\n", "<!-- matrix:end -->"
     head, rest = text.split(begin, 1)

@@ -1,7 +1,7 @@
 """requirements.lock for a target's platform: exact versions + sha256 of the wheels pip picks.
 
 pip itself resolves the runtime closure for the *target* platform (`pip download --platform ...`),
-pinned to the versions this build used (installed versions and the repo's constraints.txt), so a
+pinned to the versions this build used (installed versions and phikit's constraints, toolkit/data/constraints.txt), so a
 bundle built on x86_64 Linux gets a lock that installs on, say, a Raspberry Pi.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from .checkpoint import cache_root
 from .errors import PhikitError
+from .paths import CONSTRAINTS
 from .runner.core import lock_install_args, sha256_file
 from .schema import Platform
 
-CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)-.*\.whl$")
 SDIST = re.compile(r"^(?P<name>.+)-(?P<version>[^-]+)\.tar\.gz$")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 
@@ -20,6 +21,15 @@ TARGETS_DIR = REPO / "targets"
 RECIPES_DIR = REPO / "recipes"
 EVALSETS_DIR = REPO / "evalsets"
 MODELS_DIR = REPO / "models"
+
+
+def data_file(name: str) -> Path:
+    """A file of toolkit/data, the package data a wheel carries (not a checkout's copy)."""
+    return Path(str(files("toolkit") / "data" / name))
+
+
+# the versions verified together: `pip install -c CONSTRAINTS ...`, the lock step, the Makefile
+CONSTRAINTS = data_file("constraints.txt")
 
 
 def search_dirs(kind: str) -> list[Path]:

@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_mode
 from pydantic.fields import FieldInfo
 
 from .errors import PhikitError
+from .paths import data_file
 from .runner.core import NAME_PATTERN
 
 Precision = Literal["int4", "int8", "fp16", "fp32"]
@@ -350,7 +351,12 @@ def _problem(path: Path, model: type[BaseModel], err: dict, root: yaml.Node | No
     return PhikitError(msg, file=path, line=_line(root, loc), field=".".join(map(str, loc)))
 
 
+SHIPPED = "phikit:"  # a file phikit ships (toolkit/data), the same on every machine
+
+
 def _existing_file(yaml_path: Path, root: yaml.Node | None, loc: tuple, value: Path) -> Path:
+    if str(value).startswith(SHIPPED):
+        value = data_file(str(value)[len(SHIPPED):])
     full = value if value.is_absolute() else yaml_path.parent / value
     if not full.is_file():
         what = "not a regular file" if full.exists() else "file not found"

@@ -54,6 +54,10 @@ class Backend(Protocol):
     def unavailable(self) -> str | None:
         """None when the converter and runtime import here, else why not."""
 
+    def max_context(self, info: ModelInfo) -> int | None:
+        """The most tokens a bundle of this model can serve as trained, where the runtime caps
+        it below the model's own window (None: no cap)."""
+
     def support(self, info: ModelInfo | None, target: Target, recipe: Recipe) -> str | None:
         """None when supported, else the reason (checked before any conversion)."""
 

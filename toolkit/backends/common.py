@@ -68,10 +68,15 @@ class BackendDefaults:
     # precision -> what an honest bundle measures (bench/honest_bounds.py prints these); a
     # precision without an entry has no default bounds: the recipe's own only
     honest: dict[str, Honest] = {}
+    # the checkpoint `honest` was measured on: `phikit init` warns when a recipe's model is another
+    honest_model = "tiny-phi3"
     float_intermediate = False
     # name -> runtime options: the numerics the runtime may choose by itself on some CPU (the
     # `honest` figures are the worst of them; bench/honest_bounds.py validates under each)
     honest_numerics: dict[str, dict] = {}
+
+    def max_context(self, info) -> int | None:
+        return None
 
     def default_thresholds(self, precision: str) -> dict[str, float]:
         """Bounds for what a recipe leaves unset, from this backend's honest measurements."""
@@ -109,7 +114,9 @@ class BackendDefaults:
     @property
     def install(self) -> str:
         """What to install where unavailable() says no (doctor, demo --target)."""
-        return f'pip install -c constraints.txt "phikit[{self.name}]"'
+        from ..installing import pip_install_hint  # noqa: PLC0415
+
+        return pip_install_hint(f"phikit[{self.name}]")
 
 
 def first_import_error(*modules: str) -> str | None:

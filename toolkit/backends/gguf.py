@@ -1,6 +1,6 @@
 """GGUF (llama.cpp): convert with llama.cpp's own `convert_hf_to_gguf.py`, quantize with its own
-quantizer (`llama_model_quantize`), both from the pinned llama-cpp-python source package that
-`make install` unpacks (see the Makefile's llama-cpp target; PHIKIT_LLAMA_CPP overrides).
+quantizer (`llama_model_quantize`), both from the pinned llama-cpp-python source package: the
+`gguf` extra compiles its bindings, and llama_cpp_source.py finds (or fetches) its converter.
 
 Types. The recipe's precision/block/symmetry map onto llama.cpp's fixed-block types when they
 mean the same thing (int4 block 32 symmetric = Q4_0, asymmetric = Q4_1; int8 block 32 = Q8_0);
@@ -15,7 +15,6 @@ text (gguf_quantize.py says how) and guides every type; IQ1/IQ2/IQ3_XXS types re
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import Field
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import BackendOptions, Recipe, Target
+from . import llama_cpp_source
 from .common import BackendDefaults, Honest, first_import_error, run_tool, versions
 
 # Architectures whose published config the pinned converter maps (class name -> gguf-py arch).
@@ -46,8 +46,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 
 def llama_cpp_dir() -> Path:
-    return Path(os.environ.get("PHIKIT_LLAMA_CPP")
-                or Path(sys.prefix) / "share" / "phikit" / "llama.cpp")
+    return llama_cpp_source.converter_dir()
 
 
 class GgufOptions(BackendOptions):
@@ -76,16 +75,18 @@ class GgufBackend(BackendDefaults):
                        greedy_match_mean=27.8),
     }
 
-    install = ('pip install -c constraints.txt "phikit[gguf]" (compiles llama.cpp, minutes), '
-               "then the converter from the same source: `make llama-cpp` in a checkout, or "
-               "PHIKIT_LLAMA_CPP=<llama.cpp source tree>")
+    @property
+    def install(self) -> str:
+        from ..installing import pip_install_hint
+
+        return (pip_install_hint("phikit[gguf]") + " (compiles llama.cpp: minutes); the "
+                "converter is fetched on the first build, or PHIKIT_LLAMA_CPP=<llama.cpp tree>")
 
     def unavailable(self) -> str | None:
-        converter = llama_cpp_dir() / "convert_hf_to_gguf.py"
-        if not converter.is_file():
-            return (f"llama.cpp's converter is not at {converter} (run `make install`, or point "
-                    "PHIKIT_LLAMA_CPP at a llama.cpp source tree)")
-        return first_import_error("llama_cpp", "sentencepiece", "jinja2")
+        # no converter yet is fine: convert() fetches the pinned one (llama_cpp_source.ensure)
+        # google.protobuf: sentencepiece's model proto, which spm.py writes tokenizer.model with
+        return (first_import_error("llama_cpp", "sentencepiece", "google.protobuf", "jinja2")
+                or llama_cpp_source.installed_version_note())
 
     options_model = GgufOptions
 
@@ -148,16 +149,21 @@ class GgufBackend(BackendDefaults):
                     f"{info.original_max_positions} -> long factors for every position, even "
                     "of short prompts; src/llama-model.cpp), not by sequence length as the "
                     "model was trained: KLD 0.075 on short texts of an fp32 tiny LongRoPE Phi-3")
-        window = info.sliding_window
-        if window:
-            cap = window + 1
+        cap = GgufBackend.max_context(info)
+        if cap is not None:
             need = max(recipe.context_length or info.max_positions, recipe.eval.max_tokens)
             if need > cap:
                 return (f"llama.cpp disables Phi-3's sliding window (src/models/phi3.cpp), so "
-                        f"past {window} tokens attention would see the whole context: a GGUF "
-                        f"bundle serves at most {cap} tokens; set context_length (and "
-                        f"eval.max_tokens) <= {cap} (this recipe needs {need})")
+                        f"past {info.sliding_window} tokens attention would see the whole "
+                        f"context: a GGUF bundle serves at most {cap} tokens; set "
+                        f"context_length (and eval.max_tokens) <= {cap} (this recipe needs "
+                        f"{need})")
         return None
+
+    @staticmethod
+    def max_context(info: ModelInfo) -> int | None:
+        # llama.cpp's Phi-3 graph has no sliding window: only the window's own span is as trained
+        return info.sliding_window + 1 if info.sliding_window else None
 
     def recognizes(self, path: Path) -> bool:
         return len(list(path.glob("*.gguf"))) == 1
@@ -178,7 +184,8 @@ class GgufBackend(BackendDefaults):
                 outtype = INTERMEDIATE.get(str(config.get("torch_dtype") or config.get("dtype")),
                                            "f16")
             float_file = (out / MODEL_FILE) if ftype is None else (work / f"model-{outtype}.gguf")
-            run_tool([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"),
+            tree = llama_cpp_source.ensure(log)
+            run_tool([sys.executable, str(tree / llama_cpp_source.CONVERTER),
                       str(checkpoint), "--outfile", str(float_file), "--outtype", outtype],
                      log, "llama.cpp's convert_hf_to_gguf.py", float_file)
             if ftype is not None:
@@ -240,10 +247,10 @@ class GgufBackend(BackendDefaults):
                 **target.runtime.options}
 
     def toolchain(self) -> dict[str, str]:
-        source = llama_cpp_dir() / "SOURCE"
+        source = llama_cpp_source.source_line()
         out = versions("llama-cpp-python", "sentencepiece", "transformers", "torch")
-        if source.is_file():
-            out["llama.cpp converter"] = source.read_text().strip()
+        if source:
+            out["llama.cpp converter"] = source
         return out
 
 

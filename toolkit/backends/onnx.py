@@ -76,8 +76,7 @@ class OnnxBackend(BackendDefaults):
     options_model = OnnxOptions
     home_target = "generic-cpu"
     # Bumped when phikit asks the builder for something different with the same recipe, so
-    # cached conversions made before are not reused (2: sliding window, LongRoPE lm_head;
-    # 3: the all-logits graph beside a pruned lm_head).
+    # cached conversions made before are not reused.
     revision = 3
     runtime_module = "ortgenai"
     tool = "onnxruntime_genai.models.builder"

@@ -57,8 +57,12 @@ class QnnBackend(BackendDefaults):
     tool = "olive run (QNN static LLM passes)"
     exact_tokenizer = False  # the checkpoint's tokenizer.json is used as it is
 
-    install = ('pip install -c constraints.txt "phikit[qnn]", then Olive\'s ModelBuilder '
-               "runtime apart: `make olive-genai` in a checkout")
+    @property
+    def install(self) -> str:
+        from ..installing import pip_install_hint
+
+        return (pip_install_hint("phikit[qnn]") + ", then Olive's ModelBuilder runtime apart: "
+                "`make olive-genai` in a checkout")
 
     def unavailable(self) -> str | None:
         missing = first_import_error("olive", "onnxruntime", "onnxruntime_qnn", "datasets",
