@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..artifact_checks import ArtifactFacts, transformers_file_facts
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import BackendOptions, Recipe, Target
@@ -77,6 +78,12 @@ class BackendDefaults:
         """Bounds for what a recipe leaves unset, from this backend's honest measurements."""
         honest = self.honest.get(precision)
         return honest.bounds() if honest else {}
+
+    def artifact_facts(self, model_dir: Path) -> ArtifactFacts:
+        """What the artifact's files state about context, EOS and special tokens, and the chat
+        templates a front end renders by itself (toolkit/artifact_checks.py compares them with
+        the reference): the transformers-format files, where the backend ships them."""
+        return transformers_file_facts(model_dir)
 
     def default_block_size(self, precision: str, target: Target) -> int:
         """Weights per quantization block where the recipe leaves block_size unset: 32, what

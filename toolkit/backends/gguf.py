@@ -159,6 +159,12 @@ class GgufBackend(BackendDefaults):
                         f"eval.max_tokens) <= {cap} (this recipe needs {need})")
         return None
 
+    def artifact_facts(self, model_dir: Path):
+        """The GGUF's metadata and the Modelfile Ollama serves it with (gguf_facts.py)."""
+        from .gguf_facts import gguf_facts  # noqa: PLC0415
+
+        return gguf_facts(model_dir)
+
     def recognizes(self, path: Path) -> bool:
         return len(list(path.glob("*.gguf"))) == 1
 

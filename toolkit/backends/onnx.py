@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from ..artifact_checks import ArtifactFacts, Fact, eos_list, transformers_file_facts
 from ..checkpoint import ModelInfo, read_model_info
 from ..schema import BackendOptions, Recipe, Target
 from .common import (BackendDefaults, Honest, describe_quantization, first_import_error, provider_runtime_options,
@@ -136,6 +137,27 @@ class OnnxBackend(BackendDefaults):
 
     def recognizes(self, path: Path) -> bool:
         return (path / "genai_config.json").is_file()
+
+    def artifact_facts(self, model_dir: Path) -> ArtifactFacts:
+        """genai_config.json besides the transformers files: ORT GenAI's KV cache size and
+        generation limit, and the EOS set it stops on."""
+        out = transformers_file_facts(model_dir)
+        try:
+            cfg = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            out.notes.append(f"genai_config.json does not read: {e}")
+            return out
+        model, search = cfg.get("model", {}), cfg.get("search", {})
+        name = "genai_config.json"
+        if "context_length" in model:
+            out.facts.append(Fact(name, "model.context_length", model["context_length"],
+                                  "context"))
+        if "max_length" in search:
+            out.facts.append(Fact(name, "search.max_length", search["max_length"], "context"))
+        if "eos_token_id" in model:
+            out.facts.append(Fact(name, "model.eos_token_id", eos_list(model["eos_token_id"]),
+                                  "eos_set"))
+        return out
 
     def extra_options(self, recipe: Recipe, target: Target,
                       info: ModelInfo | None = None) -> dict[str, object]:
