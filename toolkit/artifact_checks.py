@@ -47,6 +47,7 @@ class Fact:
 class ServedChat:
     """A chat template a front end renders by itself, outside the runner."""
     file: str
+    template: str  # where in the file: "TEMPLATE"
     render: Callable[[list[dict[str, str]]], str]  # messages -> the text the front end tokenizes
     tokenize: Callable[[str], list[int]]  # as that front end tokenizes it (BOS included)
     stops: tuple[str, ...] = ()
@@ -214,12 +215,12 @@ def static_checks(facts: ArtifactFacts, claims: Claims, chats: list[tuple[str, l
                 try:
                     got = served.tokenize(served.render(messages))
                 except ValueError as e:  # go_template.TemplateError: outside its subset
-                    bad.append(f"{served.file} does not render chat {row_id!r}: {e}")
+                    bad.append(f"{served.file} {served.template} does not render chat {row_id!r}: {e}")
                     continue
                 if got != ref_ids:
                     i = next((k for k, (a, b) in enumerate(zip(got, ref_ids)) if a != b),
                              min(len(got), len(ref_ids)))
-                    bad.append(f"{served.file} renders chat {row_id!r} differently at token {i}: "
+                    bad.append(f"{served.file} {served.template} renders chat {row_id!r} differently at token {i}: "
                                f"reference {ref_ids[i:i + 4]} vs served {got[i:i + 4]}")
         out.append(_check("served_template_agreement", pairs - len(bad), pairs,
                           bad[0] if bad else ""))

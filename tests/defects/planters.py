@@ -771,6 +771,13 @@ WRITTEN.update({(f"{d}_int4", b): planter for (d, b), planter in list(WRITTEN.it
                 if d in ("zero_norm", "two_bit_layer")})
 
 
+# what the bundle claims (context, EOS, templates, the Modelfile): claim_planters.py
+from .claim_planters import CLAIM_DEFECTS, CLAIM_WRITTEN  # noqa: E402
+
+DEFECTS.update({d.name: d for d in CLAIM_DEFECTS})
+WRITTEN.update(CLAIM_WRITTEN)
+
+
 def cells(registry=None) -> dict[tuple[str, str], Callable[[Ctx], str] | NotPlantable]:
     """Every defect x every registered backend: its planter, or why there is none."""
     names = sorted(REGISTRY if registry is None else registry)

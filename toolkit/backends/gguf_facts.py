@@ -130,7 +130,7 @@ def _modelfile_facts(path: Path, gguf_file: Path, out: ArtifactFacts) -> None:
     if tokenize is None:
         out.notes.append(f"{MODELFILE} TEMPLATE not compared: llama_cpp does not import here")
         return
-    out.chats.append(ServedChat(f"{MODELFILE} TEMPLATE", render_chat, tokenize,
+    out.chats.append(ServedChat(MODELFILE, "TEMPLATE", render_chat, tokenize,
                                 tuple(params.get("stop", []))))
 
 
