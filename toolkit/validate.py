@@ -146,7 +146,8 @@ def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int]
                                   # only a reference computed now runs the checkpoint's code (and
                                   # the check imports transformers, seconds per validation)
                                   lambda: check_remote_code(read_model_info(checkpoint),
-                                                            recipe.trust_remote_code, source))
+                                                            recipe.trust_remote_code, source),
+                                  context_tokens=recipe.context_length or recipe.eval.max_tokens)
     return PreparedReference(ref, evalset, cached, time.perf_counter() - start)
 
 
