@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+
+import numpy as np
 from pathlib import Path
 
 from .formats import edit_json, gguf_reader, gguf_rewrite, gguf_scalar, set_ir_rt_info
-from .planters import END, Ctx, Defect, NotPlantable
+from .formats import OnnxModel
+from .planters import (END, RUNTIME_POSITIONS, Ctx, Defect, NotPlantable, flush, inv_freq,
+                       ov_replace_positions)
 
 LOST_EOS = 32001  # <|assistant|>: in generation_config's list, never where an eval reply ends
 WRONG_GGUF_EOS = 2  # </s>: a converter that writes Llama's eos id into a Phi-3 GGUF
@@ -46,6 +50,35 @@ def template_files(model_dir: Path, change) -> list[str]:
         edit_json(config, lambda c: c.update(chat_template=change(c["chat_template"])))
         changed.append(config.name)
     return changed
+
+
+# --- positions past what a short eval reaches ---------------------------------------------------
+
+WRAP = 512  # a RoPE table tabulated for 512 positions, reused past them (position mod 512)
+
+
+def onnx_positions_wrap(ctx: Ctx) -> str:
+    """cos/sin_cache rows from WRAP on repeat the first WRAP rows: positions < WRAP (every
+    position an eval of 128-token texts reaches) are exact."""
+    m = OnnxModel(ctx.model_dir)
+    cos, sin = m.tensor("cos_cache"), m.tensor("sin_cache")
+    pos = np.arange(cos.shape[0], dtype=np.int64)
+    freqs = inv_freq(ctx.theta, 2 * cos.shape[1])
+    assert cos.shape[0] > WRAP and np.allclose(cos, np.cos(pos[:, None] * freqs), atol=2e-3)
+    angles = (pos % WRAP)[:, None].astype(np.float64) * freqs
+    cos[...], sin[...] = np.cos(angles), np.sin(angles)
+    flush(cos, sin)
+    return f"model.onnx.data: cos_cache/sin_cache rows >= {WRAP} = rows of position mod {WRAP}"
+
+
+def ov_positions_wrap(ctx: Ctx) -> str:
+    import openvino.opset13 as ops
+
+    def wrap(positions):
+        kind = positions.get_element_type().to_dtype()
+        return ops.floor_mod(positions, ops.constant(kind.type(WRAP)))
+
+    return ov_replace_positions(ctx, wrap, f"mod {WRAP}")
 
 
 # --- context ------------------------------------------------------------------------------------
@@ -169,6 +202,9 @@ def _system_as_user(text: str) -> str:
 NO_MODELFILE = NotPlantable("this target serves through the bundle's runner: no Modelfile")
 
 CLAIM_DEFECTS = [
+    # every position < 512 exact: an eval whose texts stop at 128 tokens measures nothing else
+    Defect("positions_wrap", f"RoPE positions >= {WRAP} wrap to position mod {WRAP}",
+           ("kld_drift", "kld_mean"), keep=("token_agreement",)),
     Defect("halved_context", "context length halved in an artifact file (genai_config.json, "
            "config.json, GGUF metadata)", ("context_agreement",), keep=STATIC_KEEP),
     Defect("eos_id_lost", f"EOS id {LOST_EOS} lost from the runtime's EOS set",
@@ -190,6 +226,12 @@ CLAIM_DEFECTS = [
 ]
 
 CLAIM_WRITTEN = {
+    ("positions_wrap", "onnx"): onnx_positions_wrap,
+    ("positions_wrap", "openvino"): ov_positions_wrap,
+    ("positions_wrap", "mlx"): NotPlantable(RUNTIME_POSITIONS.format(
+        runtime="mlx-lm (its attention modules' RoPE offset = cache.offset)")),
+    ("positions_wrap", "gguf"): NotPlantable(RUNTIME_POSITIONS.format(
+        runtime="llama.cpp (the batch's pos[] from n_past)")),
     ("halved_context", "onnx"): onnx_halved_context,
     ("halved_context", "openvino"): config_halved_context,
     ("halved_context", "mlx"): config_halved_context,
