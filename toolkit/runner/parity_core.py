@@ -8,7 +8,9 @@ returns is the plain-JSON form of toolkit/report/model.py's ParityReport.
 Metrics
   kld_*            KL(reference || candidate) per position, over the reference's top-K tokens plus
                    one tail bucket (a lower bound of the full KL; exact when the tail is empty)
-  top1             share of positions where both pick the same most likely token
+  kld_p999         KLD's 99.9th percentile: the tail (llama.cpp --kl-divergence's "99.9% KLD")
+  top1             share of positions where both pick the same most likely token (llama.cpp
+                   --kl-divergence's "Same top p": n_same_top / count)
   ppl_ratio        candidate perplexity / reference perplexity on the actual next tokens
   greedy_match     tokens generated greedily before the first divergence, per prompt
   token_agreement  share of eval rows the candidate tokenizes exactly like the reference, and
@@ -52,6 +54,7 @@ KLD_HISTOGRAM_EDGES = [-8 + 0.5 * i for i in range(21)]
 CHECKS = [
     ("kld_mean_max", "kld_mean", "max"),
     ("kld_p99_max", "kld_p99", "max"),
+    ("kld_p999_max", "kld_p999", "max"),
     ("top1_min", "top1", "min"),
     ("ppl_ratio_max", "ppl_ratio", "max"),
     ("greedy_match_mean_min", "greedy_match_mean", "min"),
