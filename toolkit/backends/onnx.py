@@ -87,12 +87,12 @@ class OnnxBackend(BackendDefaults):
     exact_tokenizer = True
     # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
     honest = {
-        "int4": Honest(kld_mean=0.00642, kld_p99=0.0317, top1=0.912, ppl_ratio=1.001,
-                       greedy_match_mean=6.56),
-        "int8": Honest(kld_mean=5.54e-05, kld_p99=0.000237, top1=0.9915, ppl_ratio=1,
-                       greedy_match_mean=23.6),
-        "fp32": Honest(kld_mean=1.09e-09, kld_p99=2.53e-08, top1=1, ppl_ratio=1,
-                       greedy_match_mean=27.8),
+        "int4": Honest(kld_mean=0.00663, kld_p99=0.033, top1=0.9113, ppl_ratio=0.9968,
+                       greedy_match_mean=7.05, kld_p999=0.0475),
+        "int8": Honest(kld_mean=5.33e-05, kld_p99=0.000232, top1=0.9922, ppl_ratio=1.0002,
+                       greedy_match_mean=24.3, kld_p999=0.000348),
+        "fp32": Honest(kld_mean=3.22e-10, kld_p99=7.29e-09, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.6, kld_p999=1.3e-08),
     }
 
     def unavailable(self) -> str | None:
