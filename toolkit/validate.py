@@ -195,6 +195,7 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                      "the backend converted it), so every eval row (plain and chat-formatted) "
                      "must tokenize exactly like the reference: "
                      f"{report.tokenizer.identical} of {report.tokenizer.rows} did")
+    notes += coverage_notes(report, recipe)
     served = info.get("context_length")
     for band in report.bands:
         if served is not None and band.start >= int(served):
@@ -205,6 +206,20 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                          "checked (add longer texts to the eval set)")
     report.notes = notes
     return report
+
+
+def coverage_notes(report: ParityReport, recipe: Recipe) -> list[str]:
+    """How far the eval reached against the context the bundle claims (metrics.context_*)."""
+    reached = max([t.tokens for t in report.texts]
+                  + [p.prompt_tokens + p.candidate_tokens for p in report.prompts], default=0)
+    claimed = recipe.context_length or report.candidate.get("context_length")
+    report.metrics.context_reached = reached
+    report.metrics.context_claimed = int(claimed) if claimed else None
+    if claimed and reached < int(claimed):
+        return [f"the eval set reaches {reached} of the {int(claimed)} positions the bundle "
+                f"claims to serve: positions past {reached} are not validated (a text row with "
+                '"reach_context": true reaches the recipe\'s context_length)']
+    return []
 
 
 def add_static_checks(report: ParityReport, candidate: Candidate, ref, evalset) -> list[str]:

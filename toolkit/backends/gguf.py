@@ -163,7 +163,7 @@ class GgufBackend(BackendDefaults):
         """The GGUF's metadata and the Modelfile Ollama serves it with (gguf_facts.py)."""
         from .gguf_facts import gguf_facts  # noqa: PLC0415
 
-        return gguf_facts(model_dir)
+        return gguf_facts(model_dir, llama_cpp_dir() / "gguf-py")
 
     def recognizes(self, path: Path) -> bool:
         return len(list(path.glob("*.gguf"))) == 1

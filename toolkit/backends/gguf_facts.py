@@ -70,18 +70,17 @@ def ollama_render(template: str, messages: list[dict[str, str]], system: str | N
     return "".join(parts)
 
 
-def _gguf_py():
-    from .gguf import llama_cpp_dir  # noqa: PLC0415 - gguf.py imports this module's users
-
-    path = str(llama_cpp_dir() / "gguf-py")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+def _gguf_py(path: Path):
+    """llama.cpp's own gguf-py (the converter's copy, at `path`), as the converter imports it."""
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
     import gguf  # noqa: PLC0415
 
     return gguf
 
 
-def gguf_facts(model_dir: Path) -> ArtifactFacts:
+def gguf_facts(model_dir: Path, gguf_py: Path) -> ArtifactFacts:
+    """`gguf_py`: the directory of llama.cpp's gguf-py package."""
     out = transformers_file_facts(model_dir)
     files = sorted(model_dir.glob("*.gguf"))
     if len(files) != 1:
@@ -89,7 +88,7 @@ def gguf_facts(model_dir: Path) -> ArtifactFacts:
         return out
     gguf_file = files[0]
     try:
-        reader = _gguf_py().GGUFReader(gguf_file, "r")
+        reader = _gguf_py(gguf_py).GGUFReader(gguf_file, "r")
         meta = {k: f.contents() for k, f in reader.fields.items()
                 if not k.endswith((".scores", ".token_type", ".merges"))}
     except Exception as e:  # noqa: BLE001 - gguf-py missing or the file unreadable: say which
