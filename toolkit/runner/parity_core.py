@@ -44,7 +44,7 @@ import numpy as np
 
 from .core import Sampling, Session, chat_ids
 from .logprobs import gathered_kld, gathered_logp, row_stats
-from .reference_data import Reference
+from .reference_data import Reference, TextRef
 
 REPORT_VERSION = 2  # toolkit/report/model.py reads (and upgrades) it
 # metrics.kld_histogram counts log10(max(KLD, 1e-8)) in these half-decade bins (20 of them)
@@ -297,7 +297,14 @@ def teacher_forced(session: Session, ref: Reference, rows: dict, progress=None) 
     out = TeacherForced()
     decoded = ref.meta.get("decoded") or [None] * len(ref.texts)
     bos = ref.meta.get("bos_token_id")
+    served = int(getattr(session, "context_length", 0) or 0)
     for t, ref_text in zip(ref.texts, decoded):
+        if served and t.ids.size > served:
+            # a runtime that serves fewer positions than the text (a context shorter than the
+            # bundle claims: validate's context_agreement says so) is measured where it serves
+            t = TextRef(t.id, t.ids[:served], t.topk_ids[:served], t.topk_logp[:served],
+                        t.next_logp[:served - 1])
+            ref_text = None  # the decoded text is the whole row's
         ids = t.ids.tolist()
         logits = np.asarray(session.logits(ids))
         if logits.shape[0] != len(ids):
