@@ -113,6 +113,15 @@ def ov_long_factors_off(ctx: Ctx) -> str:
     return f"openvino_model.bin: long_factor ({name}) x {LONG_FACTOR_ERROR}"
 
 
+def mlx_long_factors_off(ctx: Ctx) -> str:
+    """mlx-lm reads the factor lists from config.json."""
+    def change(c: dict) -> None:
+        c["rope_scaling"]["long_factor"] = [f * LONG_FACTOR_ERROR
+                                            for f in c["rope_scaling"]["long_factor"]]
+    edit_json(ctx.model_dir / "config.json", change)
+    return f"config.json: rope_scaling.long_factor x {LONG_FACTOR_ERROR}"
+
+
 # --- context ------------------------------------------------------------------------------------
 
 
@@ -268,7 +277,7 @@ CLAIM_DEFECTS = [
 CLAIM_WRITTEN = {
     ("long_factors_off_int4", "onnx"): onnx_long_factors_off,
     ("long_factors_off_int4", "openvino"): ov_long_factors_off,
-    ("long_factors_off_int4", "mlx"): NotPlantable("no planter for MLX's factor list yet"),
+    ("long_factors_off_int4", "mlx"): mlx_long_factors_off,
     ("long_factors_off_int4", "gguf"): NotPlantable("llama.cpp refuses LongRoPE (no host)"),
     ("long_factors_short_int4", "onnx"): onnx_long_factors_short,
     ("long_factors_short_int4", "openvino"): ov_long_factors_short,
