@@ -168,3 +168,45 @@ def test_builtin_eval_sets_take_every_chat_path():
         assert any(m[0]["role"] == "system" for m in chats), name
         assert any(sum(t["role"] == "user" for t in m) > 1 for m in chats), name
     assert any(r.reach_context for r in load_evalset(REPO / "evalsets" / "tiny-phi3.jsonl").rows)
+
+
+class _ShortSession:
+    """A runtime that computes the reference model exactly but serves fewer positions than the
+    eval text (a context halved in its config)."""
+
+    def __init__(self, logits, context_length):
+        self.table, self.context_length = logits, context_length
+
+    def logits(self, ids, start=0):
+        if len(ids) > self.context_length:
+            raise ValueError(f"{len(ids)} tokens exceed the model's context length")
+        return self.table[:len(ids)][start:]
+
+    def tokenize(self, text, add_special_tokens=True):
+        return list(range(10))
+
+    def detokenize(self, ids):
+        return "x"
+
+
+def test_a_text_past_the_served_context_is_measured_where_it_is_served():
+    """The runtime's short context is a static failure (context_agreement), not a crash of the
+    teacher-forced pass: parity measures the positions the runtime serves."""
+    import numpy as np
+
+    from toolkit.runner import parity_core
+    from toolkit.runner.logprobs import log_softmax
+    from toolkit.runner.reference_data import Reference, TextRef
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(10, 16)).astype(np.float32)
+    logp = log_softmax(logits)
+    top = np.argsort(-logp, axis=-1)[:, :8]
+    ids = np.arange(10, dtype=np.int32)
+    text = TextRef("long", ids, top.astype(np.int32),
+                   np.take_along_axis(logp, top, -1).astype(np.float32),
+                   logp[np.arange(9), ids[1:]].astype(np.float32))
+    row = type("Row", (), {"value": "x", "kind": "text"})()
+    tf = parity_core.teacher_forced(_ShortSession(logits, 6), Reference([text], [], {}),
+                                    {"long": row})
+    assert tf.rows[0]["tokens"] == 6 and tf.klds[0].max() < 1e-6 and not tf.mismatches
