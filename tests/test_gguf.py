@@ -186,7 +186,7 @@ def test_llama_cpp_default_chat_tokenization_drifts_and_validation_sees_it(ollam
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = json.loads(report_path.read_text())
     assert report["artifact"] == "bare gguf"
-    assert report["tokenizer"]["identical"] == 28 - 8  # exactly the chat rows differ
+    assert report["tokenizer"]["identical"] == 33 - 12  # exactly the chat rows differ
     first = report["tokenizer_mismatches"][0]
     assert first["candidate_tokens"][:2] == [28705, 13]  # '▁', '\n' after <|user|>
     assert "token_agreement" in proc.stdout
