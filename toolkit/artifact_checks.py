@@ -196,6 +196,11 @@ CHECK_OF = {"context": "context_agreement", "max_position_embeddings": "context_
             "eos_id": "eos_ids_kept", "special_tokens": "special_token_ids"}
 
 
+# the checks static_checks adds (a device's `run.py validate` measures parity only: it has
+# the artifact but not the checkpoint's files these compare with)
+STATIC_METRICS = (*dict.fromkeys(CHECK_OF.values()), "served_template_agreement", "served_stops")
+
+
 def static_checks(facts: ArtifactFacts, claims: Claims, chats: list[tuple[str, list, list[int]]]
                   ) -> list[dict[str, Any]]:
     """The report's static checks. `chats`: (row id, messages, reference ids) of each eval chat."""
