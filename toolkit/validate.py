@@ -231,8 +231,11 @@ def add_static_checks(report: ParityReport, candidate: Candidate, ref, evalset) 
     facts = candidate.backend.artifact_facts(candidate.model_dir)
     facts.facts += [Fact("runtime", "context_length", int(session.context_length), "context"),
                     Fact("runtime", "eos_token_ids", list(session.eos_token_ids), "eos_set")]
-    claims = reference_claims(resolve_source(candidate.source, recipe.revision),
-                              recipe.context_length, ref.meta.get("eos_token_ids", []))
+    # a bundle claims its recipe's context; an artifact made elsewhere claims none but the
+    # checkpoint's own maximum (the recipe then only brings thresholds and the eval set)
+    claimed = None if candidate.kind.startswith("bare") else recipe.context_length
+    claims = reference_claims(resolve_source(candidate.source, recipe.revision), claimed,
+                              ref.meta.get("eos_token_ids", []))
     rows = {r.id: r for r in evalset.rows}
     chats = [(p.id, rows[p.id].messages, p.prompt_ids.tolist()) for p in ref.prompts
              if rows[p.id].kind == "messages"]
