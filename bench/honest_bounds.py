@@ -27,7 +27,7 @@ from toolkit.backends.common import Honest  # noqa: E402
 from toolkit.runner.core import host_cpu  # noqa: E402
 
 PHIKIT = str(Path(sys.executable).parent / "phikit")
-FIELDS = ("kld_mean", "kld_p99", "top1", "ppl_ratio", "greedy_match_mean")
+FIELDS = ("kld_mean", "kld_p99", "top1", "ppl_ratio", "greedy_match_mean", "kld_p999")
 
 
 def build(backend: str, precision: str, out: Path) -> Path | None:

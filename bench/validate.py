@@ -5,8 +5,9 @@ For each CPU backend, the artifact phikit converts from the checkpoint (tiny-phi
 random weights with Phi-3-mini's shapes) is opened through the runner, then
   forward    one teacher-forced pass of the candidate over every eval text and every prompt
   greedy     the candidate's greedy decoding of every prompt (the eval set's max_new_tokens)
-  validate   phikit's whole parity check (teacher-forced texts + greedy generation of every
-             prompt + metrics), with the reference already cached
+  validate   phikit's whole validation (teacher-forced texts + greedy generation of every
+             prompt + metrics + the static checks of the artifact's files, the Modelfile's
+             TEMPLATE rendered and tokenized for every chat), with the reference already cached
 and the reference (transformers fp32) is computed once into an empty cache first. Each of the
 three is timed --rounds times in turn (forward, greedy, validate, forward, ...) and the median
 is reported: on a small model each takes well under a second, where one sample on a shared VM
@@ -56,7 +57,9 @@ def main() -> None:
         evalset = load_evalset(recipe.eval.file, recipe.eval.limit)
         start = time.perf_counter()
         ref, cached = load_or_compute(source, evalset, recipe.eval.max_tokens,
-                                      recipe.eval.max_new_tokens)
+                                      recipe.eval.max_new_tokens,
+                                      context_tokens=recipe.context_length
+                                      or recipe.eval.max_tokens)
         reference_s = time.perf_counter() - start
         assert not cached
         rows = {}
@@ -82,7 +85,7 @@ def main() -> None:
 
             def validate():
                 report = run_parity(Candidate(session, recipe, str(source), f"bare {name}",
-                                              backend=backend))
+                                              backend=backend, model_dir=out))
                 assert report.reference["cached"]
 
             samples = [[timed(phase) for phase in (forward, greedy, validate)]
@@ -91,8 +94,9 @@ def main() -> None:
             rows[name] = (forward_s, greedy_s, validate_s)
             session = None  # the runtime freed before the next backend loads
     n_gen = len(ref.prompts) * recipe.eval.max_new_tokens
+    longest = max(t.ids.size for t in ref.texts)
     print(f"eval set {evalset.path.name}: {len(ref.texts)} texts (<= {recipe.eval.max_tokens} "
-          f"tokens) + {len(ref.prompts)} prompts (<= {recipe.eval.max_new_tokens} greedy tokens, "
+          f"tokens, the longest {longest}) + {len(ref.prompts)} prompts (<= {recipe.eval.max_new_tokens} greedy tokens, "
           f"{n_gen} in all); checkpoint {source.name}")
     print(f"first reference pass (transformers fp32, uncached): {reference_s:.1f} s; "
           f"figures below: the median of {args.rounds} timings each")

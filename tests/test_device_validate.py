@@ -11,6 +11,7 @@ import pytest
 
 from defects.formats import copy_bundle, edit_json, rehash_manifest
 from defects.planters import Ctx, onnx_wrong_eos
+from toolkit.artifact_checks import STATIC_METRICS
 from toolkit.report.model import ParityReport
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,11 @@ def test_the_device_measures_what_the_build_measured(int4_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     typed = ParityReport.read(report)  # the build's format: phikit's reports read it
     built = ParityReport.read(json.loads((int4_bundle / "parity.json").read_text()))
-    assert typed.passed and [c.metric for c in typed.checks] == [c.metric for c in built.checks]
-    for c, b in zip(typed.checks, built.checks):  # the same runtime on the same CPU
+    # the build's static checks compare the artifact with the checkpoint, which a device lacks
+    parity = [c for c in built.checks if c.metric not in STATIC_METRICS]
+    assert len(parity) < len(built.checks)
+    assert typed.passed and [c.metric for c in typed.checks] == [c.metric for c in parity]
+    for c, b in zip(typed.checks, parity):  # the same runtime on the same CPU
         assert c.measured == pytest.approx(b.measured, rel=1e-6, abs=1e-12), c.metric
         assert c.bound == b.bound
     assert {"cpu", "cpu_flags", "os", "machine"} <= set(typed.host)

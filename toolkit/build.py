@@ -302,7 +302,8 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
                                         runner=stage)
                 try:
                     report = run_parity(Candidate(session, plan.recipe, str(source_dir),
-                                                  "bundle", backend=plan.backend),
+                                                  "bundle", backend=plan.backend,
+                                                  model_dir=stage / "model"),
                                         progress, reference)
                 finally:
                     session.close()

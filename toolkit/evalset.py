@@ -2,6 +2,9 @@
   text      teacher-forced: logits compared at every position
   prompt    plain-text prompt for greedy generation
   messages  chat turns ([{role, content}]) rendered through the model's chat template
+and, on a text row, `"reach_context": true`: the text is cut at the recipe's context_length
+instead of eval.max_tokens, so teacher-forced positions reach as far as the bundle claims to
+serve (one long row: one prefill, every position's KLD up to the end of the context).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class EvalRow:
     id: str
     kind: str  # one of KINDS
     value: str | tuple  # text / prompt, or messages as a tuple of (role, content)
+    reach_context: bool = False  # a text cut at the context length, not eval.max_tokens
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -59,7 +63,7 @@ def _row(path: Path, lineno: int, raw: str) -> EvalRow:
         raise fail(f"invalid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise fail("expected a JSON object")
-    unknown = set(obj) - {"id", *KINDS}
+    unknown = set(obj) - {"id", "reach_context", *KINDS}
     if unknown:
         raise fail("unknown field", field=sorted(unknown)[0])
     kinds = [k for k in KINDS if k in obj]
@@ -82,7 +86,10 @@ def _row(path: Path, lineno: int, raw: str) -> EvalRow:
         value = tuple(turns)
     elif not isinstance(value, str) or not value:
         raise fail("must be a non-empty string", field=kind)
-    return EvalRow(obj["id"], kind, value)
+    reach = obj.get("reach_context", False)
+    if not isinstance(reach, bool) or (reach and kind != "text"):
+        raise fail("true or false, on a text row only", field="reach_context")
+    return EvalRow(obj["id"], kind, value, reach)
 
 
 def load_evalset(path: str | Path, limit: int | None = None) -> EvalSet:

@@ -34,7 +34,7 @@ SETTINGS_VERSION = 3  # bump when what is stored changes (2: landmarks, 3: decod
 
 
 def reference_key(digest: str, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
-                  dtype: str = "float32") -> str:
+                  dtype: str = "float32", context_tokens: int | None = None) -> str:
     # the installed version, read without importing transformers (seconds, on every cache hit)
     from importlib.metadata import version
 
@@ -42,6 +42,8 @@ def reference_key(digest: str, evalset: EvalSet, max_tokens: int, max_new_tokens
                 "max_tokens": max_tokens, "max_new_tokens": max_new_tokens, "dtype": dtype,
                 "top_k": TOP_K, "transformers": version("transformers"),
                 "version": SETTINGS_VERSION}
+    if any(r.reach_context for r in evalset.rows):  # other sets keep their cached references
+        settings["context_tokens"] = context_tokens
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -76,7 +78,8 @@ def position_landmarks(config) -> dict[str, int]:
 
 def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
                       progress=None, dtype: str = "float32",
-                      trust_remote_code: bool = False, map_weights: bool = True) -> Reference:
+                      trust_remote_code: bool = False, map_weights: bool = True,
+                      context_tokens: int | None = None) -> Reference:
     """The reference's figures. In the checkpoint's own dtype (e.g. `eval.reference_dtype:
     bfloat16` for a bf16 checkpoint) the weights are memory-mapped, not loaded
     (mapped_weights.py): process memory holds activations only and a checkpoint larger than the
@@ -109,7 +112,8 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
     texts, prompts, decoded = [], [], []
     with torch.inference_mode():
         for row in evalset.texts:
-            ids = tokenizer(row.value)["input_ids"][:max_tokens]
+            cut = context_tokens if row.reach_context and context_tokens else max_tokens
+            ids = tokenizer(row.value)["input_ids"][:cut]
             logits = model(input_ids=torch.tensor([ids])).logits[0].float()
             logp = torch.log_softmax(logits, dim=-1)
             top = torch.topk(logp, TOP_K, dim=-1)
@@ -141,11 +145,12 @@ def compute_reference(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_n
 def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new_tokens: int,
                     progress_factory=None, dtype: str = "float32",
                     trust_remote_code: bool = False,
-                    before_compute: Callable[[], None] | None = None) -> tuple[Reference, bool]:
+                    before_compute: Callable[[], None] | None = None,
+                    context_tokens: int | None = None) -> tuple[Reference, bool]:
     """(reference, was_cached). `progress_factory()` makes a per-row callback and
     `before_compute()` may refuse (raise), both only when the reference has to be computed."""
     digest = checkpoint_digest(checkpoint)
-    key = reference_key(digest, evalset, max_tokens, max_new_tokens, dtype)
+    key = reference_key(digest, evalset, max_tokens, max_new_tokens, dtype, context_tokens)
     path = cache_root() / "reference" / f"{key}.npz"
     with cache_lock(f"reference-{key[:32]}"):
         if path.is_file():
@@ -157,7 +162,7 @@ def load_or_compute(checkpoint: Path, evalset: EvalSet, max_tokens: int, max_new
             before_compute()
         ref = compute_reference(checkpoint, evalset, max_tokens, max_new_tokens,
                                 progress_factory() if progress_factory else None, dtype,
-                                trust_remote_code)
+                                trust_remote_code, context_tokens=context_tokens)
         gc.collect()  # the transformers model is garbage now; free it before the candidate loads
         ref.meta.update({"checkpoint_sha256": digest, "key": key})
         save_reference(path, ref)

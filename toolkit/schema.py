@@ -103,6 +103,8 @@ class Bounds(Strict):
 
     kld_mean_max: float | None = Field(None, ge=0)
     kld_p99_max: float | None = Field(None, ge=0)
+    # the tail: KLD's 99.9th percentile over every position (llama.cpp's "99.9% KLD")
+    kld_p999_max: float | None = Field(None, ge=0)
     top1_min: float | None = Field(None, ge=0, le=1)
     ppl_ratio_max: float | None = Field(None, ge=1)
     greedy_match_mean_min: float | None = Field(None, ge=0)

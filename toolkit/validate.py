@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .artifact_checks import Fact, reference_claims, static_checks
 from .backends import detect_backend, get_backend
 from .checkpoint import cache_root, file_sha256, read_model_info, resolve_source
 from .family import check_remote_code
@@ -23,7 +24,7 @@ from .parity import evaluate
 from .reference import load_or_compute
 from .paths import RECIPES_DIR
 from .remote import bundle_session, local_session
-from .report.model import ParityReport
+from .report.model import Check, ParityReport
 from .report import write_text_atomic
 from .runner.core import BundleError, Session, bundle_files, host_summary, verify_bundle
 from .schema import Recipe, Thresholds, load_recipe
@@ -41,6 +42,7 @@ class Candidate:
     # with --emulate: emulate.EmulatedValidation, the bundle's `run.py validate` under qemu;
     # `session` is then the same bundle on this machine (the greedy comparison)
     emulated: Any = None
+    model_dir: Path | None = None  # the artifact's files (static checks read them)
 
     @property
     def exact_tokenizer(self) -> bool:
@@ -91,14 +93,16 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         # the bundle's own runner code, in a child process (a crashing runtime is an error)
         session = bundle_session(path, manifest, options)
         return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle",
-                         backend=get_backend(manifest["backend"]))
+                         backend=get_backend(manifest["backend"]),
+                         model_dir=path / manifest["model_dir"])
     backend = detect_backend(path)
     if reference is None:
         raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "
                           "hub id) to compare against", file=path)
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, source_override=reference)
     session = local_session(backend.runtime_module, path, options or {})
-    return Candidate(session, recipe, reference, f"bare {backend.name}", backend=backend)
+    return Candidate(session, recipe, reference, f"bare {backend.name}", backend=backend,
+                     model_dir=path)
 
 
 def effective_thresholds(recipe: Recipe, backend: Any = None) -> Thresholds:
@@ -142,7 +146,8 @@ def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int]
                                   # only a reference computed now runs the checkpoint's code (and
                                   # the check imports transformers, seconds per validation)
                                   lambda: check_remote_code(read_model_info(checkpoint),
-                                                            recipe.trust_remote_code, source))
+                                                            recipe.trust_remote_code, source),
+                                  context_tokens=recipe.context_length or recipe.eval.max_tokens)
     return PreparedReference(ref, evalset, cached, time.perf_counter() - start)
 
 
@@ -170,13 +175,14 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
         message = " ".join(str(e).split())
         raise PhikitError(f"the candidate runtime failed on the eval set ({type(e).__name__}): "
                           f"{message[:600]}") from None
+    notes = add_static_checks(report, candidate, ref, evalset)
     report.reference.update({"cached": cached, "source": candidate.source})
     report.timing = {"reference_seconds": round(ref_seconds, 2),
                      "candidate_seconds": round(time.perf_counter() - start, 2)}
     report.artifact = candidate.kind
     report.host = host_summary()
     info = report.candidate
-    notes = list(info.get("notes", []))  # each runtime says where its figures come from
+    notes += list(info.get("notes", []))  # each runtime says where its figures come from
     if candidate.emulated is not None:
         report.emulation = compare_native(candidate, ref, report)
         notes.append(f"measured on emulated {info.get('emulated_arch')} (qemu user mode, "
@@ -189,6 +195,7 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                      "the backend converted it), so every eval row (plain and chat-formatted) "
                      "must tokenize exactly like the reference: "
                      f"{report.tokenizer.identical} of {report.tokenizer.rows} did")
+    notes += coverage_notes(report, recipe)
     served = info.get("context_length")
     for band in report.bands:
         if served is not None and band.start >= int(served):
@@ -199,6 +206,42 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
                          "checked (add longer texts to the eval set)")
     report.notes = notes
     return report
+
+
+def coverage_notes(report: ParityReport, recipe: Recipe) -> list[str]:
+    """How far the eval reached against the context the bundle claims (metrics.context_*)."""
+    reached = max([t.tokens for t in report.texts]
+                  + [p.prompt_tokens + p.candidate_tokens for p in report.prompts], default=0)
+    claimed = recipe.context_length or report.candidate.get("context_length")
+    report.metrics.context_reached = reached
+    report.metrics.context_claimed = int(claimed) if claimed else None
+    if claimed and reached < int(claimed):
+        return [f"the eval set reaches {reached} of the {int(claimed)} positions the bundle "
+                f"claims to serve: positions past {reached} are not validated (a text row with "
+                '"reach_context": true reaches the recipe\'s context_length)']
+    return []
+
+
+def add_static_checks(report: ParityReport, candidate: Candidate, ref, evalset) -> list[str]:
+    """The artifact's files against what the bundle claims (artifact_checks.py), as checks of
+    the report; returns what could not be read (notes)."""
+    if candidate.backend is None or candidate.model_dir is None:
+        return []
+    recipe, session = candidate.recipe, candidate.session
+    facts = candidate.backend.artifact_facts(candidate.model_dir)
+    facts.facts += [Fact("runtime", "context_length", int(session.context_length), "context"),
+                    Fact("runtime", "eos_token_ids", list(session.eos_token_ids), "eos_set")]
+    # a bundle claims its recipe's context; an artifact made elsewhere claims none but the
+    # checkpoint's own maximum (the recipe then only brings thresholds and the eval set)
+    claimed = None if candidate.kind.startswith("bare") else recipe.context_length
+    claims = reference_claims(resolve_source(candidate.source, recipe.revision), claimed,
+                              ref.meta.get("eos_token_ids", []))
+    rows = {r.id: r for r in evalset.rows}
+    chats = [(p.id, rows[p.id].messages, p.prompt_ids.tolist()) for p in ref.prompts
+             if rows[p.id].kind == "messages"]
+    report.checks += [Check.model_validate(c) for c in static_checks(facts, claims, chats)]
+    report.verdict = "pass" if all(c.passed for c in report.checks) else "fail"
+    return list(facts.notes)
 
 
 def compare_native(candidate: Candidate, ref, report: ParityReport) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Backend(Protocol):
     def default_thresholds(self, precision: str) -> dict[str, float]:
         """Bounds (Thresholds fields) for what a recipe leaves unset, from `honest`."""
 
+    def artifact_facts(self, model_dir: Path):
+        """artifact_checks.ArtifactFacts: what its files state (context, EOS, special tokens)
+        and the chat templates a front end renders itself, for validation's static checks."""
+
     def default_block_size(self, precision: str, target: Target) -> int:
         """Weights per quantization block where the recipe leaves block_size unset."""
 

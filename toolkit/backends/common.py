@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..artifact_checks import ArtifactFacts, transformers_file_facts
 from ..checkpoint import ModelInfo
 from ..errors import PhikitError
 from ..schema import BackendOptions, Recipe, Target
@@ -28,6 +29,9 @@ class Honest:
     top1: float
     ppl_ratio: float
     greedy_match_mean: float
+    # KLD's 99.9th percentile (llama.cpp's --kl-divergence "99.9% KLD"): the tail a few broken
+    # positions in a thousand live in; None where not yet measured (no default bound then)
+    kld_p999: float | None = None
 
     def worst(self, *others: "Honest") -> "Honest":
         """The largest error of these measurements, figure by figure: a bundle's bounds must
@@ -37,7 +41,9 @@ class Honest:
                       kld_p99=max(h.kld_p99 for h in every),
                       top1=min(h.top1 for h in every),
                       ppl_ratio=max((h.ppl_ratio for h in every), key=lambda r: abs(r - 1)),
-                      greedy_match_mean=min(h.greedy_match_mean for h in every))
+                      greedy_match_mean=min(h.greedy_match_mean for h in every),
+                      kld_p999=max((h.kld_p999 for h in every if h.kld_p999 is not None),
+                                   default=None))
 
     # Each default bound allows BOUND_MARGIN times the honest error, and never less than the
     # floor: run-to-run and CPU-to-CPU kernel differences, not quantization, below it.
@@ -47,7 +53,9 @@ class Honest:
                 "kld_p99_max": _sig(max(m * self.kld_p99, 1e-4)),
                 "top1_min": round(1 - max(m * (1 - self.top1), 1e-3), 4),
                 "ppl_ratio_max": round(1 + max(m * abs(self.ppl_ratio - 1), 5e-3), 4),
-                "greedy_match_mean_min": _sig(self.greedy_match_mean / m)}
+                "greedy_match_mean_min": _sig(self.greedy_match_mean / m),
+                **({} if self.kld_p999 is None else
+                   {"kld_p999_max": _sig(max(m * self.kld_p999, 1e-3))})}
 
 
 BOUND_MARGIN = 2.0
@@ -82,6 +90,12 @@ class BackendDefaults:
         """Bounds for what a recipe leaves unset, from this backend's honest measurements."""
         honest = self.honest.get(precision)
         return honest.bounds() if honest else {}
+
+    def artifact_facts(self, model_dir: Path) -> ArtifactFacts:
+        """What the artifact's files state about context, EOS and special tokens, and the chat
+        templates a front end renders by itself (toolkit/artifact_checks.py compares them with
+        the reference): the transformers-format files, where the backend ships them."""
+        return transformers_file_facts(model_dir)
 
     def default_block_size(self, precision: str, target: Target) -> int:
         """Weights per quantization block where the recipe leaves block_size unset: 32, what

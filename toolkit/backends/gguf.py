@@ -67,12 +67,12 @@ class GgufBackend(BackendDefaults):
     exact_tokenizer = True
     # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
     honest = {
-        "int4": Honest(kld_mean=0.00331, kld_p99=0.0166, top1=0.936, ppl_ratio=0.9998,
-                       greedy_match_mean=15.8),
-        "int8": Honest(kld_mean=5.82e-05, kld_p99=0.000281, top1=0.9935, ppl_ratio=1.001,
-                       greedy_match_mean=22.1),
-        "fp32": Honest(kld_mean=1.98e-08, kld_p99=1.67e-07, top1=1, ppl_ratio=1,
-                       greedy_match_mean=27.8),
+        "int4": Honest(kld_mean=0.00322, kld_p99=0.0147, top1=0.9431, ppl_ratio=0.9952,
+                       greedy_match_mean=14.2, kld_p999=0.0294),
+        "int8": Honest(kld_mean=5.77e-05, kld_p99=0.000282, top1=0.9916, ppl_ratio=1.0007,
+                       greedy_match_mean=21.9, kld_p999=0.000566),
+        "fp32": Honest(kld_mean=2.09e-08, kld_p99=2.39e-07, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.6, kld_p999=5.32e-07),
     }
 
     @property
@@ -159,6 +159,12 @@ class GgufBackend(BackendDefaults):
                         f"context_length (and eval.max_tokens) <= {cap} (this recipe needs "
                         f"{need})")
         return None
+
+    def artifact_facts(self, model_dir: Path):
+        """The GGUF's metadata and the Modelfile Ollama serves it with (gguf_facts.py)."""
+        from .gguf_facts import gguf_facts  # noqa: PLC0415
+
+        return gguf_facts(model_dir, llama_cpp_source.ensure() / "gguf-py")  # fetched if absent
 
     @staticmethod
     def max_context(info: ModelInfo) -> int | None:

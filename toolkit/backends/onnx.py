@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from ..artifact_checks import ArtifactFacts, Fact, eos_list, transformers_file_facts
 from ..checkpoint import ModelInfo, read_model_info
 from ..schema import BackendOptions, Recipe, Target
 from .common import (BackendDefaults, Honest, describe_quantization, first_import_error, provider_runtime_options,
@@ -85,12 +86,12 @@ class OnnxBackend(BackendDefaults):
     exact_tokenizer = True
     # tiny-phi3's recipes on its eval set (bench/honest_bounds.py): the default bounds' base
     honest = {
-        "int4": Honest(kld_mean=0.00642, kld_p99=0.0317, top1=0.912, ppl_ratio=1.001,
-                       greedy_match_mean=6.56),
-        "int8": Honest(kld_mean=5.54e-05, kld_p99=0.000237, top1=0.9915, ppl_ratio=1,
-                       greedy_match_mean=23.6),
-        "fp32": Honest(kld_mean=1.09e-09, kld_p99=2.53e-08, top1=1, ppl_ratio=1,
-                       greedy_match_mean=27.8),
+        "int4": Honest(kld_mean=0.00663, kld_p99=0.033, top1=0.9113, ppl_ratio=0.9968,
+                       greedy_match_mean=7.05, kld_p999=0.0475),
+        "int8": Honest(kld_mean=5.33e-05, kld_p99=0.000232, top1=0.9922, ppl_ratio=1.0002,
+                       greedy_match_mean=24.3, kld_p999=0.000348),
+        "fp32": Honest(kld_mean=3.22e-10, kld_p99=7.29e-09, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.6, kld_p999=1.3e-08),
     }
 
     def unavailable(self) -> str | None:
@@ -135,6 +136,27 @@ class OnnxBackend(BackendDefaults):
 
     def recognizes(self, path: Path) -> bool:
         return (path / "genai_config.json").is_file()
+
+    def artifact_facts(self, model_dir: Path) -> ArtifactFacts:
+        """genai_config.json besides the transformers files: ORT GenAI's KV cache size and
+        generation limit, and the EOS set it stops on."""
+        out = transformers_file_facts(model_dir)
+        try:
+            cfg = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            out.notes.append(f"genai_config.json does not read: {e}")
+            return out
+        model, search = cfg.get("model", {}), cfg.get("search", {})
+        name = "genai_config.json"
+        if "context_length" in model:
+            out.facts.append(Fact(name, "model.context_length", model["context_length"],
+                                  "context"))
+        if "max_length" in search:
+            out.facts.append(Fact(name, "search.max_length", search["max_length"], "context"))
+        if "eos_token_id" in model:
+            out.facts.append(Fact(name, "model.eos_token_id", eos_list(model["eos_token_id"]),
+                                  "eos_set"))
+        return out
 
     def extra_options(self, recipe: Recipe, target: Target,
                       info: ModelInfo | None = None) -> dict[str, object]:

@@ -66,12 +66,12 @@ class OpenVinoBackend(BackendDefaults):
     # tiny-phi3's recipes on its eval set (bench/honest_bounds.py), the worst of
     # honest_numerics: the default bounds' base
     honest = {
-        "int4": Honest(kld_mean=0.00214, kld_p99=0.0106, top1=0.9512, ppl_ratio=0.9958,
-                       greedy_match_mean=14.7),
-        "int8": Honest(kld_mean=0.000113, kld_p99=0.000433, top1=0.9883, ppl_ratio=1.0015,
-                       greedy_match_mean=20.9),
-        "fp32": Honest(kld_mean=1.09e-09, kld_p99=2.53e-08, top1=1, ppl_ratio=1,
-                       greedy_match_mean=27.8),
+        "int4": Honest(kld_mean=0.00213, kld_p99=0.0103, top1=0.9551, ppl_ratio=0.9924,
+                       greedy_match_mean=14.6, kld_p999=0.0162),
+        "int8": Honest(kld_mean=7.98e-05, kld_p99=0.000361, top1=0.9908, ppl_ratio=1.0009,
+                       greedy_match_mean=21.6, kld_p999=0.000601),
+        "fp32": Honest(kld_mean=3.22e-10, kld_p99=7.23e-09, top1=1, ppl_ratio=1,
+                       greedy_match_mean=27.6, kld_p999=1.29e-08),
     }
 
     def unavailable(self) -> str | None:

@@ -105,6 +105,10 @@ class Metrics(_Sparse):
     # KLD after a position / KLD before it, at the worst split (parity.position_drift)
     kld_drift: float | None = None
     kld_drift_from: int | None = None
+    # positions the eval reached (the longest text, or prompt + generation) and the context the
+    # bundle claims to serve (validate.py: a note where the first is short of the second)
+    context_reached: int | None = None
+    context_claimed: int | None = None
 
     def scalars(self) -> dict[str, float | int]:
         """Every measured number (the manifest's summary): no lists."""

@@ -189,12 +189,15 @@ class OrtGenaiSession:
 
     def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
+        # room for the tokens only, never past the KV cache: a text as long as the context
+        # (an eval row that reaches it) is a valid input
+        room = min(len(ids) + 1, self.context_length)
         if self.all_logits_graph:
-            gen = self._generator(len(ids) + 1, model=self._all_logits_model())
+            gen = self._generator(room, model=self._all_logits_model())
             gen.append_tokens(np.asarray([ids], dtype=np.int32))
             return np.asarray(gen.get_output("logits"), dtype=np.float32)[0, start:]
         if not self.pruned_lm_head:
-            gen = self._generator(len(ids) + 1)
+            gen = self._generator(room)
             gen.append_tokens(np.asarray([ids], dtype=np.int32))
             out = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
             if out.shape[0] == len(ids):
@@ -205,7 +208,7 @@ class OrtGenaiSession:
         # position's logits come through the decode path, one token at a time: the positions before
         # `start` too, so that a check of generation (which prefills the prompt at once)
         # against these logits still compares two different paths.
-        gen = self._generator(len(ids) + 1)
+        gen = self._generator(room)
         rows = []
         for i, token in enumerate(ids):
             gen.append_tokens(np.asarray([[token]], dtype=np.int32))

@@ -8,7 +8,9 @@ returns is the plain-JSON form of toolkit/report/model.py's ParityReport.
 Metrics
   kld_*            KL(reference || candidate) per position, over the reference's top-K tokens plus
                    one tail bucket (a lower bound of the full KL; exact when the tail is empty)
-  top1             share of positions where both pick the same most likely token
+  kld_p999         KLD's 99.9th percentile: the tail (llama.cpp --kl-divergence's "99.9% KLD")
+  top1             share of positions where both pick the same most likely token (llama.cpp
+                   --kl-divergence's "Same top p": n_same_top / count)
   ppl_ratio        candidate perplexity / reference perplexity on the actual next tokens
   greedy_match     tokens generated greedily before the first divergence, per prompt
   token_agreement  share of eval rows the candidate tokenizes exactly like the reference, and
@@ -42,7 +44,7 @@ import numpy as np
 
 from .core import Sampling, Session, chat_ids
 from .logprobs import gathered_kld, gathered_logp, row_stats
-from .reference_data import Reference
+from .reference_data import Reference, TextRef
 
 REPORT_VERSION = 2  # toolkit/report/model.py reads (and upgrades) it
 # metrics.kld_histogram counts log10(max(KLD, 1e-8)) in these half-decade bins (20 of them)
@@ -52,6 +54,7 @@ KLD_HISTOGRAM_EDGES = [-8 + 0.5 * i for i in range(21)]
 CHECKS = [
     ("kld_mean_max", "kld_mean", "max"),
     ("kld_p99_max", "kld_p99", "max"),
+    ("kld_p999_max", "kld_p999", "max"),
     ("top1_min", "top1", "min"),
     ("ppl_ratio_max", "ppl_ratio", "max"),
     ("greedy_match_mean_min", "greedy_match_mean", "min"),
@@ -294,7 +297,14 @@ def teacher_forced(session: Session, ref: Reference, rows: dict, progress=None) 
     out = TeacherForced()
     decoded = ref.meta.get("decoded") or [None] * len(ref.texts)
     bos = ref.meta.get("bos_token_id")
+    served = int(getattr(session, "context_length", 0) or 0)
     for t, ref_text in zip(ref.texts, decoded):
+        if served and t.ids.size > served:
+            # a runtime that serves fewer positions than the text (a context shorter than the
+            # bundle claims: validate's context_agreement says so) is measured where it serves
+            t = TextRef(t.id, t.ids[:served], t.topk_ids[:served], t.topk_logp[:served],
+                        t.next_logp[:served - 1])
+            ref_text = None  # the decoded text is the whole row's
         ids = t.ids.tolist()
         logits = np.asarray(session.logits(ids))
         if logits.shape[0] != len(ids):
