@@ -70,8 +70,9 @@ def test_list_shows_the_target():
 # -- the runner's provider decision, with a stand-in for onnxruntime_genai ------------------------
 
 class FakeOg:
-    """og.Config / og.Model / og.Tokenizer as far as the runner's set-up uses them. A Model
-    fails for each provider named in `broken` the way ORT GenAI does (RuntimeError)."""
+    """og.Config / og.Model / og.Tokenizer / og.GeneratorParams as far as the runner's set-up
+    uses them. A Model fails for each provider named in `broken` the way ORT GenAI does
+    (RuntimeError)."""
 
     __version__ = "0.18.0"
 
@@ -103,7 +104,11 @@ class FakeOg:
                 self.provider = provider
                 og.models.append(provider)
 
+        class GeneratorParams:  # a build without guidance: no set_guidance
+            pass
+
         self.Config, self.Model, self.Tokenizer = Config, Model, lambda model: object()
+        self.GeneratorParams = GeneratorParams
 
 
 CUDA_MISSING = ("Cuda interface not available: Failed to load library: /x/site-packages/"
