@@ -208,6 +208,8 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
     """(artifact dir, was_cached). Converted into a temp dir and renamed when complete."""
     key_data = {"checkpoint": digest, "backend": plan.backend.name,
                 "quantization": plan.recipe.quantization.model_dump(mode="json"),
+                # a backend may write the context into its artifact (ONNX: genai_config.json)
+                "context_length": plan.recipe.context_length,
                 "provider": plan.target.execution_provider,
                 "threads": plan.target.runtime.threads, "toolchain": plan.backend.toolchain(),
                 # what the backend will ask its tool for, phikit's own defaults included
