@@ -18,9 +18,10 @@ from ..runner.parity_core import KLD_HISTOGRAM_EDGES, REPORT_VERSION  # noqa: E4
 
 
 class _Part(BaseModel):
-    # a report is read from a bundle someone else built: types are checked, and fields this
-    # version does not know (a later minor addition) are kept, never interpreted
-    model_config = ConfigDict(extra="allow")
+    # every field is one this version knows: a misspelt or unknown key is an error where it is
+    # written or read, never a value a renderer silently misses (a later format is refused by
+    # its version; an earlier one upgraded by ParityReport.read)
+    model_config = ConfigDict(extra="forbid")
 
 
 class _Sparse(_Part):
