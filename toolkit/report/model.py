@@ -211,6 +211,10 @@ class ParityReport(_Sparse):
     host: dict[str, Any] = {}
     emulation: dict[str, Any] | None = None
     reused: dict[str, Any] | None = None  # a build's cached validation: key, measured_at
+    # completed by run.py validate on a device (runner/device.py): which bundle it validated,
+    # in the manifest's shape, and the runtime options in force there
+    bundle: dict[str, Any] | None = None
+    runtime_options: dict[str, Any] = {}
     notes: list[str] = []
 
     @property
