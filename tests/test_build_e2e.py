@@ -55,6 +55,18 @@ def test_manifest_contents(int4_bundle):
     lock = (int4_bundle / "requirements.lock").read_text()
     assert "onnxruntime-genai==0.18.0" in lock and "--hash=sha256:" in lock
     assert "torch" not in lock and "transformers" not in lock
+    # the typed writer's document, exactly: nothing more, nothing less, each section typed
+    from pydantic import ValidationError
+
+    from toolkit.manifest import BundleManifest
+
+    written = {k: v for k, v in m.items() if k not in ("format", "phikit", "files")}
+    assert BundleManifest.model_validate(written).fields() == written
+    with pytest.raises(ValidationError, match="runtme"):
+        BundleManifest.model_validate({**written, "runtme": {}})
+    with pytest.raises(ValidationError, match="verdict"):
+        BundleManifest.model_validate({**written, "parity": {**written["parity"],
+                                                             "verdict": "ok"}})
 
 
 def test_teacher_forced_logits_come_from_one_prefill_of_the_all_logits_graph(int4_bundle):

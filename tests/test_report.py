@@ -176,6 +176,22 @@ def test_bad_input_is_a_phikit_error_naming_the_file(tmp_path, content, message)
     assert str(path) in str(info.value)
 
 
+def test_a_key_the_report_format_does_not_have_is_refused(passing, tmp_path):
+    """An unknown key was kept and never shown: a misspelt metric or check field read as a
+    report that had not measured it. Now the key is named, at any depth."""
+    report = json.loads((passing / "parity.json").read_text())
+    for where, changed in (("kld_maen", {**report, "metrics": {**report["metrics"],
+                                                               "kld_maen": 0.1}}),
+                           ("checks.0.bund", {**report, "checks": [
+                               {**report["checks"][0], "bund": 1}, *report["checks"][1:]]}),
+                           ("extra_section", {**report, "extra_section": {}})):
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(PhikitError, match="Extra inputs are not permitted") as info:
+            load_report(path)
+        assert where in str(info.value) and str(path) in str(info.value)
+
+
 def test_directory_without_parity_json_is_refused(tmp_path):
     with pytest.raises(PhikitError, match="no parity.json"):
         load_report(tmp_path)

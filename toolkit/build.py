@@ -1,4 +1,5 @@
-"""recipe + target -> plan -> convert -> validate -> package.
+"""recipe + target -> plan -> convert -> validate -> package: make_plan, then execute's three
+stages, each a function over typed data (Plan, Converted, ParityReport, BundleManifest).
 
 Conversions are content-addressed (checkpoint digest, backend, quantization, provider, toolchain)
 and cached, so a rebuild or a second bundle of the same artifact converts nothing. The bundle is
@@ -19,12 +20,14 @@ from typing import Any, Callable
 
 from .backends import BACKENDS, Backend, get_backend
 from .backends.common import tool_scratch, with_block_size
-from .checkpoint import (ModelInfo, cache_lock, refuse_pickles, cache_root, checkpoint_digest, checkpoint_files,
-                         read_model_info, resolve_source)
+from .checkpoint import (ModelInfo, cache_lock, cache_root, checkpoint_digest, checkpoint_files,
+                         read_model_info, refuse_pickles, resolve_source)
 from .errors import PhikitError
 from .evalset import load_evalset
 from .family import check_remote_code, known_info, needs_remote_code
 from .lock import resolve_lock
+from .manifest import (BundleManifest, ConversionSection, ParitySection, RuntimeSection,
+                       SourceSection)
 from .package import (check_replaceable, finish_manifest, now, publish, sign_manifest, staging_dir,
                       sweep_leftovers, write_archive, write_json, write_report_html, write_runner)
 from .paths import RECIPES_DIR, named_files
@@ -238,6 +241,16 @@ def convert_cached(plan: Plan, source_dir: Path, digest: str, info: ModelInfo,
     return final, False
 
 
+@dataclass(frozen=True)
+class Converted:
+    """What convert() hands on: the checkpoint the artifact came from, and the artifact."""
+    source_dir: Path
+    digest: str  # checkpoint_digest(source_dir)
+    info: ModelInfo
+    artifact: Path  # the conversion cache entry: artifact/model is what the bundle ships
+    cached: bool  # found in the cache (nothing converted)
+
+
 @dataclass
 class BuildResult:
     bundle: Path
@@ -247,13 +260,10 @@ class BuildResult:
     seconds: dict[str, float]
 
 
-def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
-            sign: Path | None = None, revalidate: bool = False,
-            log: Callable[[str], None] = lambda s: None,
-            stage_cb: Callable[[str], None] = lambda s: None,
-            progress=None) -> BuildResult:
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+def convert(plan: Plan, log: Callable[[str], None] = lambda s: None,
+            stage_cb: Callable[[str], None] = lambda s: None) -> Converted:
+    """The checkpoint found (or fetched) and converted by the backend's own tool, or the
+    conversion found in the cache."""
     stage_cb("resolve source")
     source_dir = resolve_source(plan.recipe.source, plan.recipe.revision)
     info = plan.info
@@ -269,91 +279,125 @@ def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
     digest = checkpoint_digest(source_dir)
     stage_cb("convert")
     artifact, cached = convert_cached(plan, source_dir, digest, info, log)
-    timings["convert"] = time.perf_counter() - t0
     if cached:  # else the conversion's check counted the bundle's copy
         check_disk(plan, source_dir, info, artifact)
+    return Converted(source_dir, digest, info, artifact, cached)
 
+
+def stage_files(plan: Plan, converted: Converted) -> Path:
+    """A staging directory holding what the bundle ships besides what validation and packaging
+    write: the model, the runner, the eval set, the recipe and the target."""
     stage = staging_dir(plan.out)
     try:
-        shutil.copytree(artifact / "model", stage / "model")
+        shutil.copytree(converted.artifact / "model", stage / "model")
         write_runner(stage, plan.backend.runtime_module)
-        eval_dir = stage / "eval"
-        eval_dir.mkdir()
-        shutil.copy2(plan.recipe.eval.file, eval_dir / plan.recipe.eval.file.name)
+        (stage / "eval").mkdir()
+        shutil.copy2(plan.recipe.eval.file, stage / "eval" / plan.recipe.eval.file.name)
         shutil.copy2(plan.recipe_path, stage / "recipe.yaml")
         shutil.copy2(plan.target_path, stage / "target.yaml")
-        options = plan.backend.runtime_options(plan.target, plan.recipe)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
 
+
+def validate(plan: Plan, converted: Converted, stage: Path, *, revalidate: bool = False,
+             progress=None) -> ParityReport:
+    """The staged bundle (its own runner, in a child process: what ships is what is measured)
+    against the transformers reference; a validation of the same files, options and reference
+    is found in the cache unless `revalidate`."""
+    options = plan.backend.runtime_options(plan.target, plan.recipe)
+    reference = prepare_reference(plan.recipe, str(converted.source_dir), progress)  # before
+    # the candidate; the reference travels: `run.py validate` re-measures parity on a device
+    # without the checkpoint, with these very figures
+    save_reference(stage / REFERENCE_FILE, reference.reference)
+    key = validation_key(stage, plan.backend.runtime_module, options,
+                         reference.reference.meta["key"],
+                         effective_thresholds(plan.recipe, plan.backend),
+                         plan.recipe.eval.max_new_tokens,
+                         plan.target.runtime.packages[plan.backend.name])
+    with cache_lock(f"validation-{key[:32]}"):
+        report = None if revalidate else cached_validation(key)
+        if report is None:
+            measured_at = now()
+            session = local_session(plan.backend.runtime_module, stage / "model", options,
+                                    runner=stage)
+            try:
+                report = run_parity(Candidate(session, plan.recipe, str(converted.source_dir),
+                                              "bundle", backend=plan.backend,
+                                              model_dir=stage / "model"),
+                                    progress, reference)
+            finally:
+                session.close()
+            store_validation(key, report, measured_at)
+    return report
+
+
+def bundle_manifest(plan: Plan, converted: Converted, report: ParityReport) -> BundleManifest:
+    recipe = plan.recipe
+    return BundleManifest(
+        name=recipe.name, created=now(), recipe=recipe.model_dump(mode="json"),
+        target=plan.target.model_dump(mode="json"), backend=plan.backend.name,
+        model_dir="model", eval_file=f"eval/{recipe.eval.file.name}",
+        reference_file=REFERENCE_FILE,
+        runtime=RuntimeSection(module=plan.backend.runtime_module,
+                               options=plan.backend.runtime_options(plan.target, recipe),
+                               packages=plan.target.runtime.packages[plan.backend.name]),
+        source=SourceSection(id=recipe.source if not recipe.source_is_local
+                             else str(converted.source_dir), sha256=converted.digest,
+                             architecture=converted.info.architecture),
+        toolchain=plan.backend.toolchain(),
+        conversion=ConversionSection(cached=converted.cached, tool=plan.backend.tool),
+        parity=ParitySection(verdict=report.verdict, metrics=report.metrics.scalars(),
+                             checks=[c.model_dump(mode="json") for c in report.checks]))
+
+
+def package(plan: Plan, converted: Converted, stage: Path, report: ParityReport, *,
+            with_wheels: bool = False, sign: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The staged bundle completed (report, locks, manifest last, signature) and moved into
+    place: (where it is, its manifest)."""
+    write_json(stage / "parity.json", report.to_json())
+    runtime = plan.target.runtime
+    (stage / "requirements.lock").write_text(
+        resolve_lock(runtime.packages[plan.backend.name], plan.target.platform,
+                     stage / "wheels" if with_wheels else None, runtime.source_builds,
+                     runtime.without_dependencies))
+    for extra in runtime.extra_locks.get(plan.backend.name, []):
+        (stage / extra.file).write_text(resolve_lock(
+            extra.packages, extra.platform, without_dependencies=runtime.without_dependencies))
+    fields = bundle_manifest(plan, converted, report).fields()
+    # the readable report ships too, hashed like every other file
+    write_report_html(stage, report, fields)
+    manifest = finish_manifest(stage, fields)
+    if sign is not None and report.passed:
+        sign_manifest(stage, sign)
+    return publish(stage, plan.out, report.passed, plan.force), manifest
+
+
+def execute(plan: Plan, *, archive: bool = False, with_wheels: bool = False,
+            sign: Path | None = None, revalidate: bool = False,
+            log: Callable[[str], None] = lambda s: None,
+            stage_cb: Callable[[str], None] = lambda s: None,
+            progress=None) -> BuildResult:
+    """convert -> validate -> package; a failure in any stage leaves no staged files behind."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    converted = convert(plan, log, stage_cb)
+    timings["convert"] = time.perf_counter() - t0
+    stage = stage_files(plan, converted)
+    try:
         stage_cb("validate")
         t1 = time.perf_counter()
-        reference = prepare_reference(plan.recipe, str(source_dir), progress)  # before the
-        # candidate; which runs in a child process from the staged runner code (what ships)
-        # the reference travels: `run.py validate` re-measures parity on a device without the
-        # checkpoint, with these very figures
-        save_reference(stage / REFERENCE_FILE, reference.reference)
-        packages = plan.target.runtime.packages[plan.backend.name]
-        key = validation_key(stage, plan.backend.runtime_module, options,
-                             reference.reference.meta["key"],
-                             effective_thresholds(plan.recipe, plan.backend),
-                             plan.recipe.eval.max_new_tokens, packages)
-        with cache_lock(f"validation-{key[:32]}"):
-            report = None if revalidate else cached_validation(key)
-            if report is None:
-                measured_at = now()
-                session = local_session(plan.backend.runtime_module, stage / "model", options,
-                                        runner=stage)
-                try:
-                    report = run_parity(Candidate(session, plan.recipe, str(source_dir),
-                                                  "bundle", backend=plan.backend,
-                                                  model_dir=stage / "model"),
-                                        progress, reference)
-                finally:
-                    session.close()
-                store_validation(key, report, measured_at)
+        report = validate(plan, converted, stage, revalidate=revalidate, progress=progress)
         timings["validate"] = time.perf_counter() - t1
-
         stage_cb("package")
         t2 = time.perf_counter()
-        write_json(stage / "parity.json", report.to_json())
-        (stage / "requirements.lock").write_text(
-            resolve_lock(packages, plan.target.platform,
-                         stage / "wheels" if with_wheels else None,
-                         plan.target.runtime.source_builds,
-                         plan.target.runtime.without_dependencies))
-        for extra in plan.target.runtime.extra_locks.get(plan.backend.name, []):
-            (stage / extra.file).write_text(resolve_lock(
-                extra.packages, extra.platform,
-                without_dependencies=plan.target.runtime.without_dependencies))
-        manifest_fields = {
-            "name": plan.recipe.name,
-            "created": now(),
-            "recipe": plan.recipe.model_dump(mode="json"),
-            "target": plan.target.model_dump(mode="json"),
-            "backend": plan.backend.name,
-            "model_dir": "model",
-            "eval_file": f"eval/{plan.recipe.eval.file.name}",
-            "reference_file": REFERENCE_FILE,
-            "runtime": {"module": plan.backend.runtime_module, "options": options,
-                        "packages": packages},
-            "source": {"id": plan.recipe.source if not plan.recipe.source_is_local
-                       else str(source_dir), "sha256": digest,
-                       "architecture": info.architecture},
-            "toolchain": plan.backend.toolchain(),
-            "conversion": {"cached": cached, "tool": plan.backend.tool},
-            "parity": {"verdict": report.verdict, "metrics": report.metrics.scalars(),
-                       "checks": [c.model_dump(mode="json") for c in report.checks]},
-        }
-        # the readable report ships too, hashed like every other file
-        write_report_html(stage, report, manifest_fields)
-        manifest = finish_manifest(stage, manifest_fields)
-        passed = report.passed
-        if sign is not None and passed:
-            sign_manifest(stage, sign)
-        final = publish(stage, plan.out, passed, plan.force)
+        final, manifest = package(plan, converted, stage, report, with_wheels=with_wheels,
+                                  sign=sign)
         timings["package"] = time.perf_counter() - t2
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    if archive and passed:
+    if archive and report.passed:
         write_archive(final, final.with_name(final.name + ".tar.gz"))
-    return BuildResult(final, report, manifest, passed, timings)
+    return BuildResult(final, report, manifest, report.passed, timings)

@@ -18,9 +18,10 @@ from ..runner.parity_core import KLD_HISTOGRAM_EDGES, REPORT_VERSION  # noqa: E4
 
 
 class _Part(BaseModel):
-    # a report is read from a bundle someone else built: types are checked, and fields this
-    # version does not know (a later minor addition) are kept, never interpreted
-    model_config = ConfigDict(extra="allow")
+    # every field is one this version knows: a misspelt or unknown key is an error where it is
+    # written or read, never a value a renderer silently misses (a later format is refused by
+    # its version; an earlier one upgraded by ParityReport.read)
+    model_config = ConfigDict(extra="forbid")
 
 
 class _Sparse(_Part):
@@ -210,6 +211,10 @@ class ParityReport(_Sparse):
     host: dict[str, Any] = {}
     emulation: dict[str, Any] | None = None
     reused: dict[str, Any] | None = None  # a build's cached validation: key, measured_at
+    # completed by run.py validate on a device (runner/device.py): which bundle it validated,
+    # in the manifest's shape, and the runtime options in force there
+    bundle: dict[str, Any] | None = None
+    runtime_options: dict[str, Any] = {}
     notes: list[str] = []
 
     @property
