@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -161,3 +163,27 @@ def small_recipe(tmp_path: Path, precision: str = "int4", limit: int = 6) -> Pat
     path = tmp_path / f"small-{precision}-limit{limit}.yaml"
     write_text_atomic(path, text)  # the workers of a run share dist: never half a file
     return path
+
+
+def build_wheel(into: Path, scratch: Path) -> Path:
+    """phikit's wheel, built from a copy of the sources in `scratch`: setuptools keeps a build/
+    directory in the source tree, and a stale one would put modules into the wheel that the
+    source no longer has."""
+    for part in ("toolkit", "recipes", "targets", "evalsets", "models/tiny-phi3"):
+        shutil.copytree(REPO / part, scratch / part,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, scratch / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(into), str(scratch)], check=True,
+                   timeout=600)
+    (wheel,) = into.glob("phikit-*.whl")
+    return wheel
+
+
+def reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=15).close()
+        return True
+    except OSError:
+        return False

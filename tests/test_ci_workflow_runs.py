@@ -12,29 +12,17 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, build_wheel, reachable
 
 pytestmark = [pytest.mark.slow, pytest.mark.longest, pytest.mark.xdist_group("test_ci_workflow")]
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
-def build_wheel(out: Path, scratch: Path) -> Path:
-    for part in ("toolkit", "recipes", "targets", "evalsets", "models/tiny-phi3"):
-        shutil.copytree(REPO / part, scratch / part,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, scratch / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(scratch)], check=True,
-                   timeout=600)
-    (wheel,) = out.glob("phikit-*.whl")
-    return wheel
 
 
 def user_repository(root: Path) -> Path:
@@ -47,12 +35,6 @@ def user_repository(root: Path) -> Path:
     return root
 
 
-def reachable(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=15).close()
-        return True
-    except OSError:
-        return False
 
 
 class Runner:

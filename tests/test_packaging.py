@@ -5,7 +5,6 @@ checkout, `phikit list` and `phikit build --dry-run` find them."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, build_wheel
 
 # one worker runs the module: its fixture builds the wheel once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_packaging")]
@@ -21,19 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_packaging")]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    # from a copy: setuptools keeps a build/ directory in the source tree, and a stale one
-    # would put modules into the wheel that the source no longer has
-    src = tmp_path_factory.mktemp("src")
-    for part in ("toolkit", "recipes", "targets", "evalsets", "models/tiny-phi3"):
-        shutil.copytree(REPO / part, src / part,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(src)], check=True, timeout=600)
-    (path,) = out.glob("phikit-*.whl")
-    return path
+    return build_wheel(tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src"))
 
 
 def test_the_wheel_carries_extras_and_data(wheel):

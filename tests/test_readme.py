@@ -17,14 +17,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, build_wheel, reachable
 
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -108,25 +105,8 @@ def test_make_lines_name_targets_that_run_what_the_readme_says():
         assert MAKE_RUNS[target] in proc.stdout, (command, proc.stdout[-2000:])
 
 
-def build_wheel(into: Path, scratch: Path) -> Path:
-    for part in ("toolkit", "recipes", "targets", "evalsets", "models/tiny-phi3"):
-        shutil.copytree(REPO / part, scratch / part,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, scratch / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(into), str(scratch)], check=True,
-                   timeout=600)
-    (wheel,) = into.glob("phikit-*.whl")
-    return wheel
 
 
-def reachable(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=15).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.slow
