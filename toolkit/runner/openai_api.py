@@ -58,9 +58,9 @@ class ApiError(Exception):
 
 # Every field a request may carry, per endpoint. HONOURED fields do what OpenAI documents.
 # INERT fields are accepted only at the value that asks for nothing, what a client sends when
-# it spells out a default (n=1, presence_penalty=0, response_format {"type": "text"}). Any
-# other field or value is a 400 naming it, so that no client believes a setting took effect
-# that this server ignores (tools, response_format json_schema, logprobs, logit_bias, ...).
+# it spells out a default (n=1, presence_penalty=0, logit_bias {}). Any other field or value
+# is a 400 naming it, so that no client believes a setting took effect that this server
+# ignores (logit_bias, a penalty, functions, ...).
 # A null is the field left out, as in OpenAI's API.
 _HONOURED_BOTH = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                   "stream_options", "user"}  # user: an end-user id for the caller's records
