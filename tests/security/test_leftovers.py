@@ -30,7 +30,8 @@ def standin_plan(convert):
                               toolchain=lambda: {}, revision=1, float_intermediate=False)
     return SimpleNamespace(
         backend=backend, recipe=SimpleNamespace(quantization=SimpleNamespace(
-            precision="int4", model_dump=lambda mode: {})), out=Path("bundle"),
+            precision="int4", model_dump=lambda mode: {}), context_length=None),
+        out=Path("bundle"),
         target=SimpleNamespace(execution_provider="cpu", runtime=SimpleNamespace(threads=None)))
 
 
