@@ -12,9 +12,11 @@ LLAMA_CPP_PYTHON := llama_cpp_python-$(shell awk '$$1 == "version" {print $$2}' 
 LLAMA_CPP_SHA256 := $(shell awk '$$1 == "sha256" {print $$2}' $(LLAMA_CPP_PIN))
 LLAMA_CPP_DIR    := $(VENV)/share/phikit/llama.cpp
 # Olive 0.13's ModelBuilder pass (Qualcomm NPU backend) imports a module onnxruntime-genai removed
-# after 0.12; 0.12.2 goes into a directory only the Olive subprocess puts on its path, so the
+# after 0.12; the pinned 0.12 release (toolkit/data/olive-genai.pin, which phikit reads when it
+# installs it itself) goes into a directory only the Olive subprocess puts on its path, so the
 # ONNX backend keeps the 0.18 builder.
 OLIVE_GENAI      := $(VENV)/share/phikit/olive-genai
+OLIVE_GENAI_VERSION := $(shell awk '$$1 == "version" {print $$2}' toolkit/data/olive-genai.pin)
 
 .PHONY: install llama-cpp olive-genai system-deps demo test test-fast bench bench-full bench-medium fixture matrix clean
 
@@ -48,7 +50,7 @@ llama-cpp:
 
 olive-genai:
 	rm -rf $(OLIVE_GENAI)
-	$(PIP) install -q --no-deps --target $(OLIVE_GENAI) onnxruntime-genai==0.12.2
+	$(PIP) install -q --no-deps --target $(OLIVE_GENAI) onnxruntime-genai==$(OLIVE_GENAI_VERSION)
 
 # Debian packages the deploy (OpenSSH server) and aarch64-emulation (qemu, debootstrap) tests use;
 # OpenBLAS for MLX's CPU backend on Linux (mlx[cpu] ships netlib's reference BLAS; the MLX runner

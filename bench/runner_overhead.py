@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,11 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import make_checkpoint, target_for  # noqa: E402
+from shapes import shape_artifacts  # noqa: E402
 
-from toolkit.backends import BACKENDS  # noqa: E402
 from toolkit.runner.core import Sampling, TextStream, open_session, sha256_file  # noqa: E402
-from toolkit.schema import load_recipe  # noqa: E402
 PROMPT = [1] + list(range(1000, 1031))  # 32 plain vocabulary ids
 
 
@@ -97,10 +94,10 @@ def bare_openvino(model_dir: Path, threads: int, n: int):
 
 
 def bare_gguf(model_dir: Path, threads: int, n: int):
-    import llama_cpp
+    from toolkit.runner.llamacpp_rt import load_llama
 
-    llm = llama_cpp.Llama(str(model_dir / "model.gguf"), n_ctx=0, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = load_llama(model_dir / "model.gguf", n_ctx=0, n_threads=threads,
+                     n_threads_batch=threads, verbose=False)
 
     def loop():
         stamps = []
@@ -165,38 +162,30 @@ def main() -> None:
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
-        source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
-        recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml")
-        for name in args.backends.split(","):
-            backend = BACKENDS[name]
-            target = target_for(name)
-            out = Path(tmp) / name
-            backend.convert(source, out, recipe, target, log=lambda s: None)
-            os.sync()  # the conversion's writeback, done before anything is timed
-            start = time.perf_counter()
-            BARE[name](out, threads, args.tokens)  # the runtime's own load, timed (then freed)
-            load_s = time.perf_counter() - start
-            start = time.perf_counter()
-            for f in out.rglob("*"):
-                if f.is_file():
-                    sha256_file(f)
-            hash_s = time.perf_counter() - start
-            options = {**backend.runtime_options(target, recipe), "threads": threads}
+    for art in shape_artifacts(args.layers, args.backends.split(","), threads):
+        name, out = art.name, art.out
+        start = time.perf_counter()
+        BARE[name](out, threads, args.tokens)  # the runtime's own load, timed (then freed)
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for f in out.rglob("*"):
+            if f.is_file():
+                sha256_file(f)
+        hash_s = time.perf_counter() - start
 
-            def session(stream: bool):  # called within this iteration: no late binding
-                return session_loop(open_session(backend.runtime_module, out, options),
-                                    args.tokens, stream)
+        def session(stream: bool, art=art):  # bound now: no late binding of the loop variable
+            return session_loop(open_session(art.backend.runtime_module, art.out, art.options),
+                                args.tokens, stream)
 
-            rows[name] = {**median_rates({"bare": lambda: BARE[name](out, threads, args.tokens),
-                                          "session": lambda: session(False),
-                                          "streamed": lambda: session(True)}, args.rounds),
-                          "load_s": load_s, "hash_s": hash_s}
-            one = open_session(backend.runtime_module, out, options)
-            tokens = list(one.generate(PROMPT, Sampling(max_new_tokens=args.tokens,
-                                                        stop_token_ids=())))
-            rows[name]["stream_s"] = stream_seconds(one, tokens)
-            del one
+        rows[name] = {**median_rates({"bare": lambda: BARE[name](out, threads, args.tokens),
+                                      "session": lambda: session(False),
+                                      "streamed": lambda: session(True)}, args.rounds),
+                      "load_s": load_s, "hash_s": hash_s}
+        one = open_session(art.backend.runtime_module, out, art.options)
+        tokens = list(one.generate(PROMPT, Sampling(max_new_tokens=args.tokens,
+                                                    stop_token_ids=())))
+        rows[name]["stream_s"] = stream_seconds(one, tokens)
+        del one
     print(f"Phi-3-mini shapes x {args.layers} layers, int4, {args.tokens} greedy tokens after a "
           f"32-token prompt, {threads} threads, median of {args.rounds} rounds (rotated order)")
     print(f"{'runtime':<9} {'bare tok/s':>11} {'session':>9} {'streamed':>9} "

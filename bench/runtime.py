@@ -122,12 +122,14 @@ class TorchSession:
 
 
 class LlamaCppPeer:
-    """llama-cpp-python's high-level API with its defaults (threads: half the cores)."""
+    """llama-cpp-python's high-level API with its defaults (threads: half the cores), save the
+    extra buffer types, which follow phikit's choice for this CPU."""
 
     def __init__(self, gguf: Path):
-        import llama_cpp
+        from toolkit.runner.llamacpp_rt import load_llama
 
-        self.llm = llama_cpp.Llama(str(gguf), n_ctx=0, verbose=False)  # n_ctx as phikit's runner
+        # n_ctx as phikit's runner; the extra buffer types as it chooses them for this CPU
+        self.llm = load_llama(gguf, n_ctx=0, verbose=False)
 
     def generate(self, ids, sampling):
         for n, token in enumerate(self.llm.generate(list(ids), top_k=1, temp=0.0, reset=True)):

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny-phi3"
@@ -109,3 +113,33 @@ def shape_recipe(backend: str, precision: str, overrides: dict | None = None):
     quant = recipe.quantization.model_copy(update={"block_size": None, **(overrides or {})})
     return with_block_size(recipe.model_copy(update={"quantization": quant}), BACKENDS[backend],
                            target_for(backend))
+
+
+@dataclass
+class ShapeArtifact:
+    """One backend's int4 artifact of a Phi-3-mini-shape checkpoint, as a benchmark times it."""
+    name: str
+    backend: object  # toolkit.backends.Backend
+    target: object   # toolkit.schema.Target
+    recipe: object   # toolkit.schema.Recipe
+    out: Path
+    options: dict    # the target's runtime options, at the benchmark's thread count
+
+
+def shape_artifacts(layers: int, backends: list[str], threads: int) -> Iterator[ShapeArtifact]:
+    """Each backend's conversion of one random Phi-3-mini-shape checkpoint of `layers` layers, in
+    a directory removed afterwards; the conversion's writeback is flushed before it is yielded,
+    so none of it lands in what is timed."""
+    from toolkit.backends import BACKENDS
+    from toolkit.schema import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
+        source = make_checkpoint(Path(tmp) / "ckpt", layers)
+        recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml")
+        for name in backends:
+            backend, target = BACKENDS[name], target_for(name)
+            out = Path(tmp) / name
+            backend.convert(source, out, recipe, target, log=lambda s: None)
+            os.sync()
+            yield ShapeArtifact(name, backend, target, recipe, out,
+                                {**backend.runtime_options(target, recipe), "threads": threads})

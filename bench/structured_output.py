@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import make_checkpoint, target_for  # noqa: E402
+from shapes import shape_artifacts  # noqa: E402
 
-from toolkit.backends import BACKENDS  # noqa: E402
 from toolkit.runner.core import Constraint, Sampling, open_session  # noqa: E402
-from toolkit.schema import load_recipe  # noqa: E402
 
 PROMPT = [1] + list(range(1000, 1031))  # 32 plain vocabulary ids
 RECORD = {"type": "object", "additionalProperties": False,
@@ -99,23 +96,14 @@ def main() -> None:
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
-        source = make_checkpoint(Path(tmp) / "ckpt", args.layers)
-        recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml")
-        for name in args.backends.split(","):
-            backend, target = BACKENDS[name], target_for(name)
-            out = Path(tmp) / name
-            backend.convert(source, out, recipe, target, log=lambda s: None)
-            os.sync()  # the conversion's writeback, done before anything is timed
-            options = {**backend.runtime_options(target, recipe), "threads": threads}
-            session = open_session(backend.runtime_module, out, options)
-            prompts = [PROMPT, session.tokenize("Describe json.dumps as a record."),
-                       session.tokenize("Hi")]
-            valid, total = validity(session, prompts)
-            rows[name] = {"valid": valid, "total": total,
-                          "mechanism": session.constrains,
+    for art in shape_artifacts(args.layers, args.backends.split(","), threads):
+        session = open_session(art.backend.runtime_module, art.out, art.options)
+        prompts = [PROMPT, session.tokenize("Describe json.dumps as a record."),
+                   session.tokenize("Hi")]
+        valid, total = validity(session, prompts)
+        rows[art.name] = {"valid": valid, "total": total, "mechanism": session.constrains,
                           **median_rates(session, args.tokens, args.rounds)}
-            del session
+        del session
     print(f"Phi-3-mini shapes x {args.layers} layers, int4, {threads} threads; valid: "
           f"{len(SAMPLINGS)} samplings x 3 prompts; rates: {args.tokens} tokens after a 32-token "
           f"prompt, median of {args.rounds} rounds (rotated order)")

@@ -187,3 +187,16 @@ def reachable(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def stand_in_runner(into: Path, module: str, source: str) -> Path:
+    """A runner directory holding a `phikit_runner` package with the worker's own modules and a
+    stand-in runtime module `module` (its source): what a worker process imports, without a
+    model. Returns the directory to pass as rpc_command's runner."""
+    package = into / "phikit_runner"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("core.py", "host.py", "trust.py", "rpc.py"):
+        shutil.copy(REPO / "toolkit" / "runner" / name, package / name)
+    (package / f"{module}.py").write_text(source)
+    return into

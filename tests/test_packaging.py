@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, build_wheel
 
@@ -32,6 +33,17 @@ def test_the_wheel_carries_extras_and_data(wheel):
     data = [n.split("/data/share/phikit/", 1)[1] for n in names if "/data/share/phikit/" in n]
     assert {"recipes/tiny-phi3-int4.yaml", "targets/generic-cpu.yaml", "evalsets/tiny-phi3.jsonl",
             "models/tiny-phi3/model.safetensors"} <= set(data)
+    # every recipe the wheel lists can be built from it: a local source is a model it carries
+    wheel_zip = zipfile.ZipFile(wheel)
+    for name in names:
+        if "/data/share/phikit/recipes/" in name:
+            recipe = yaml.safe_load(wheel_zip.read(name))
+            source = recipe["source"]
+            if source.startswith("../"):
+                assert f"{source[3:]}/model.safetensors" in data, f"{name}: {source} not carried"
+            eval_file = recipe.get("eval", {}).get("file")
+            if eval_file:
+                assert eval_file[3:] in data, f"{name}: {eval_file} not carried"
     # package data: what `pip install -c <path phikit prints>` and the GGUF fetch read
     assert {"toolkit/data/constraints.txt", "toolkit/data/llama-cpp.pin",
             "toolkit/data/evalset-real.jsonl"} <= set(names)

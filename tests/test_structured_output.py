@@ -302,20 +302,12 @@ def open_session(model_dir, options):
 def test_the_constraint_crosses_the_worker_pipe(tmp_path):
     """What a served bundle's runtime gets, in its own process (worker.py / rpc.py): the same
     typed Constraint, and the parent learns the runtime's mechanism."""
-    import shutil
-    from pathlib import Path
-
+    from conftest import stand_in_runner
     from toolkit.runner.core import Constraint, Sampling
     from toolkit.runner.worker import WorkerSession, rpc_command
 
-    runner = Path(__file__).resolve().parent.parent / "toolkit" / "runner"
-    package = tmp_path / "phikit_runner"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("core.py", "host.py", "trust.py", "rpc.py"):
-        shutil.copy(runner / name, package / name)
-    (package / "echo_rt.py").write_text(ECHO_RT)
-    session = WorkerSession(rpc_command(runner=tmp_path, module="echo_rt", model_dir=tmp_path),
+    runner = stand_in_runner(tmp_path, "echo_rt", ECHO_RT)
+    session = WorkerSession(rpc_command(runner=runner, module="echo_rt", model_dir=tmp_path),
                             label="echo_rt")
     try:
         sent = Constraint(GetWeather.model_json_schema(), "tool_choice")

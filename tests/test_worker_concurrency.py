@@ -4,14 +4,12 @@ generation's replies (each would read the other's answer, or hang)."""
 
 from __future__ import annotations
 
-import shutil
 import threading
-from pathlib import Path
 
+from conftest import stand_in_runner
 from toolkit.runner.core import Sampling
 from toolkit.runner.worker import WorkerSession, rpc_command
 
-RUNNER = Path(__file__).resolve().parent.parent / "toolkit" / "runner"
 SLOW_RT = '''
 import time
 
@@ -44,13 +42,8 @@ def open_session(model_dir, options):
 
 
 def test_calls_from_other_threads_wait_for_a_generation(tmp_path):
-    package = tmp_path / "phikit_runner"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("core.py", "host.py", "trust.py", "rpc.py"):
-        shutil.copy(RUNNER / name, package / name)
-    (package / "slow_rt.py").write_text(SLOW_RT)
-    session = WorkerSession(rpc_command(runner=tmp_path, module="slow_rt", model_dir=tmp_path),
+    runner = stand_in_runner(tmp_path, "slow_rt", SLOW_RT)
+    session = WorkerSession(rpc_command(runner=runner, module="slow_rt", model_dir=tmp_path),
                             label="slow_rt")
     try:
         results, errors = [], []

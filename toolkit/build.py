@@ -99,12 +99,7 @@ def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
         raise PhikitError(f"precision {quant.precision} is not allowed on target {target.name} "
                           f"(allowed: {', '.join(target.precisions)})", file=recipe_path,
                           field="quantization.precision")
-    reason = be.support(info, target, recipe)
-    if reason:
-        raise PhikitError(f"{be.name} cannot build this for {target.name}: {reason}",
-                          file=recipe_path)
-    if info is not None and target.memory_budget_mb is not None:
-        check_memory(info, recipe, target, recipe_path)
+    check_buildable(be, info, recipe, target, recipe_path)
     # the bounds this build is held to, resolved once: what validate, the manifest and a later
     # re-validation (on the device too) all read
     recipe = recipe.model_copy(update={"thresholds": effective_thresholds(recipe, be)})
@@ -143,6 +138,19 @@ WEIGHT_BOUNDS = ("kld_mean_max", "kld_p99_max", "top1_min")
 def ungated_weight_metrics(thresholds) -> list[str]:
     """The weight-error metrics no bound holds (a bundle could pass with any value of them)."""
     return [f.rsplit("_", 1)[0] for f in WEIGHT_BOUNDS if getattr(thresholds, f) is None]
+
+
+def check_buildable(be: Backend, info: ModelInfo | None, recipe: Recipe, target: Target,
+                    recipe_path: Path) -> None:
+    """The backend supports this model on this target and it fits the target's memory: at plan
+    time from the config known then, and again from a hub checkpoint's own config once fetched
+    (a published config can differ from the one downloaded)."""
+    reason = be.support(info, target, recipe)
+    if reason:
+        raise PhikitError(f"{be.name} cannot build this for {target.name}: {reason}",
+                          file=recipe_path)
+    if info is not None and target.memory_budget_mb is not None:
+        check_memory(info, recipe, target, recipe_path)
 
 
 def check_memory(info: ModelInfo, recipe: Recipe, target: Target, recipe_path: Path) -> None:
@@ -270,12 +278,7 @@ def convert(plan: Plan, log: Callable[[str], None] = lambda s: None,
     if not plan.recipe.source_is_local:  # a hub checkpoint: check its own config now
         info = read_model_info(source_dir)
         check_remote_code(info, plan.recipe.trust_remote_code, plan.recipe.source)
-        reason = plan.backend.support(info, plan.target, plan.recipe)
-        if reason:
-            raise PhikitError(f"{plan.backend.name} cannot build this for {plan.target.name}: "
-                              f"{reason}", file=plan.recipe_path)
-        if plan.target.memory_budget_mb is not None:
-            check_memory(info, plan.recipe, plan.target, plan.recipe_path)
+        check_buildable(plan.backend, info, plan.recipe, plan.target, plan.recipe_path)
     digest = checkpoint_digest(source_dir)
     stage_cb("convert")
     artifact, cached = convert_cached(plan, source_dir, digest, info, log)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
@@ -49,6 +51,23 @@ def cache_lock(name: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path):
         yield
+
+
+def fill_cache_dir(dest: Path, name: str, ready: Callable[[Path], bool],
+                   fill: Callable[[Path], None]) -> Path:
+    """`dest`, filled by `fill(staging)` unless `ready(dest)` already: under cache_lock(name),
+    staged beside it and renamed into place, so a failed or interrupted fill leaves nothing that
+    looks complete and concurrent processes fill it once."""
+    with cache_lock(name):
+        if ready(dest):  # another process filled it meanwhile
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            staged = Path(tmp) / "staged"
+            fill(staged)
+            shutil.rmtree(dest, ignore_errors=True)
+            staged.rename(dest)  # whole or not at all
+    return dest
 
 
 def resolve_source(source: str, revision: str | None = None) -> Path:

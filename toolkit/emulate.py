@@ -5,7 +5,8 @@ a device) under qemu user-mode emulation, against the reference the bundle carri
              parity does not prove Pi parity.
   x86-64-v3  this machine's venv under `qemu-x86_64 -cpu Haswell`: an AVX2-only CPU (a typical
              laptop or older desktop), so ONNX Runtime, OpenVINO and llama.cpp dispatch to their
-             AVX2 kernels instead of this host's AVX-512 / AMX ones. About 40x slower.
+             AVX2 kernels instead of this host's AVX-512 / AMX ones. Much slower: qemu
+             translates every instruction.
 
 The root (Debian bookworm, as Raspberry Pi OS) is made once with debootstrap and cached under
 $PHIKIT_CACHE/emulation; venvs are keyed by the lock's sha256. Needs root, debootstrap,

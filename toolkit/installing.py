@@ -23,6 +23,12 @@ def pip_install_hint(spec: str) -> str:
     return f'pip install -c {shlex.quote(str(CONSTRAINTS))} "{spec}"'
 
 
+def pip_error(output: str, fallback: str) -> str:
+    """The first ERROR line of pip's output (what a one-line message quotes), else `fallback`."""
+    return next((line.strip() for line in output.splitlines()
+                 if line.strip().startswith("ERROR")), fallback)
+
+
 def extra_requirements(extra: str, dist: str = "phikit") -> list[str]:
     """The requirements the installed `dist` declares for `extra`, without the marker."""
     out = []

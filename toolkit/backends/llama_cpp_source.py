@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from ..checkpoint import cache_lock, cache_root
+from ..checkpoint import cache_root, fill_cache_dir
 from ..errors import PhikitError
+from ..installing import pip_error
 from ..paths import data_file
 
 PACKAGE = "llama-cpp-python"
@@ -93,10 +94,9 @@ def download(into: Path, log: Callable[[str], None]) -> Path:
     proc = pip_download(into)
     sdist = into / f"{p.stem}.tar.gz"
     if proc.returncode != 0 or not sdist.is_file():
-        errors = [line.strip() for line in (proc.stderr or proc.stdout).splitlines()
-                  if line.strip().startswith("ERROR")] or ["pip wrote no sdist"]
+        error = pip_error(proc.stderr or proc.stdout, "pip wrote no sdist")
         raise PhikitError(f"could not download {p.requirement}'s source package for llama.cpp's "
-                          f"converter: {errors[0]} (offline: PHIKIT_LLAMA_CPP=<llama.cpp tree>, "
+                          f"converter: {error} (offline: PHIKIT_LLAMA_CPP=<llama.cpp tree>, "
                           "or PIP_FIND_LINKS=<a folder holding the sdist>)")
     got = sha256_of(sdist)
     if got != p.sha256:
@@ -135,17 +135,13 @@ def ensure(log: Callable[[str], None] = lambda s: None) -> Path:
         return found
     if os.environ.get("PHIKIT_LLAMA_CPP"):
         raise PhikitError(f"PHIKIT_LLAMA_CPP={found} has no {CONVERTER}")
-    dest = cache_dir()
-    with cache_lock("llama.cpp-" + pin().version):
-        if (dest / CONVERTER).is_file():  # another process fetched it meanwhile
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            sdist = download(Path(tmp) / "sdist", log)
-            staged = Path(tmp) / "tree"
-            unpack(sdist, staged)
-            shutil.rmtree(dest, ignore_errors=True)
-            staged.rename(dest)  # whole or not at all
+
+    def fill(staged: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            unpack(download(Path(tmp) / "sdist", log), staged)
+
+    dest = fill_cache_dir(cache_dir(), "llama.cpp-" + pin().version,
+                          lambda d: (d / CONVERTER).is_file(), fill)
     log(f"llama.cpp's converter: {dest}")
     return dest
 

@@ -39,8 +39,8 @@ PRUNE_NODES = ("/lm_head/prune/Gather", "/lm_head/prune/Unsqueeze")
 def write_all_logits_graph(out: Path) -> Path | None:
     """Beside a decoder whose lm_head the builder pruned, the same graph without the pruning
     (the runner's all_logits_file): teacher-forced logits then take one prefill, where the
-    pruned graph gives them one token at a time through the decode path (4.5x slower over 1024
-    tokens). Only the graph is written; its weights stay the decoder's external data file. No
+    pruned graph gives them one token at a time through the decode path, a pass per token.
+    Only the graph is written; its weights stay the decoder's external data file. No
     pruning, no file."""
     import onnx
 
@@ -163,8 +163,8 @@ class OnnxBackend(BackendDefaults):
         """The builder's --extra_options: the recipe's fields, phikit's measured CPU defaults,
         then the recipe's raw `quantization.options.onnx.extra_options` (which win).
 
-        CPU defaults (measured side by side by bench/runtime.py; figures in the README's
-        Performance section):
+        CPU defaults (measured side by side by bench/runtime.py; figures in
+        docs/benchmarks.md):
         - accuracy_level 4 (int8 activations in MatMulNBits) decodes faster than the builder's
           0 (fp32 activations) at an unchanged KLD;
         - prune_lm_head: without it the graph computes lm_head (vocab 32064) for every prompt

@@ -9,8 +9,8 @@ shape the HTP compiles statically (KV cache = the recipe's context_length, prefi
 step) in `_fix_shapes`.
 
 Olive 0.13's ModelBuilder pass imports onnxruntime_genai.models.quantized_model, which the 0.18
-builder the onnx backend uses no longer has: `make install` puts onnxruntime-genai 0.12.2 in a
-directory of its own (OLIVE_GENAI) that only the Olive subprocess sees.
+builder the onnx backend uses no longer has: olive_genai.py finds (or installs) the older
+release in a directory of its own that only the Olive subprocess sees.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from pydantic import Field
 from ..checkpoint import ModelInfo, read_model_info
 from ..paths import EVALSETS_DIR
 from ..schema import BackendOptions, Recipe, Target
+from . import olive_genai
 from .common import BackendDefaults, first_import_error, provider_runtime_options, run_tool, versions
 
-OLIVE_GENAI = Path(os.environ.get("PHIKIT_OLIVE_GENAI")
-                   or Path(sys.prefix) / "share" / "phikit" / "olive-genai")
 # Tokenizer and generation files the runner reads beside the graphs.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json", "special_tokens_map.json", "config.json")
@@ -61,18 +60,12 @@ class QnnBackend(BackendDefaults):
     def install(self) -> str:
         from ..installing import pip_install_hint
 
-        return (pip_install_hint("phikit[qnn]") + ", then Olive's ModelBuilder runtime apart: "
-                "`make olive-genai` in a checkout")
+        return pip_install_hint("phikit[qnn]")
 
     def unavailable(self) -> str | None:
-        missing = first_import_error("olive", "onnxruntime", "onnxruntime_qnn", "datasets",
-                                     "tokenizers")
-        if missing:
-            return missing
-        if not (OLIVE_GENAI / "onnxruntime_genai" / "models" / "quantized_model.py").is_file():
-            return (f"onnxruntime-genai 0.12 for Olive's ModelBuilder pass is not in {OLIVE_GENAI} "
-                    "(make install puts it there; PHIKIT_OLIVE_GENAI overrides)")
-        return None
+        # no onnxruntime-genai for Olive yet is fine: convert() installs the pinned one
+        return first_import_error("olive", "onnxruntime", "onnxruntime_qnn", "datasets",
+                                  "tokenizers")
 
     options_model = QnnOptions
 
@@ -175,8 +168,9 @@ class QnnBackend(BackendDefaults):
         try:
             config = work / "olive_config.json"
             config.write_text(json.dumps(self.olive_config(source, work, recipe, info), indent=2))
+            genai_dir = olive_genai.ensure(log)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                p for p in (str(OLIVE_GENAI), os.environ.get("PYTHONPATH")) if p)}
+                p for p in (str(genai_dir), os.environ.get("PYTHONPATH")) if p)}
             if Path(source).is_dir():
                 env["HF_HUB_OFFLINE"] = "1"  # local checkpoint and local calibration text
             run_tool([sys.executable, "-m", "olive", "run", "--config", str(config)], log,
@@ -218,9 +212,10 @@ class QnnBackend(BackendDefaults):
     def toolchain(self) -> dict[str, str]:
         out = versions("olive-ai", "onnxruntime", "onnxruntime-qnn", "onnx", "transformers",
                        "torch", "datasets")
-        meta = next(OLIVE_GENAI.glob("onnxruntime_genai-*.dist-info"), None)
-        if meta is not None:
-            out["onnxruntime-genai (Olive)"] = meta.name.split("-")[1].removesuffix(".dist")
+        # the pin, installed or not yet: the same cache key before and after the install
+        have = olive_genai.found()
+        out["onnxruntime-genai (Olive)"] = (olive_genai.installed_version(have) if have else None) \
+            or olive_genai.version()
         return out
 
 

@@ -145,6 +145,13 @@ def _load(path: Path, use_extra_bufts: bool, **kwargs) -> tuple[llama_cpp.Llama,
     return llm, buffers
 
 
+def load_llama(path: Path, option: Any = AUTO, **kwargs) -> llama_cpp.Llama:
+    """llama_cpp.Llama(path, **kwargs) with the extra buffer types this CPU gets from `option`,
+    as a session loads it: what a benchmark's bare llama-cpp-python loop compares against (on an
+    AMX CPU llama-cpp-python's own default crashes, so there is no unprotected baseline)."""
+    return _load(path, extra_buffer_types(option, host_cpu())[0], **kwargs)[0]
+
+
 def _strip_patterns(model_dir: Path) -> list[tuple[re.Pattern, str]]:
     """Regexes that drop the whitespace transformers strips around rstrip/lstrip special tokens
     (one alternation per side, so a prompt is scanned twice, not once per special token)."""

@@ -2,7 +2,7 @@
 
 Copied into bundles beside core.py; imports only mlx, mlx_lm (which brings its HF tokenizer)
 and numpy. On Apple silicon it runs on Metal; on Linux `mlx[cpu]` runs the same code on the CPU
-(a correctness path: about 200x slower than Metal).
+(a correctness path, far slower than Metal).
 Options: compute_dtype = auto | float16 | bfloat16 | float32. MLX picks its device itself; on
 Metal `auto` computes in the model's dtype. On the CPU backend `auto` computes in float32: the
 weights keep their exact values (4/8-bit codes; float16 scales widen exactly to float32), only
