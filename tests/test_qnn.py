@@ -146,8 +146,9 @@ def test_validate_records_the_htp_backend_without_fallback(npu_bundle, tmp_path)
     assert any("simulator" in n for n in report["notes"])
     # the readable report says where it ran and that nothing could fall back
     from toolkit.report import bundle_facts
+    from toolkit.report.model import ParityReport
 
-    runtime = bundle_facts(report, None)["runtime"]
+    runtime = bundle_facts(ParityReport.read(report), None)["runtime"]
     assert "QNN HTP" in runtime and "CPU fallback off" in runtime, runtime
 
 

@@ -17,6 +17,7 @@ from toolkit.errors import PhikitError
 from toolkit.package import write_report_html
 from toolkit.report import (compare_html, compare_text, junit_xml, load_report, render_html,
                             render_markdown, split_generation)
+from toolkit.report.model import ParityReport
 
 SOURCE_SHA = "ab" * 32
 SCRIPT = "<script>alert('x')</script>"
@@ -143,7 +144,7 @@ def passing(tmp_path) -> Path:
 
 def html_of(bundle: Path) -> str:
     loaded = load_report(bundle)
-    return render_html(loaded.report, loaded.manifest, loaded.name)
+    return render_html(loaded.parity, loaded.manifest, loaded.name)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -151,7 +152,7 @@ def html_of(bundle: Path) -> str:
 def test_load_bundle_failed_bundle_json_and_manifest_path(failing, passing, tmp_path):
     assert failing.name == "tiny-int4.failed"
     loaded = load_report(failing)
-    assert loaded.report["verdict"] == "fail" and loaded.name == "tiny-int4"
+    assert loaded.parity.verdict == "fail" and loaded.name == "tiny-int4"
     assert loaded.bundle == failing and loaded.manifest["backend"] == "onnx"
     assert load_report(passing / "manifest.json").bundle == passing
     report_json = tmp_path / "r.json"
@@ -245,20 +246,21 @@ def test_report_from_before_bands_still_renders():
     for p in report["prompts"]:
         p.pop("common_text", None)
     del report["metrics"]["kld_histogram"]
-    page = render_html(report, None)
+    page = render_html(ParityReport.read(report), None)
     assert "<h1>PASS</h1>" in page and 'id="bands-table"' not in page
     assert 'id="kld-histogram"' in page and 'id="top1-by-position"' in page
     assert "<pre>def join(<mark>" in page
 
 
 def test_common_text_not_a_prefix_falls_back_to_characters():
-    prompt = {"reference_text": "ab cd", "candidate_text": "ab ce", "common_text": "ab\ufffd"}
+    prompt = ParityReport.read(make_report(passing=True)).prompts[0].model_copy(update={
+        "reference_text": "ab cd", "candidate_text": "ab ce", "common_text": "ab\ufffd"})
     assert split_generation(prompt) == ("ab c", "d", "e")
 
 
 def test_write_report_html_into_bundle(failing):
     loaded = load_report(failing)
-    path = write_report_html(failing, loaded.report, loaded.manifest)
+    path = write_report_html(failing, loaded.parity, loaded.manifest)
     assert path == failing / "report.html" and "<h1>FAIL</h1>" in path.read_text()
     assert not list(failing.glob(".report.html.tmp*"))
 
@@ -267,7 +269,7 @@ def test_write_report_html_into_bundle(failing):
 
 def test_markdown_summary(failing):
     loaded = load_report(failing)
-    text = render_markdown(loaded.report, loaded.manifest, loaded.name)
+    text = render_markdown(loaded.parity, loaded.manifest, loaded.name)
     assert text.startswith("## ❌ FAIL — tiny-int4")
     assert "| metric | measured | bound | result | detail |" in text
     assert "| kld_mean | 0.031 | ≤ 0.02 | **FAIL** |" in text
@@ -277,7 +279,7 @@ def test_markdown_summary(failing):
 
 
 def test_junit_one_case_per_check_prompt_and_text(failing, passing):
-    report = load_report(failing).report
+    report = load_report(failing).parity
     suite = ET.fromstring(junit_xml(report, "tiny-int4"))
     cases = suite.findall("testcase")
     assert suite.tag == "testsuite" and len(cases) == 8 + 3 + 3
@@ -289,7 +291,7 @@ def test_junit_one_case_per_check_prompt_and_text(failing, passing):
     assert suite.get("tests") == "14" and suite.get("failures") == "7"
     kld = next(c for c in cases if c.get("name") == "kld_mean").find("failure")
     assert kld.get("message") == "kld_mean 0.031 (needs ≤ 0.02)" and "worst text" in kld.text
-    suite = ET.fromstring(junit_xml(load_report(passing).report))
+    suite = ET.fromstring(junit_xml(load_report(passing).parity))
     assert suite.get("failures") == "0" and len(suite.findall("testcase")) == 14
 
 

@@ -21,6 +21,7 @@ from .build import execute, make_plan
 from .errors import PhikitError
 from .report import junit_xml, render_markdown
 from .report.markdown import md_cell
+from .report.model import ParityReport
 
 
 @dataclass
@@ -28,7 +29,7 @@ class GateRow:
     name: str  # "recipe → target", or a report's name
     backend: str = "—"
     bundle: Path | None = None
-    report: Any = None  # ParityReport, when there is one
+    report: ParityReport | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 

@@ -95,8 +95,7 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_report_html(bundle: Path, report: ParityReport | dict[str, Any],
-                      manifest: dict[str, Any]) -> Path:
+def write_report_html(bundle: Path, report: ParityReport, manifest: dict[str, Any]) -> Path:
     """report.html: the parity report a person reads, next to parity.json. Written before
     finish_manifest so it is hashed like every other file; it cannot list those hashes itself."""
     path = bundle / "report.html"

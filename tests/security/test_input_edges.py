@@ -179,7 +179,7 @@ def test_markdown_report_renders_no_remote_image_or_link(tmp_path):
     report["prompts"][1]["candidate_text"] = "def join(" + REMOTE[1]
     bundle = write_bundle(tmp_path, "tiny-int4", report)
     loaded = load_report(bundle)
-    text = render_markdown(loaded.report, loaded.manifest, loaded.name)
+    text = render_markdown(loaded.parity, loaded.manifest, loaded.name)
     assert phikit("report", bundle, "--markdown", check=1).stdout == text
     html = MarkdownIt("commonmark").enable("table").render(text)
     assert "<img" not in html and "<a " not in html and "evil.example" in html

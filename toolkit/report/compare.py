@@ -9,13 +9,14 @@ from typing import Any
 from ..errors import PhikitError
 from ..runner.core import MANIFEST
 from .load import LoadedReport
-from .readout import (BAND_METRICS, COMPARE_METRICS, band_rows, bundle_facts, dig, fmt,
-                      fmt_bytes, split_generation)
+from .model import ParityReport, PromptRow
+from .readout import (BAND_METRICS, COMPARE_METRICS, bundle_facts, dig, fmt, fmt_bytes,
+                      split_generation)
 
 
 def source_sha256(loaded: LoadedReport) -> str | None:
     return (dig(loaded.manifest, "source", "sha256")
-            or dig(loaded.report, "reference", "checkpoint_sha256"))
+            or loaded.parity.reference.get("checkpoint_sha256"))
 
 
 def bundle_bytes(loaded: LoadedReport) -> int | None:
@@ -32,12 +33,12 @@ def bundle_bytes(loaded: LoadedReport) -> int | None:
     return total
 
 
-def measured_on(report: dict[str, Any]) -> str:
+def measured_on(report: ParityReport) -> str:
     """The machine a report's figures come from: the build host, or a device (run.py validate
     on it, `phikit deploy`), or an emulated CPU."""
-    host = report.get("host") or {}
+    host = report.host
     where = ", ".join(str(x) for x in (host.get("cpu"), host.get("os")) if x) or "—"
-    emulated = dig(report, "candidate", "emulated_arch")
+    emulated = report.candidate.get("emulated_arch")
     return f"{where} (emulated {emulated})" if emulated else where
 
 
@@ -52,11 +53,11 @@ def ensure_same_model(a: LoadedReport, b: LoadedReport) -> None:
 def compare_rows(a: LoadedReport, b: LoadedReport) -> list[tuple[str, str, str, str]]:
     """(what, A, B, B − A) rows shared by the text, rich and HTML comparisons."""
     ensure_same_model(a, b)
-    fa, fb = bundle_facts(a.report, a.manifest, a.name), bundle_facts(b.report, b.manifest,
-                                                                      b.name)
-    rows = [("verdict", a.report["verdict"].upper(), b.report["verdict"].upper(), "")]
+    ra, rb = a.parity, b.parity
+    fa, fb = bundle_facts(ra, a.manifest, a.name), bundle_facts(rb, b.manifest, b.name)
+    rows = [("verdict", ra.verdict.upper(), rb.verdict.upper(), "")]
     rows += [(k, fa[k], fb[k], "") for k in ("backend", "precision", "target", "runtime")]
-    rows.append(("measured on", measured_on(a.report), measured_on(b.report), ""))
+    rows.append(("measured on", measured_on(ra), measured_on(rb), ""))
     size_a, size_b = bundle_bytes(a), bundle_bytes(b)
     rows.append(("bundle size", fmt_bytes(size_a), fmt_bytes(size_b),
                  f"{(size_b - size_a) / 2**20:+.1f} MB" if size_a and size_b else ""))
@@ -65,13 +66,13 @@ def compare_rows(a: LoadedReport, b: LoadedReport) -> list[tuple[str, str, str, 
         both = all(isinstance(v, (int, float)) for v in (va, vb))
         return label, fmt(va), fmt(vb), f"{vb - va:+.3g}" if both else ""
 
-    rows += [numeric(k, a.report["metrics"].get(k), b.report["metrics"].get(k))
+    rows += [numeric(k, getattr(ra.metrics, k), getattr(rb.metrics, k))
              for k in COMPARE_METRICS]
-    bands_a = {x["name"]: x for x in band_rows(a.report)}
-    bands_b = {x["name"]: x for x in band_rows(b.report)}
+    bands_a, bands_b = {x.name: x for x in ra.bands}, {x.name: x for x in rb.bands}
     for band in [*bands_a, *(n for n in bands_b if n not in bands_a)]:
         for key in BAND_METRICS + ("greedy_match_mean",):
-            va, vb = dig(bands_a, band, key), dig(bands_b, band, key)
+            # a band only one report has (None for the other) is still a row
+            va, vb = (getattr(bands.get(band), key, None) for bands in (bands_a, bands_b))
             if va is not None or vb is not None:
                 rows.append(numeric(f"{key}[{band}]", va, vb))
     return rows
@@ -79,7 +80,7 @@ def compare_rows(a: LoadedReport, b: LoadedReport) -> list[tuple[str, str, str, 
 
 def compare_notes(a: LoadedReport, b: LoadedReport) -> list[str]:
     notes = []
-    ea, eb = dig(a.report, "evalset", "sha256"), dig(b.report, "evalset", "sha256")
+    ea, eb = (r.evalset.sha256 if r.evalset else None for r in (a.parity, b.parity))
     if ea and eb and ea != eb:
         notes.append("the two reports used different eval sets: their metrics are not measured "
                      "on the same tokens")
@@ -89,10 +90,9 @@ def compare_notes(a: LoadedReport, b: LoadedReport) -> list[str]:
     return notes
 
 
-def prompt_pairs(a: LoadedReport, b: LoadedReport) -> list[tuple[dict, dict]]:
-    by_id = {p.get("id"): p for p in b.report.get("prompts") or []}
-    return [(p, by_id[p.get("id")]) for p in a.report.get("prompts") or []
-            if p.get("id") in by_id]
+def prompt_pairs(a: LoadedReport, b: LoadedReport) -> list[tuple[PromptRow, PromptRow]]:
+    by_id = {p.id: p for p in b.parity.prompts}
+    return [(p, by_id[p.id]) for p in a.parity.prompts if p.id in by_id]
 
 
 def compare_text(a: LoadedReport, b: LoadedReport) -> str:
@@ -103,7 +103,7 @@ def compare_text(a: LoadedReport, b: LoadedReport) -> str:
     pairs = prompt_pairs(a, b)
     if pairs:
         lines += ["", "greedy tokens matched before diverging from the reference (A / B):"]
-        lines += [f"  {pa.get('id')}: {pa.get('match')} / {pb.get('match')}" for pa, pb in pairs]
+        lines += [f"  {pa.id}: {pa.match} / {pb.match}" for pa, pb in pairs]
     return "\n".join(lines) + "\n"
 
 
@@ -114,14 +114,13 @@ def compare_page(a: LoadedReport, b: LoadedReport) -> dict[str, Any]:
     for pa, pb in prompt_pairs(a, b):
         common_a, _, rest_a = split_generation(pa)
         common_b, _, rest_b = split_generation(pb)
-        generations.append({"id": pa.get("id"), "match_a": pa.get("match"),
-                            "match_b": pb.get("match"),
-                            "reference": str(pa.get("reference_text") or ""),
-                            "a": (common_a, rest_a, not pa.get("exact")),
-                            "b": (common_b, rest_b, not pb.get("exact"))})
+        generations.append({"id": pa.id, "match_a": pa.match, "match_b": pb.match,
+                            "reference": pa.reference_text,
+                            "a": (common_a, rest_a, not pa.exact),
+                            "b": (common_b, rest_b, not pb.exact)})
     return {"title": f"phikit compare · {a.name} vs {b.name}",
-            "a": {"name": a.name, "verdict": a.report["verdict"].upper()},
-            "b": {"name": b.name, "verdict": b.report["verdict"].upper()},
+            "a": {"name": a.name, "verdict": a.parity.verdict.upper()},
+            "b": {"name": b.name, "verdict": b.parity.verdict.upper()},
             "header": ("", f"A: {a.name}", f"B: {b.name}", "B − A"),
             "rows": [(row, "") for row in compare_rows(a, b)],
             "notes": compare_notes(a, b), "generations": generations}

@@ -18,8 +18,8 @@ from markupsafe import Markup
 from .compare import compare_page
 from .load import LoadedReport
 from .model import ParityReport
-from .readout import (report_data, band_failed, band_rows, bundle_facts, check_line, dig, esc, failed_checks,
-                      fmt, plural, prompt_problem, relation, split_generation, text_problems)
+from .readout import (band_failed, bundle_facts, dig, esc, fmt, plural, prompt_problem,
+                      split_generation, text_problems)
 from .svg import drift_svg, kld_histogram_svg, top1_svg
 
 if TYPE_CHECKING:
@@ -47,82 +47,78 @@ def environment() -> Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, finalize=finalize,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(blank_runs=blank_runs, relation=relation)
+    env.filters.update(blank_runs=blank_runs)
     return env
 
 
-def verdict_summary(report: dict[str, Any]) -> str:
-    failed = failed_checks(report)
+def verdict_summary(report: ParityReport) -> str:
+    failed = report.failed_checks()
     if failed:
-        return (f"{len(failed)} of {len(report['checks'])} checks failed: "
-                + "; ".join(check_line(c) for c in failed))
-    return f"all {len(report['checks'])} checks passed"
+        return (f"{len(failed)} of {len(report.checks)} checks failed: "
+                + "; ".join(c.describe() for c in failed))
+    return f"all {len(report.checks)} checks passed"
 
 
-def other_metrics(report: dict[str, Any]) -> list[tuple[str, Any]]:
-    m = report["metrics"]
-    return [("positions", m.get("positions")), ("texts", m.get("texts")),
-            ("prompts", m.get("prompts")), ("KLD median", m.get("kld_median")),
-            ("KLD p99.9", m.get("kld_p999")),
-            ("KLD max", m.get("kld_max")), ("perplexity reference", m.get("ppl_reference")),
-            ("perplexity candidate", m.get("ppl_candidate")),
-            ("greedy match min", m.get("greedy_match_min")),
-            ("greedy exact share", m.get("greedy_exact"))]
+def other_metrics(report: ParityReport) -> list[tuple[str, Any]]:
+    m = report.metrics
+    return [("positions", m.positions), ("texts", m.texts), ("prompts", m.prompts),
+            ("KLD median", m.kld_median), ("KLD p99.9", m.kld_p999), ("KLD max", m.kld_max),
+            ("perplexity reference", m.ppl_reference),
+            ("perplexity candidate", m.ppl_candidate),
+            ("greedy match min", m.greedy_match_min), ("greedy exact share", m.greedy_exact)]
 
 
-def bands_rows(report: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+def bands_rows(report: ParityReport) -> list[tuple[tuple[Any, ...], str]]:
     """(cells, row class) per position band; [] for reports from before bands."""
     rows = []
-    for b in band_rows(report):
-        end = b.get("end")
-        span = f"{b.get('start', 0)}–{end - 1}" if isinstance(end, int) else f"{b.get('start')}–"
-        worst = b.get("worst") or {}
-        worst_text = (f"{worst.get('id')} (KLD {fmt(worst.get('kld_mean'))}, max at "
-                      f"{worst.get('position')})" if worst else "—")
-        greedy = (f"{fmt(b.get('greedy_match_mean'))} ({b.get('prompts')} prompts)"
-                  if "greedy_match_mean" in b else "—")
-        cells = (b["name"], b.get("description") or "", span, b.get("positions"),
-                 "checked" if b.get("checked") else "reported only", b.get("kld_mean"),
-                 b.get("kld_p99"), b.get("top1"), greedy, worst_text)
+    for b in report.bands:
+        span = f"{b.start}–{b.end - 1}" if b.end is not None else f"{b.start}–"
+        w = b.worst
+        worst_text = (f"{w.id} (KLD {fmt(w.kld_mean)}, max at {w.position})" if w is not None
+                      else "—")
+        greedy = (f"{fmt(b.greedy_match_mean)} ({b.prompts} prompts)"
+                  if b.greedy_match_mean is not None else "—")
+        cells = (b.name, b.description, span, b.positions,
+                 "checked" if b.checked else "reported only", b.kld_mean, b.kld_p99, b.top1,
+                 greedy, worst_text)
         rows.append((cells, "failed" if band_failed(report, b) else ""))
     return rows
 
 
-def texts_rows(report: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+def texts_rows(report: ParityReport) -> list[tuple[tuple[Any, ...], str]]:
     """Texts that miss an overall bound on their own are marked (class over), not failed."""
     rows = []
-    for t in report.get("texts") or []:
+    for t in report.texts:
         problems = text_problems(t, report)
-        cells = (t.get("id"), t.get("tokens"), t.get("kld_mean"), t.get("kld_max"),
-                 t.get("kld_max_position"), t.get("top1"), "; ".join(problems))
+        cells = (t.id, t.tokens, t.kld_mean, t.kld_max, t.kld_max_position, t.top1,
+                 "; ".join(problems))
         rows.append((cells, "over" if problems else ""))
     return rows
 
 
-def generations(report: dict[str, Any]) -> list[dict[str, Any]]:
+def generations(report: ParityReport) -> list[dict[str, Any]]:
     out = []
-    for p in report.get("prompts") or []:
+    for p in report.prompts:
         common, reference_rest, candidate_rest = split_generation(p)
-        exact = bool(p.get("exact"))
-        out.append({"id": p.get("id"), "exact": exact, "common": common,
+        out.append({"id": p.id, "exact": p.exact, "common": common,
                     "reference_rest": reference_rest, "candidate_rest": candidate_rest,
-                    "status": ("identical" if exact
-                               else f"diverged after {plural(p.get('match'), 'token')}"),
-                    "reference_tokens": plural(p.get("reference_tokens"), "token"),
-                    "candidate_tokens": p.get("candidate_tokens"),
+                    "status": ("identical" if p.exact
+                               else f"diverged after {plural(p.match, 'token')}"),
+                    "reference_tokens": plural(p.reference_tokens, "token"),
+                    "candidate_tokens": p.candidate_tokens,
                     "problem": prompt_problem(p, report)})
     return out
 
 
-def tokenizer(report: dict[str, Any]) -> dict[str, Any]:
-    mismatches = report.get("tokenizer_mismatches") or []
-    info = report.get("tokenizer") or {}
-    m = report["metrics"]
-    rows_total = info.get("rows", (m.get("texts") or 0) + (m.get("prompts") or 0))
-    identical = info.get("identical", rows_total - len(mismatches))
+def tokenizer(report: ParityReport) -> dict[str, Any]:
+    mismatches = report.tokenizer_mismatches
+    info, m = report.tokenizer, report.metrics
+    # reports from before the tokenizer summary: every eval row, less those that mismatched
+    rows_total = info.rows if info else m.texts + m.prompts
+    identical = info.identical if info else rows_total - len(mismatches)
     summary = [("eval rows", rows_total), ("tokenized identically", identical),
-               ("chat-formatted rows", info.get("chat_rows")),
-               ("token agreement", m.get("token_agreement"))]
+               ("chat-formatted rows", info.chat_rows if info else None),
+               ("token agreement", m.token_agreement)]
     rows = [((x.get("id"), x.get("first_difference"), repr(x.get("context", "")),
               str(x.get("reference_tokens")), str(x.get("candidate_tokens"))), "")
             for x in mismatches]
@@ -137,12 +133,11 @@ def scalars(data: Any) -> list[tuple[str, Any]]:
              else json.dumps(v, default=str)) for k, v in data.items()]
 
 
-def provenance(report: dict[str, Any], manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+def provenance(report: ParityReport, manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The collapsible blocks: title, (key, value) pairs, whether the values are hashes,
     whether the block starts open. The template leaves out a block without pairs."""
     source = dig(manifest, "source") or {}
-    reference = report.get("reference") or {}
-    evalset = report.get("evalset") or {}
+    reference, evalset = report.reference, report.evalset
 
     def block(title: str, pairs: list[tuple[str, Any]], hash_like: bool = False,
               opened: bool = True) -> dict[str, Any]:
@@ -154,13 +149,13 @@ def provenance(report: dict[str, Any], manifest: dict[str, Any] | None) -> list[
               [("id", source.get("id") or reference.get("source")),
                ("sha256", source.get("sha256") or reference.get("checkpoint_sha256")),
                ("architecture", source.get("architecture"))], hash_like=True),
-        block("Eval set", [("file", evalset.get("file")), ("sha256", evalset.get("sha256"))],
-              hash_like=True),
+        block("Eval set", [("file", evalset and evalset.file),
+                           ("sha256", evalset and evalset.sha256)], hash_like=True),
         block("Toolchain", scalars(dig(manifest, "toolchain"))),
-        block("Host (the CPU behind these figures)", scalars(report.get("host"))),
+        block("Host (the CPU behind these figures)", scalars(report.host)),
         block("Reference", scalars(reference), opened=False),
-        block("Candidate", scalars(report.get("candidate")), opened=False),
-        block("Timing", scalars(report.get("timing")), opened=False)]
+        block("Candidate", scalars(report.candidate), opened=False),
+        block("Timing", scalars(report.timing), opened=False)]
     files = dig(manifest, "files")
     if isinstance(files, dict):
         blocks.append(block(f"Bundle files ({len(files)}, sha256)", sorted(files.items()),
@@ -171,21 +166,20 @@ def provenance(report: dict[str, Any], manifest: dict[str, Any] | None) -> list[
     return blocks
 
 
-def render_html(report: ParityReport | dict[str, Any], manifest: dict[str, Any] | None = None,
+def render_html(report: ParityReport, manifest: dict[str, Any] | None = None,
                 name: str | None = None) -> str:
-    report = report_data(report)
     facts = bundle_facts(report, manifest, name)
     top1_chart, top1_caption = top1_svg(report)
     drift_chart, drift_caption = drift_svg(report)
     return environment().get_template("report.html.j2").render(
-        title=f"{report['verdict'].upper()} · {facts['name']} · phikit parity",
-        verdict=report["verdict"], facts=facts, summary=verdict_summary(report),
-        checks=report["checks"], other_metrics=other_metrics(report),
+        title=f"{report.verdict.upper()} · {facts['name']} · phikit parity",
+        verdict=report.verdict, facts=facts, summary=verdict_summary(report),
+        checks=report.checks, other_metrics=other_metrics(report),
         kld_chart=Markup(kld_histogram_svg(report)),
         top1_chart=Markup(top1_chart), top1_caption=top1_caption,
         drift_chart=Markup(drift_chart), drift_caption=drift_caption,
         bands=bands_rows(report), texts=texts_rows(report), generations=generations(report),
-        tokenizer=tokenizer(report), notes=report.get("notes") or [],
+        tokenizer=tokenizer(report), notes=report.notes,
         provenance=provenance(report, manifest))
 
 

@@ -25,11 +25,6 @@ class LoadedReport:
     bundle: Path | None   # the bundle directory, when the report came from one
 
     @property
-    def report(self) -> dict[str, Any]:
-        """The report as JSON data (current version), what the renderers read."""
-        return self.parity.to_json()
-
-    @property
     def name(self) -> str:
         if self.manifest and self.manifest.get("name"):
             return str(self.manifest["name"])

@@ -7,7 +7,7 @@ import re
 from typing import Any, Iterable
 
 from .model import ParityReport
-from .readout import report_data, band_failed, band_rows, bundle_facts, fmt, relation, split_generation
+from .readout import band_failed, bundle_facts, fmt, split_generation
 
 # Report strings come from the bundle reported on (eval rows, generations, names): in a CI job
 # summary or a PR comment none of them may render as a link or an image a reader's browser
@@ -38,43 +38,40 @@ def md_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
     return lines
 
 
-def render_markdown(report: ParityReport | dict[str, Any], manifest: dict[str, Any] | None = None,
+def render_markdown(report: ParityReport, manifest: dict[str, Any] | None = None,
                     name: str | None = None) -> str:
-    report = report_data(report)
     facts = bundle_facts(report, manifest, name)
-    mark = "✅ PASS" if report["verdict"] == "pass" else "❌ FAIL"
+    mark = "✅ PASS" if report.passed else "❌ FAIL"
     lines = [f"## {mark} — {md_cell(facts['name'])}", "",
              " · ".join(f"{k}: **{md_cell(facts[k])}**"
                         for k in ("backend", "precision", "target", "runtime")), ""]
     lines += md_table(("metric", "measured", "bound", "result", "detail"),
-                      ((c["metric"], c["measured"], f"{relation(c['kind'])} {fmt(c['bound'])}",
-                        "ok" if c["passed"] else "**FAIL**", c.get("detail") or "")
-                       for c in report["checks"]))
-    bands = band_rows(report)
-    if bands:
+                      ((c.metric, c.measured, f"{c.relation} {fmt(c.bound)}",
+                        "ok" if c.passed else "**FAIL**", c.detail)
+                       for c in report.checks))
+    if report.bands:
         lines += ["", "**Position bands**", ""]
         lines += md_table(("band", "positions", "status", "KLD mean", "KLD p99", "top-1",
                            "greedy match"),
-                          ((b["name"], b.get("positions"),
+                          ((b.name, b.positions,
                             ("FAIL" if band_failed(report, b) else "checked")
-                            if b.get("checked") else "reported only",
-                            b.get("kld_mean"), b.get("kld_p99"), b.get("top1"),
-                            b.get("greedy_match_mean")) for b in bands))
-    prompts = report.get("prompts") or []
+                            if b.checked else "reported only",
+                            b.kld_mean, b.kld_p99, b.top1, b.greedy_match_mean)
+                           for b in report.bands))
+    prompts = report.prompts
     if prompts:
-        m = report["metrics"]
-        exact = m.get("greedy_exact")
+        m = report.metrics
+        exact = m.greedy_exact
         lines += ["", f"**Greedy generations**: {len(prompts)} prompts, mean match "
-                      f"{fmt(m.get('greedy_match_mean'))} tokens, min "
-                      f"{fmt(m.get('greedy_match_min'))}, identical "
-                      + (f"{100 * exact:.0f}%" if isinstance(exact, (int, float)) else "—"), ""]
+                      f"{fmt(m.greedy_match_mean)} tokens, min {fmt(m.greedy_match_min)}, "
+                      "identical " + (f"{100 * exact:.0f}%" if exact is not None else "—"), ""]
         rows = []
         for p in prompts:
             _, ref_rest, cand_rest = split_generation(p)
-            rows.append((p.get("id"), p.get("match"), "yes" if p.get("exact") else "no",
-                         ref_rest[:40], cand_rest[:40]))
+            rows.append((p.id, p.match, "yes" if p.exact else "no", ref_rest[:40],
+                         cand_rest[:40]))
         lines += md_table(("prompt", "matched tokens", "identical",
                            "reference after divergence", "candidate after divergence"), rows)
-    for note in report.get("notes") or []:
+    for note in report.notes:
         lines += ["", f"> {md_cell(note)}"]
     return "\n".join(lines) + "\n"

@@ -54,6 +54,11 @@ class Check(_Part):
             line += f"  {self.detail}"
         return line
 
+    def missed_by(self, value: float) -> bool:
+        """Whether one text's or prompt's value is on the wrong side of this overall check's
+        bound (what the renderers mark; the verdict is `passed`)."""
+        return value > self.bound if self.kind == "max" else value < self.bound
+
 
 class BandWorst(_Part):
     id: str

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
-from .readout import (HISTOGRAM_EDGES, LANDMARK_LABELS, dig, esc, find_check, fmt,
-                      landmarks_of, moving_average, top1_by_position)
+from .model import ParityReport
+from .readout import (HISTOGRAM_EDGES, LANDMARK_LABELS, esc, fmt, moving_average,
+                      top1_by_position)
 
 
 @dataclass
@@ -108,9 +109,14 @@ def power_label(exponent: int) -> str:
     return f'10<tspan dy="-5" font-size="9">{exponent}</tspan>'
 
 
-def kld_histogram_svg(report: dict[str, Any]) -> str:
-    counts = dig(report, "metrics", "kld_histogram")
-    if not isinstance(counts, list) or len(counts) != len(HISTOGRAM_EDGES) - 1:
+def bound_of(report: ParityReport, metric: str) -> float | None:
+    check = report.check(metric)
+    return check.bound if check else None
+
+
+def kld_histogram_svg(report: ParityReport) -> str:
+    counts = report.metrics.kld_histogram
+    if counts is None or len(counts) != len(HISTOGRAM_EDGES) - 1:
         return ('<svg id="kld-histogram" class="chart" viewBox="0 0 1000 60" width="1000" '
                 'height="60"><text x="10" y="30">no per-position KLD in this report</text></svg>')
     y_ticks = nice_ticks(max(counts))
@@ -127,13 +133,12 @@ def kld_histogram_svg(report: dict[str, Any]) -> str:
                      f'height="{plot.y(0) - y:.1f}" fill="#0969da"><title>KLD 1e{lo:g} to '
                      f'1e{lo + 0.5:g}: {count} positions ({100 * count / total:.1f}%)</title>'
                      "</rect>")
-    lines = [(dig(report, "metrics", "kld_mean"), "mean", "#0550ae", False),
-             (find_check(report, "kld_mean"), "mean bound", "#cf222e", True),
-             (find_check(report, "kld_p99"), "p99 bound", "#bc4c00", True)]
+    lines = [(report.metrics.kld_mean, "mean", "#0550ae", False),
+             (bound_of(report, "kld_mean"), "mean bound", "#cf222e", True),
+             (bound_of(report, "kld_p99"), "p99 bound", "#bc4c00", True)]
     row = 0
     for value, label, color, dashed in lines:
-        value = value["bound"] if isinstance(value, dict) else value
-        if isinstance(value, (int, float)) and value > 0:
+        if value is not None and value > 0:
             exponent = math.log10(value)
             if HISTOGRAM_EDGES[0] <= exponent <= HISTOGRAM_EDGES[-1]:
                 parts.append(plot.vline(exponent, f"{label} {fmt(value)}", color, row, dashed))
@@ -141,9 +146,9 @@ def kld_histogram_svg(report: dict[str, Any]) -> str:
     return "".join(parts) + plot.close()
 
 
-def top1_svg(report: dict[str, Any]) -> tuple[str, str]:
+def top1_svg(report: ParityReport) -> tuple[str, str]:
     """(svg, caption): mean top-1 agreement at each position, smoothed, with the landmarks."""
-    means = top1_by_position(report.get("texts") or [])
+    means = top1_by_position(report.texts)
     if not means:
         return ('<svg id="top1-by-position" class="chart" viewBox="0 0 1000 60" width="1000" '
                 'height="60"><text x="10" y="30">no per-position top-1 in this report</text>'
@@ -157,17 +162,17 @@ def top1_svg(report: dict[str, Any]) -> tuple[str, str]:
                        [(v / 4, f"{v / 4:g}") for v in range(5)], "position", "top-1 agreement"),
              plot.polyline(range(len(means)), means, "#afb8c1", 1),
              plot.polyline(range(len(means)), moving_average(means, window), "#0969da", 2.5)]
-    check = find_check(report, "top1")
-    if check:
-        parts.append(plot.hline(check["bound"], f"bound {fmt(check['bound'])}", "#cf222e"))
+    bound = bound_of(report, "top1")
+    if bound is not None:
+        parts.append(plot.hline(bound, f"bound {fmt(bound)}", "#cf222e"))
     outside = []
-    for row, (key, position) in enumerate(sorted(landmarks_of(report).items())):
+    for row, (key, position) in enumerate(sorted(report.landmarks.items())):
         label = LANDMARK_LABELS.get(key, key)
         if position <= last:
             parts.append(plot.vline(position, f"{label} {position}", "#8250df", row))
         else:
             outside.append(f"{label} at {position}")
-    texts = len([t for t in report.get("texts") or [] if t.get("top1_by_position")])
+    texts = len([t for t in report.texts if t.top1_by_position])
     caption = (f"Mean over {texts} texts of whether candidate and reference pick the same most "
                f"likely token (grey: per position; blue: moving average over {window} "
                "positions).")
@@ -177,32 +182,31 @@ def top1_svg(report: dict[str, Any]) -> tuple[str, str]:
     return "".join(parts) + plot.close(), caption
 
 
-def drift_svg(report: dict[str, Any]) -> tuple[str, str]:
+def drift_svg(report: ParityReport) -> tuple[str, str]:
     """(svg, caption): mean KLD per position window, and where KLD rises most (the drift check's
     split). ('', '') for a report without drift windows."""
-    drift = report.get("drift") or {}
-    windows = [w for w in drift.get("windows") or [] if isinstance(w, dict)]
-    if len(windows) < 2:
+    drift = report.drift
+    if drift is None or len(drift.windows) < 2:
         return "", ""
-    mids = [(w["start"] + w["end"] - 1) / 2 for w in windows]
-    values = [float(w["kld_mean"]) for w in windows]
+    windows = drift.windows
+    mids = [(w.start + w.end - 1) / 2 for w in windows]
+    values = [w.kld_mean for w in windows]
     top = nice_ticks(max(values) * 1.15 or 1e-9, 4)
-    end = windows[-1]["end"]
+    end = windows[-1].end
     plot = Plot(0, end, 0, top[-1])
     x_ticks = [v for v in nice_ticks(end, 8) if v <= end]
     parts = [plot.open("kld-drift", "KL divergence by position window"),
              plot.axes([(v, fmt(int(v))) for v in x_ticks], [(v, fmt(v)) for v in top],
                        "position", "mean KLD"),
              plot.polyline(mids, values, "#0969da", 2.5)]
-    check = find_check(report, "kld_drift")
-    split = dig(report, "metrics", "kld_drift_from")
-    ratio = dig(report, "metrics", "kld_drift")
+    check = report.check("kld_drift")
+    split, ratio = report.metrics.kld_drift_from, report.metrics.kld_drift
     if split is not None and ratio is not None:
-        color = "#cf222e" if check and not check["passed"] else "#8250df"
+        color = "#cf222e" if check and not check.passed else "#8250df"
         parts.append(plot.vline(split, f"after {split}: x{ratio:.2f} the KLD before", color))
-    caption = (f"Mean KL(reference ‖ candidate) over windows of {drift.get('window')} positions. "
+    caption = (f"Mean KL(reference ‖ candidate) over windows of {drift.window} positions. "
                "Quantization error is flat in position; the drift check compares, at every "
                "window boundary, KLD after it with KLD before it over the same texts")
     if check:
-        caption += f" (bound x{fmt(check['bound'])})"
+        caption += f" (bound x{fmt(check.bound)})"
     return "".join(parts) + plot.close(), caption + "."
