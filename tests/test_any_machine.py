@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, once, phikit, small_recipe
 from toolkit.report.load import write_text_atomic
 from toolkit.emulate import beyond
+from toolkit.manifest import BundleManifest
 from toolkit.runner.core import host_cpu
 
 SAPPHIRE_RAPIDS = """processor\t: 0
@@ -409,7 +410,7 @@ def test_validates_as_an_avx2_only_cpu_runs_it(fixture, request, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     if fixture == "onnx_default_block_bundle":  # the block the plan resolved, as converted
         assert manifest["recipe"]["quantization"]["block_size"] == 128
-    features, _ = beyond(manifest, "x86-64-v3")
+    features, _ = beyond(BundleManifest.parse(manifest, bundle / "manifest.json"), "x86-64-v3")
     if features:  # llama.cpp compiled here with -march=native on a CPU beyond AVX2
         proc = phikit("validate", bundle, "--emulate", "x86-64-v3", "--recipe",
                       small_recipe(tmp_path, limit=3), timeout=300)

@@ -368,10 +368,10 @@ def package(plan: Plan, converted: Converted, stage: Path, report: ParityReport,
     for extra in runtime.extra_locks.get(plan.backend.name, []):
         (stage / extra.file).write_text(resolve_lock(
             extra.packages, extra.platform, without_dependencies=runtime.without_dependencies))
-    fields = bundle_manifest(plan, converted, report).fields()
+    typed = bundle_manifest(plan, converted, report)
     # the readable report ships too, hashed like every other file
-    write_report_html(stage, report, fields)
-    manifest = finish_manifest(stage, fields)
+    write_report_html(stage, report, typed.fields())
+    manifest = finish_manifest(stage, typed)
     if sign is not None and report.passed:
         sign_manifest(stage, sign)
     return publish(stage, plan.out, report.passed, plan.force), manifest

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import PhikitError
-from .runner.core import MANIFEST, SIGNATURE, BundleError, check_bundle, lock_install_args
+from .runner.core import (MANIFEST, SIGNATURE, BundleError, Manifest, check_bundle,
+                          lock_install_args)
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 VENV = ".venv"  # inside the bundle dir on the host; bundle verification ignores it
@@ -144,13 +145,13 @@ def probe(remote: Remote, python: str) -> dict:
     return info
 
 
-def check_host(info: dict, manifest: dict, bundle_bytes: int, remote: Remote) -> None:
-    platform = manifest["target"]["platform"]
+def check_host(info: dict, manifest: Manifest, bundle_bytes: int, remote: Remote) -> None:
+    platform = manifest.target["platform"]
     want = ARCH_ALIASES.get(platform["arch"], platform["arch"])
     have = ARCH_ALIASES.get(info.get("arch", "?"), info.get("arch", "?"))
     if want != have:
         raise PhikitError(f"{remote.user_host}: the bundle is built for {want} "
-                          f"({manifest['target']['name']}) but the host is {have}; "
+                          f"({manifest.target['name']}) but the host is {have}; "
                           "nothing was copied")
     need = tuple(int(x) for x in platform["python"].split("."))
     got = tuple(int(x) for x in info.get("python", "0.0").split("."))
@@ -166,18 +167,18 @@ def check_host(info: dict, manifest: dict, bundle_bytes: int, remote: Remote) ->
                           f"{remote.directory}, need about {bundle_bytes * 2 / 1e6:.0f} MB")
 
 
-def wanted_files(bundle: Path, manifest: dict) -> dict[str, str]:
+def wanted_files(bundle: Path, manifest: Manifest) -> dict[str, str]:
     """What the host's directory must hold (besides the venv): every listed file by its sha256,
     the manifest and, when the bundle has one, its signature ("-": always sent, it is what the
     host verifies against)."""
-    wanted = dict(manifest["files"])
+    wanted = dict(manifest.files)
     wanted[MANIFEST] = "-"
     if (bundle / SIGNATURE).is_file():
         wanted[SIGNATURE] = "-"
     return wanted
 
 
-def changed_files(bundle: Path, manifest: dict, remote_hashes: dict[str, str]) -> list[str]:
+def changed_files(bundle: Path, manifest: Manifest, remote_hashes: dict[str, str]) -> list[str]:
     wanted = wanted_files(bundle, manifest)
     return sorted(rel for rel, digest in wanted.items() if remote_hashes.get(rel) != digest)
 
@@ -193,7 +194,7 @@ def copy_files(bundle: Path, files: list[str], remote: Remote) -> None:
             raise PhikitError(f"{bundle}: tar could not read the bundle (exit {tar.returncode})")
 
 
-def remove_stale(bundle: Path, manifest: dict, info: dict, remote: Remote) -> list[str]:
+def remove_stale(bundle: Path, manifest: Manifest, info: dict, remote: Remote) -> list[str]:
     """Remove from the host what this bundle does not hold: files of an older bundle, byte code
     and caches a run left (`run.py verify` there refuses every unlisted file or directory, so
     one left behind would fail every later deploy), an old signature, the tuned.json measured
@@ -289,27 +290,28 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
            key: Path | None = None, validate: bool = True, report: Path | None = None,
            tune: bool = False, log: Callable[[str], None] = print) -> dict:
     # never ship a modified bundle, one whose manifest fields (its name reaches a remote shell
-    # and a unit file) are not what the runner accepts, nor, with a key, one it did not sign
+    # and a unit file) are not what the runner accepts, nor, with a key, one it did not sign;
+    # what deploy reads of the manifest is the runner's checked Manifest, so it acts on no
+    # field a device's runner would refuse
     try:
-        checked, signed = check_bundle(bundle, key)
+        manifest, signed = check_bundle(bundle, key)
     except BundleError as e:
         raise PhikitError(f"refusing to deploy: {e}") from None
-    manifest = checked.data
     log(f"manifest {signed}")
-    if checked.verdict != "pass":
+    if manifest.verdict != "pass":
         raise PhikitError(f"{bundle}: parity verdict is not 'pass'; refusing to deploy")
     if not BIND_ADDRESS.fullmatch(host_bind):
         raise PhikitError(f"--host must be an address or a host name, got {host_bind!r}",
                           field="--host")
-    user_host, directory = parse_destination(dest, manifest["name"])
+    user_host, directory = parse_destination(dest, manifest.name)
     remote = Remote(user_host, directory, ssh_port, identity, ssh_options or [])
-    size = sum((bundle / rel).stat().st_size for rel in manifest["files"])
+    size = sum((bundle / rel).stat().st_size for rel in manifest.files)
     info = probe(remote, python)
     check_host(info, manifest, size, remote)
     # The probe's `mkdir -p` made an absolute path of the directory possible to resolve.
     remote.directory = remote.run(f"cd {shlex.quote(directory)} && pwd").stdout.decode().strip()
     to_copy = changed_files(bundle, manifest, info["hashes"])
-    total = len(manifest["files"]) + 1 + int((bundle / SIGNATURE).is_file())  # + manifest, sig
+    total = len(manifest.files) + 1 + int((bundle / SIGNATURE).is_file())  # + manifest, sig
     log(f"copying {len(to_copy)} of {total} files to "
         f"{user_host}:{remote.directory}")
     copy_files(bundle, to_copy, remote)
@@ -337,8 +339,8 @@ def deploy(bundle: Path, dest: str, *, port: int = 8000, identity: Path | None =
         if not PLAIN_PATH.fullmatch(remote.directory):
             raise PhikitError(f"{user_host}:{remote.directory}: --service needs a directory "
                               "path of letters, digits and . _ / + - (it goes into a unit file)")
-        unit_name = shlex.quote(f"phikit-{manifest['name']}.service")
-        unit = UNIT.format(name=manifest["name"], dir=remote.directory, venv=VENV,
+        unit_name = shlex.quote(f"phikit-{manifest.name}.service")
+        unit = UNIT.format(name=manifest.name, dir=remote.directory, venv=VENV,
                            host=host_bind, port=port)
         remote.run(
             "command -v systemctl >/dev/null || { echo 'systemd is not available on the host' "

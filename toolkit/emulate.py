@@ -32,7 +32,8 @@ from typing import Callable
 from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
-from .runner.core import BundleError, lock_install_args, runtime_module, verify_bundle
+from .manifest import BundleManifest
+from .runner.core import MANIFEST, BundleError, lock_install_args, runtime_module, verify_bundle
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
@@ -45,14 +46,14 @@ ARCHES = {"aarch64": {"debian": "arm64", "qemu": "qemu-aarch64"},
                         "lacks": ("avx512", "avx_vnni", "amx")}}
 
 
-def compiled_here(manifest: dict) -> list[str]:
+def compiled_here(manifest: BundleManifest) -> list[str]:
     """The bundle's runtime packages that are compiled from source where they are installed
     (the target's source_builds), not wheels that pick their kernels at load."""
-    return sorted(set(manifest["target"]["runtime"].get("source_builds", []))
-                  & set(manifest["runtime"]["packages"]))
+    return sorted(set(manifest.target["runtime"].get("source_builds", []))
+                  & set(manifest.runtime.packages))
 
 
-def beyond(manifest: dict, arch: str) -> tuple[list[str], str]:
+def beyond(manifest: BundleManifest, arch: str) -> tuple[list[str], str]:
     """(the instruction sets this machine's build of the bundle's runtime was compiled to use
     and the emulated `arch` lacks, how to build it for that CPU class); nothing for a runtime
     of wheels, or one not installed here (the emulated run itself then says so)."""
@@ -60,7 +61,7 @@ def beyond(manifest: dict, arch: str) -> tuple[list[str], str]:
     if not lacks or not compiled_here(manifest):
         return [], ""
     try:
-        module = runtime_module(manifest["runtime"]["module"])
+        module = runtime_module(manifest.runtime.module)
     except BundleError:
         return [], ""
     probe = getattr(module, "compiled_cpu_features", None)
@@ -173,8 +174,8 @@ class EmulatedValidation:
             raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
                               field="--emulate")
         self.bundle, self.arch, self.log = bundle, arch, log
-        self.manifest = verify_bundle(bundle)
-        self.platform = Platform.model_validate(self.manifest["target"]["platform"])
+        self.manifest = BundleManifest.parse(verify_bundle(bundle), bundle / MANIFEST)
+        self.platform = Platform.model_validate(self.manifest.target["platform"])
         start = time.perf_counter()
         self.info = (self._x86_setup() if arch == "x86-64-v3" else self._aarch64_setup())
         self.info.update({"emulated_arch": arch, "emulator": "qemu-user",
@@ -201,7 +202,7 @@ class EmulatedValidation:
         features, rebuild = beyond(self.manifest, self.arch)
         if features:
             raise PhikitError(
-                f"{self.bundle}: this machine's {self.manifest['runtime']['module']} runtime "
+                f"{self.bundle}: this machine's {self.manifest.runtime.module} runtime "
                 f"was compiled for this CPU ({', '.join(features)}), which the emulated "
                 f"{spec['cpu']} lacks: it would stop on an illegal instruction. To emulate "
                 f"x86-64-v3, build it for that CPU class: {rebuild}", field="--emulate")
@@ -224,7 +225,8 @@ class EmulatedValidation:
         self.run_py, self.env = f"/opt/phikit/bundles/{copy.name}/run.py", ROOT_ENV
         return {"root": "Debian bookworm arm64"}
 
-    def _aarch64_prepare(self, arch: str, bundle: Path, manifest: dict) -> tuple[Path, Path, Path]:
+    def _aarch64_prepare(self, arch: str, bundle: Path,
+                         manifest: BundleManifest) -> tuple[Path, Path, Path]:
         """The emulated root, the venv of the bundle's lock in it and the bundle's copy, each
         made once per cache."""
         root = ensure_root(arch, self.log)
@@ -237,7 +239,7 @@ class EmulatedValidation:
             if (bundle / "wheels").is_dir():
                 shutil.copytree(bundle / "wheels", wheels, dirs_exist_ok=True)
             else:
-                resolve_lock(manifest["runtime"]["packages"], self.platform, wheels)
+                resolve_lock(manifest.runtime.packages, self.platform, wheels)
             (work / f"lock-{lock_sha}.txt").write_text(lock_text)
             self.log("installing the bundle's aarch64 wheels in the emulated root")
             inside = f"/opt/phikit/{venv.name}"
@@ -247,8 +249,8 @@ class EmulatedValidation:
             _chroot(root, [f"{inside}/bin/python", "-m", "pip", *lock_install_args(
                         f"/opt/phikit/lock-{lock_sha}.txt", f"/opt/phikit/{wheels.name}"),
                            "--no-compile"], "pip install (emulated)")
-        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
-        copy = work / "bundles" / f"{manifest['name']}-{digest.hexdigest()[:12]}"
+        digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode())
+        copy = work / "bundles" / f"{manifest.name}-{digest.hexdigest()[:12]}"
         if not copy.exists():
             shutil.copytree(bundle, copy.with_name(copy.name + ".tmp"), dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__", ".venv"))

@@ -21,6 +21,7 @@ from .report import render_html, write_text_atomic
 from .checkpoint import file_sha256
 from .report.model import ParityReport
 from .errors import PhikitError
+from .manifest import BundleManifest
 from .runner.core import (BUNDLE_FORMAT, MANIFEST, RUNNER_MODULES, SIGNATURE, SIGNATURE_NAMESPACE,
                           BundleError, bundle_files, read_manifest)
 from .runner.rpc import source_only_imports
@@ -111,13 +112,18 @@ def drop_runtime_caches(bundle: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def finish_manifest(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file and write manifest.json last (its presence marks a complete bundle)."""
+def finish_manifest(bundle: Path, manifest: BundleManifest | dict[str, Any]) -> dict[str, Any]:
+    """Hash every file and write manifest.json last (its presence marks a complete bundle). A
+    build's BundleManifest is completed through the model, so what is written is one; a plain
+    dict (a test's hand-made bundle, a re-hashed copy) is completed as it is."""
     drop_runtime_caches(bundle)
-    manifest = {"format": BUNDLE_FORMAT, "phikit": __version__, **manifest}
-    manifest["files"] = {rel: file_sha256(bundle / rel) for rel in bundle_files(bundle)}
-    write_json(bundle / MANIFEST, manifest)
-    return manifest
+    given = manifest.fields() if isinstance(manifest, BundleManifest) else manifest
+    document = {"format": BUNDLE_FORMAT, "phikit": __version__, **given,
+                "files": {rel: file_sha256(bundle / rel) for rel in bundle_files(bundle)}}
+    if isinstance(manifest, BundleManifest):
+        document = BundleManifest.model_validate(document).fields()
+    write_json(bundle / MANIFEST, document)
+    return document
 
 
 def sign_manifest(bundle: Path, private_key: Path) -> Path:

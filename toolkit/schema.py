@@ -311,7 +311,10 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(path: Path, model: type[M], data: Any, root: yaml.Node | None) -> M:
+def validate_document(path: Path, model: type[M], data: Any,
+                      root: yaml.Node | None = None) -> M:
+    """`data`, read from the file at `path`, as `model`; else a PhikitError naming the file and
+    the field of every problem (and its line, given the YAML tree `root`)."""
     if not isinstance(data, dict):
         raise PhikitError(f"expected a mapping of {model.__name__.lower()} fields", file=path, line=1)
     try:
@@ -375,7 +378,7 @@ def load_recipe(path: str | Path, *, source_override: str | None = None) -> Reci
                           "line (running a checkpoint's own code is the user's decision)",
                           file=path, line=_line(root, ("trust_remote_code",)),
                           field="trust_remote_code")
-    recipe = _validate(path, Recipe, data, root)
+    recipe = validate_document(path, Recipe, data, root)
     quant = recipe.quantization
     for name in recipe.thresholds.backends:
         loc = ("thresholds", "backends", name)
@@ -421,7 +424,7 @@ def load_recipe(path: str | Path, *, source_override: str | None = None) -> Reci
 def load_target(path: str | Path, known_backends: set[str]) -> Target:
     path = Path(path)
     data, root = _read_yaml(path)
-    target = _validate(path, Target, data, root)
+    target = validate_document(path, Target, data, root)
     for loc, name in [(("backend",), target.backend)] + [
             (("backends", i), b) for i, b in enumerate(target.backends)]:
         if name not in known_backends:

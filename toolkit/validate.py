@@ -20,13 +20,15 @@ from .checkpoint import cache_root, file_sha256, read_model_info, resolve_source
 from .family import check_remote_code
 from .errors import PhikitError
 from .evalset import load_evalset
+from .manifest import BundleManifest
 from .parity import evaluate
 from .reference import load_or_compute
 from .paths import RECIPES_DIR
 from .remote import bundle_session, local_session
 from .report.model import Check, ParityReport
 from .report import write_text_atomic
-from .runner.core import BundleError, Session, bundle_files, host_summary, verify_bundle
+from .runner.core import (MANIFEST, BundleError, Session, bundle_files, host_summary,
+                          verify_bundle)
 from .schema import Recipe, Thresholds, load_recipe
 
 DEFAULT_RECIPE = RECIPES_DIR / "tiny-phi3-int4.yaml"
@@ -82,19 +84,20 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
         return native
     if (path / "manifest.json").is_file():
         try:
-            manifest = verify_bundle(path)
+            document = verify_bundle(path)
         except BundleError as e:
             raise PhikitError(str(e)) from None
-        recipe = Recipe.model_validate(manifest["recipe"])
+        manifest = BundleManifest.parse(document, path / MANIFEST)
+        recipe = Recipe.model_validate(manifest.recipe)
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
-            update={"file": path / manifest["eval_file"]})})
+            update={"file": path / manifest.eval_file})})
         if recipe_path is not None:
             recipe = load_recipe(recipe_path, source_override=reference or recipe.source)
         # the bundle's own runner code, in a child process (a crashing runtime is an error)
-        session = bundle_session(path, manifest, options)
-        return Candidate(session, recipe, reference or manifest["source"]["id"], "bundle",
-                         backend=get_backend(manifest["backend"]),
-                         model_dir=path / manifest["model_dir"])
+        session = bundle_session(path, document, options)
+        return Candidate(session, recipe, reference or manifest.source.id, "bundle",
+                         backend=get_backend(manifest.backend),
+                         model_dir=path / manifest.model_dir)
     backend = detect_backend(path)
     if reference is None:
         raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "

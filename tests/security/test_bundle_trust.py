@@ -107,6 +107,20 @@ def test_manifest_fields_point_only_into_the_bundle(bundle, field, value, messag
     refused(bundle, message)
 
 
+def test_eval_and_reference_files_are_the_bundles_own(bundle):
+    """`run.py validate` and `tune` open the manifest's eval_file and reference_file: each must
+    be one of the bundle's hashed files (not a path out of it, a directory or not a path at
+    all), refused by every command naming the manifest and the field."""
+    import json
+
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    for field, value in [("eval_file", "../../outside.jsonl"), ("eval_file", 3),
+                         ("reference_file", "/etc/passwd"), ("reference_file", "model")]:
+        path.write_text(json.dumps({**data, field: value}))
+        refused(bundle, f"manifest.json: field {field!r}")
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     """Unpickling runs code: a checkpoint with only pytorch_model.bin is refused by name, before
     transformers (or anything) opens it."""

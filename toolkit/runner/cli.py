@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None, prog: str = "run.py") -> int:
         if args.command == "serve":
             from .server import Limits, serve
 
-            serve(session, manifest["name"], args.host, args.port, args.api_key,
+            serve(session, manifest.name, args.host, args.port, args.api_key,
                   limits=Limits(backlog=args.backlog, timeout=args.timeout,
                                 max_connections=args.max_connections,
                                 max_queue=args.max_queue,

@@ -55,11 +55,19 @@ RUNNER_MODULES = ("core", "host", "cli", "server", "openai_api", "rpc", "worker"
                   "structured", "guidance")
 
 
+def parity_verdict(data: dict[str, Any]) -> Any:
+    """manifest.json's parity.verdict as written (None when it has none): open_bundle reads it
+    before the other fields, Manifest.parse checks it is one."""
+    parity = data.get("parity")
+    return parity.get("verdict") if isinstance(parity, dict) else None
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What the runner trusts in manifest.json, checked field by field before anything is
-    opened: a name that is a name, a model directory and a runtime module that are the bundle's
-    own hashed files, not paths out of it. `data` keeps the whole document for readers."""
+    opened: a name that is a name; a model directory, a runtime module, an eval set and a
+    reference that are the bundle's own hashed files, not paths out of it. Readers read these
+    fields, never the document itself (which is not kept)."""
     name: str
     backend: str
     model_dir: str
@@ -67,12 +75,33 @@ class Manifest:
     runtime_options: dict[str, Any]
     files: dict[str, str]
     verdict: str | None
-    data: dict[str, Any]
+    # None where the manifest has none (a bundle not built by phikit; `run.py validate` and
+    # `tune` then say what it lacks)
+    eval_file: str | None
+    reference_file: str | None
+    recipe: dict[str, Any]  # the build's recipe (device validation: its bounds, eval options)
+    target: dict[str, Any]  # the build's target (its name; deploy: its platform)
+    created: str | None
 
     @classmethod
     def parse(cls, data: Any, path: Path) -> Manifest:
         def bad(fieldname: str, why: str) -> BundleError:
             return BundleError(f"{path}: field {fieldname!r}: {why}")
+
+        def mapping(fieldname: str) -> dict[str, Any]:
+            value = data.get(fieldname, {})
+            if not isinstance(value, dict):
+                raise bad(fieldname, "not a mapping")
+            return value
+
+        def own_file(fieldname: str) -> str | None:
+            """A file the runner opens: one of the bundle's hashed files, when given."""
+            if fieldname not in data:
+                return None
+            rel = data[fieldname]
+            if not isinstance(rel, str) or rel not in files:
+                raise bad(fieldname, f"{rel!r} is not one of this bundle's files")
+            return rel
 
         files = manifest_files(data, path)
         name = data.get("name")
@@ -90,13 +119,17 @@ class Manifest:
         options = runtime.get("options", {})
         if not isinstance(options, dict):
             raise bad("runtime.options", "not a mapping")
-        parity = data.get("parity", {})
-        verdict = parity.get("verdict") if isinstance(parity, dict) else None
+        verdict = parity_verdict(data)
         if verdict not in (None, "pass", "fail"):
             raise bad("parity.verdict", f"{verdict!r} is not pass or fail")
+        created = data.get("created")
+        if created is not None and not isinstance(created, str):
+            raise bad("created", f"{created!r} is not a string")
         return cls(name=name, backend=str(data.get("backend", "")), model_dir=model_dir,
                    runtime_module=module, runtime_options=options, files=files,
-                   verdict=verdict, data=data)
+                   verdict=verdict, eval_file=own_file("eval_file"),
+                   reference_file=own_file("reference_file"), recipe=mapping("recipe"),
+                   target=mapping("target"), created=created)
 
 
 @dataclass(frozen=True)
@@ -279,13 +312,13 @@ def bundle_options(root: Path, typed: "Manifest",
 
 def open_bundle(root: Path, *, allow_failed: bool = False,
                 overrides: dict[str, Any] | None = None, worker: bool = False,
-                key: Path | None = None) -> tuple[Session, dict[str, Any]]:
-    """The bundle's Session, once it passes the trust policy (verify_bundle; `key` over
-    $PHIKIT_TRUSTED_KEY); with worker=True the runtime runs in a child process (worker.py)
-    that is started again after a crash, so a server outlives its runtime."""
+                key: Path | None = None) -> tuple[Session, Manifest]:
+    """The bundle's Session and its checked manifest, once it passes the trust policy
+    (verify_bundle; `key` over $PHIKIT_TRUSTED_KEY); with worker=True the runtime runs in a
+    child process (worker.py) that is started again after a crash, so a server outlives its
+    runtime."""
     manifest, digest, _ = verify(root, key)
-    parity = manifest.get("parity")
-    verdict = parity.get("verdict") if isinstance(parity, dict) else None
+    verdict = parity_verdict(manifest)
     if verdict != "pass" and not allow_failed:  # first: the most useful thing to hear
         raise BundleError(f"{root}: parity verdict is {verdict!r}, not 'pass'; this bundle "
                           "failed validation (use --allow-failed to run it anyway)")
@@ -300,10 +333,10 @@ def open_bundle(root: Path, *, allow_failed: bool = False,
         try:
             return WorkerSession(cmd, label=typed.runtime_module, restart=True,
                                  before_restart=lambda: verify_unchanged(root, digest, key)
-                                 ), manifest
+                                 ), typed
         except WorkerOpenError as e:
             raise BundleError(str(e)) from None
-    return open_session(typed.runtime_module, root / typed.model_dir, options), manifest
+    return open_session(typed.runtime_module, root / typed.model_dir, options), typed
 
 
 # --- tuned.json: a device's measured options (written by tune.py, read wherever a bundle opens)

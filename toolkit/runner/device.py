@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import parity_core
-from .core import (MANIFEST, BundleError, Manifest, bundle_options, describe_tuned,
-                   host_summary, open_bundle)
+from .core import (MANIFEST, BundleError, bundle_options, describe_tuned, host_summary,
+                   open_bundle)
 from .reference_data import load_reference, read_eval_rows
 
 
@@ -29,13 +29,15 @@ def validate_here(root: Path, out: Path | None, log=lambda s: print(s, file=sys.
     the trusted key (open_bundle)."""
     session, manifest = open_bundle(root, allow_failed=True, overrides=overrides, key=key)
     try:
-        ref_file = manifest.get("reference_file")
-        if not isinstance(ref_file, str) or ref_file not in manifest.get("files", {}):
+        if manifest.reference_file is None:
             raise BundleError(f"{root}: this bundle carries no reference (built by a phikit "
                               "before 'reference_file'): rebuild it to validate on a device")
-        recipe = manifest["recipe"]
-        reference = load_reference(root / ref_file)
-        rows = read_eval_rows(root / manifest["eval_file"])
+        if manifest.eval_file is None:
+            raise BundleError(f"{root}: this bundle carries no eval set ({MANIFEST} has no "
+                              "'eval_file'): rebuild it to validate on a device")
+        recipe = manifest.recipe
+        reference = load_reference(root / manifest.reference_file)
+        rows = read_eval_rows(root / manifest.eval_file)
         total = len(rows)
         if limit:
             rows = {k: rows[k] for k in list(rows)[:limit]}
@@ -54,8 +56,8 @@ def validate_here(root: Path, out: Path | None, log=lambda s: print(s, file=sys.
         start = time.perf_counter()
         report = parity_core.evaluate(
             session, reference, rows, thresholds, int(recipe["eval"]["max_new_tokens"]),
-            {"file": Path(manifest["eval_file"]).name,
-             "sha256": manifest["files"][manifest["eval_file"]]}, progress)
+            {"file": Path(manifest.eval_file).name,
+             "sha256": manifest.files[manifest.eval_file]}, progress)
     finally:
         if hasattr(session, "close"):
             session.close()
@@ -64,14 +66,13 @@ def validate_here(root: Path, out: Path | None, log=lambda s: print(s, file=sys.
         "artifact": "bundle, validated on the device by its own runner (run.py validate)",
         "host": host_summary(all_flags=True),
         # which bundle, in the manifest's own shape: a report read without its bundle names it
-        "bundle": {"name": manifest["name"], "backend": manifest.get("backend"),
-                   "created": manifest.get("created"),
+        "bundle": {"name": manifest.name, "backend": manifest.backend,
+                   "created": manifest.created,
                    "recipe": {"quantization": {"precision": recipe["quantization"]["precision"]}},
-                   "target": {"name": manifest.get("target", {}).get("name")}},
+                   "target": {"name": manifest.target.get("name")}},
         "notes": list(report["candidate"].get("notes", [])),
     })
-    report["runtime_options"] = bundle_options(root, Manifest.parse(manifest, root / MANIFEST),
-                                               overrides)
+    report["runtime_options"] = bundle_options(root, manifest, overrides)
     tuned = describe_tuned(root)
     if tuned:
         report["notes"].append(tuned)

@@ -53,11 +53,10 @@ def tune(root: Path, threads: list[int] | None = None, *, key: Path | None = Non
     from .device import validate_here
 
     root = Path(root)
-    manifest = verify_bundle(root, key)
-    typed = Manifest.parse(manifest, root / MANIFEST)
-    if not isinstance(manifest.get("reference_file"), str):
+    typed = Manifest.parse(verify_bundle(root, key), root / MANIFEST)
+    if typed.reference_file is None:
         raise BundleError(f"{root}: this bundle carries no reference: rebuild it to tune it")
-    reference = load_reference(root / manifest["reference_file"])
+    reference = load_reference(root / typed.reference_file)
     longest = max(reference.texts, key=lambda t: t.ids.size)
     prompt = longest.ids[:PROMPT_TOKENS].tolist()
     cores = available_cpus()
