@@ -263,8 +263,8 @@ def streamed_weight_bytes(engine: str, artifact: Path) -> int:
                              if not is_embedding(k))
         return total
     if engine.startswith(("gguf", "llamacpp")):
-        from toolkit.backends.gguf import llama_cpp_dir
-        sys.path.insert(0, str(llama_cpp_dir() / "gguf-py"))
+        from toolkit.backends.llama_cpp_source import converter_dir
+        sys.path.insert(0, str(converter_dir() / "gguf-py"))
         from gguf import GGUFReader
         return sum(int(t.n_bytes) for t in GGUFReader(artifact / "model.gguf").tensors
                    if not is_embedding(t.name))

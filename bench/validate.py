@@ -40,11 +40,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="phikit-bench-") as tmp:
         os.environ["PHIKIT_CACHE"] = str(Path(tmp) / "cache")  # an empty cache: first pass
         from toolkit.backends import BACKENDS
-        from toolkit.evalset import load_evalset
-        from toolkit.reference import load_or_compute
         from toolkit.runner.core import Sampling, open_session
         from toolkit.schema import load_recipe
-        from toolkit.validate import Candidate, run_parity
+        from toolkit.validate import Candidate, prepare_reference, run_parity
 
         from shapes import make_checkpoint, target_for
 
@@ -54,14 +52,9 @@ def main() -> None:
             source = REPO / "models" / "tiny-phi3"
         recipe = load_recipe(REPO / "recipes" / "tiny-phi3-int4.yaml",
                              source_override=str(source))
-        evalset = load_evalset(recipe.eval.file, recipe.eval.limit)
-        start = time.perf_counter()
-        ref, cached = load_or_compute(source, evalset, recipe.eval.max_tokens,
-                                      recipe.eval.max_new_tokens,
-                                      context_tokens=recipe.context_length
-                                      or recipe.eval.max_tokens)
-        reference_s = time.perf_counter() - start
-        assert not cached
+        prepared = prepare_reference(recipe, str(source))  # what validation computes first
+        ref, evalset, reference_s = prepared.reference, prepared.evalset, prepared.seconds
+        assert not prepared.cached
         rows = {}
         for name in args.backends.split(","):
             backend = BACKENDS[name]

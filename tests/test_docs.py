@@ -5,7 +5,6 @@ docs/benchmarks.md is exactly what bench/record.py renders from the recorded res
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 
 from conftest import REPO

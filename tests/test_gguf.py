@@ -239,7 +239,7 @@ def test_fp16_gguf_is_nearly_exact(tmp_path):
 def test_streamed_conversion_is_bit_identical_to_one_shot(tmp_path):
     """llama.cpp's converter streams tensors lazily by default (what phikit runs: 1.26 GB peak
     for the full Phi-3-mini); its one-shot mode (--no-lazy) loads everything. Same bytes."""
-    from toolkit.backends.gguf import llama_cpp_dir
+    from toolkit.backends.llama_cpp_source import converter_dir
     from toolkit.runner.core import sha256_file
     from toolkit.spm import write_tokenizer_model
 
@@ -249,7 +249,7 @@ def test_streamed_conversion_is_bit_identical_to_one_shot(tmp_path):
     digests = []
     for extra in ([], ["--no-lazy"]):
         out = tmp_path / f"model{len(digests)}.gguf"
-        subprocess.run([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"),
+        subprocess.run([sys.executable, str(converter_dir() / "convert_hf_to_gguf.py"),
                         str(checkpoint), "--outfile", str(out), "--outtype", "f16", *extra],
                        check=True, capture_output=True, timeout=600)
         digests.append(sha256_file(out))

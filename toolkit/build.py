@@ -70,6 +70,11 @@ class Plan:
     steps: list[str] = field(default_factory=list)
     force: bool = False  # replace `out` even when it is not a bundle (package.check_replaceable)
 
+    @property
+    def runtime_options(self) -> dict[str, Any]:
+        """The options the bundle's runtime opens with: what is validated and what ships."""
+        return self.backend.runtime_options(self.target, self.recipe)
+
 
 def make_plan(recipe_ref: str, target_ref: str, *, backend: str | None = None,
               source: str | None = None, out: Path | None = None,
@@ -309,14 +314,14 @@ def validate(plan: Plan, converted: Converted, stage: Path, *, revalidate: bool 
     """The staged bundle (its own runner, in a child process: what ships is what is measured)
     against the transformers reference; a validation of the same files, options and reference
     is found in the cache unless `revalidate`."""
-    options = plan.backend.runtime_options(plan.target, plan.recipe)
+    options = plan.runtime_options
     reference = prepare_reference(plan.recipe, str(converted.source_dir), progress)  # before
     # the candidate; the reference travels: `run.py validate` re-measures parity on a device
     # without the checkpoint, with these very figures
     save_reference(stage / REFERENCE_FILE, reference.reference)
     key = validation_key(stage, plan.backend.runtime_module, options,
                          reference.reference.meta["key"],
-                         effective_thresholds(plan.recipe, plan.backend),
+                         plan.recipe.thresholds,  # made effective by make_plan
                          plan.recipe.eval.max_new_tokens,
                          plan.target.runtime.packages[plan.backend.name])
     with cache_lock(f"validation-{key[:32]}"):
@@ -344,7 +349,7 @@ def bundle_manifest(plan: Plan, converted: Converted, report: ParityReport) -> B
         model_dir="model", eval_file=f"eval/{recipe.eval.file.name}",
         reference_file=REFERENCE_FILE,
         runtime=RuntimeSection(module=plan.backend.runtime_module,
-                               options=plan.backend.runtime_options(plan.target, recipe),
+                               options=plan.runtime_options,
                                packages=plan.target.runtime.packages[plan.backend.name]),
         source=SourceSection(id=recipe.source if not recipe.source_is_local
                              else str(converted.source_dir), sha256=converted.digest,

@@ -148,7 +148,7 @@ def checkpoint_digest(path: Path) -> str:
         st = f.stat()
         key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = sha256_file(f.resolve())  # a hub snapshot's files link to its blobs
+            memo[key] = file_sha256(f)
             changed = True
         h.update(f"{f.name}\0{memo[key]}\n".encode())
     if changed:

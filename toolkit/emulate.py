@@ -33,7 +33,7 @@ from .checkpoint import cache_lock, cache_root
 from .errors import PhikitError
 from .lock import resolve_lock
 from .manifest import BundleManifest
-from .runner.core import MANIFEST, BundleError, lock_install_args, runtime_module, verify_bundle
+from .runner.core import BundleError, lock_install_args, runtime_module
 from .schema import Platform
 
 # aarch64: another ISA (a Debian root, the bundle's own aarch64 wheels); x86-64-v3: another CPU
@@ -169,12 +169,14 @@ class EmulatedValidation:
     parity engine (the ones a device runs) under qemu, against the reference the bundle
     carries. Set up once (root, venv, a copy of the bundle); `run` validates."""
 
-    def __init__(self, bundle: Path, arch: str, log: Callable[[str], None] = lambda s: None):
+    def __init__(self, bundle: Path, manifest: BundleManifest, arch: str,
+                 log: Callable[[str], None] = lambda s: None):
+        """`manifest`: the bundle's, verified by the caller (its files hashed once)."""
         if arch not in ARCHES:
             raise PhikitError(f"cannot emulate {arch!r} (known: {', '.join(ARCHES)})",
                               field="--emulate")
         self.bundle, self.arch, self.log = bundle, arch, log
-        self.manifest = BundleManifest.parse(verify_bundle(bundle), bundle / MANIFEST)
+        self.manifest = manifest
         self.platform = Platform.model_validate(self.manifest.target["platform"])
         start = time.perf_counter()
         self.info = (self._x86_setup() if arch == "x86-64-v3" else self._aarch64_setup())

@@ -72,22 +72,20 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
     path = Path(path)
     if not path.is_dir():
         raise PhikitError("not a directory", file=path)
-    if emulate:
-        if not (path / "manifest.json").is_file():
-            raise PhikitError("--emulate needs a phikit bundle (its lock says what to install)",
-                              file=path)
-        from .emulate import EmulatedValidation
-
-        emulated = EmulatedValidation(path, emulate, log)
-        native = _open_candidate(path, reference, recipe_path, options, None, log)
-        native.kind, native.emulated = f"bundle, emulated {emulate}", emulated
-        return native
-    if (path / "manifest.json").is_file():
+    if emulate and not (path / MANIFEST).is_file():
+        raise PhikitError("--emulate needs a phikit bundle (its lock says what to install)",
+                          file=path)
+    if (path / MANIFEST).is_file():
         try:
             document = verify_bundle(path)
         except BundleError as e:
             raise PhikitError(str(e)) from None
         manifest = BundleManifest.parse(document, path / MANIFEST)
+        emulated = None
+        if emulate:  # set up (and refused where it cannot run) before the native session opens
+            from .emulate import EmulatedValidation
+
+            emulated = EmulatedValidation(path, manifest, emulate, log)
         recipe = Recipe.model_validate(manifest.recipe)
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
             update={"file": path / manifest.eval_file})})
@@ -95,9 +93,12 @@ def _open_candidate(path: Path, reference: str | None, recipe_path: Path | None,
             recipe = load_recipe(recipe_path, source_override=reference or recipe.source)
         # the bundle's own runner code, in a child process (a crashing runtime is an error)
         session = bundle_session(path, document, options)
-        return Candidate(session, recipe, reference or manifest.source.id, "bundle",
-                         backend=get_backend(manifest.backend),
-                         model_dir=path / manifest.model_dir)
+        candidate = Candidate(session, recipe, reference or manifest.source.id, "bundle",
+                              backend=get_backend(manifest.backend),
+                              model_dir=path / manifest.model_dir)
+        if emulated is not None:
+            candidate.kind, candidate.emulated = f"bundle, emulated {emulate}", emulated
+        return candidate
     backend = detect_backend(path)
     if reference is None:
         raise PhikitError("a bare artifact directory needs --reference CHECKPOINT (local dir or "
@@ -129,6 +130,7 @@ class PreparedReference:
     evalset: Any
     cached: bool
     seconds: float
+    checkpoint: Path  # the resolved source: what the static checks read the claims from
 
 
 def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int], Callable[
@@ -151,7 +153,7 @@ def prepare_reference(recipe: Recipe, source: str, progress: Callable[[str, int]
                                   lambda: check_remote_code(read_model_info(checkpoint),
                                                             recipe.trust_remote_code, source),
                                   context_tokens=recipe.context_length or recipe.eval.max_tokens)
-    return PreparedReference(ref, evalset, cached, time.perf_counter() - start)
+    return PreparedReference(ref, evalset, cached, time.perf_counter() - start, checkpoint)
 
 
 def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[], None]]
@@ -178,7 +180,7 @@ def run_parity(candidate: Candidate, progress: Callable[[str, int], Callable[[],
         message = " ".join(str(e).split())
         raise PhikitError(f"the candidate runtime failed on the eval set ({type(e).__name__}): "
                           f"{message[:600]}") from None
-    notes = add_static_checks(report, candidate, ref, evalset)
+    notes = add_static_checks(report, candidate, prepared)
     report.reference.update({"cached": cached, "source": candidate.source})
     report.timing = {"reference_seconds": round(ref_seconds, 2),
                      "candidate_seconds": round(time.perf_counter() - start, 2)}
@@ -225,7 +227,8 @@ def coverage_notes(report: ParityReport, recipe: Recipe) -> list[str]:
     return []
 
 
-def add_static_checks(report: ParityReport, candidate: Candidate, ref, evalset) -> list[str]:
+def add_static_checks(report: ParityReport, candidate: Candidate,
+                      prepared: PreparedReference) -> list[str]:
     """The artifact's files against what the bundle claims (artifact_checks.py), as checks of
     the report; returns what could not be read (notes)."""
     if candidate.backend is None or candidate.model_dir is None:
@@ -237,11 +240,11 @@ def add_static_checks(report: ParityReport, candidate: Candidate, ref, evalset) 
     # a bundle claims its recipe's context; an artifact made elsewhere claims none but the
     # checkpoint's own maximum (the recipe then only brings thresholds and the eval set)
     claimed = None if candidate.kind.startswith("bare") else recipe.context_length
-    claims = reference_claims(resolve_source(candidate.source, recipe.revision), claimed,
-                              ref.meta.get("eos_token_ids", []))
-    rows = {r.id: r for r in evalset.rows}
-    chats = [(p.id, rows[p.id].messages, p.prompt_ids.tolist()) for p in ref.prompts
-             if rows[p.id].kind == "messages"]
+    claims = reference_claims(prepared.checkpoint, claimed,
+                              prepared.reference.meta.get("eos_token_ids", []))
+    rows = {r.id: r for r in prepared.evalset.rows}
+    chats = [(p.id, rows[p.id].messages, p.prompt_ids.tolist())
+             for p in prepared.reference.prompts if rows[p.id].kind == "messages"]
     report.checks += [Check.model_validate(c) for c in static_checks(facts, claims, chats)]
     report.verdict = "pass" if all(c.passed for c in report.checks) else "fail"
     return list(facts.notes)

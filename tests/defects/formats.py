@@ -211,9 +211,9 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
 
 def gguf_py():
     """llama.cpp's own gguf-py, as phikit imports it (the converter's copy, not a PyPI one)."""
-    from toolkit.backends.gguf import llama_cpp_dir
+    from toolkit.backends.llama_cpp_source import converter_dir
 
-    path = str(llama_cpp_dir() / "gguf-py")
+    path = str(converter_dir() / "gguf-py")
     if path not in sys.path:
         sys.path.insert(0, path)
     import gguf

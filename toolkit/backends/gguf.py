@@ -45,10 +45,6 @@ MODEL_FILE = "model.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-def llama_cpp_dir() -> Path:
-    return llama_cpp_source.converter_dir()
-
-
 class GgufOptions(BackendOptions):
     label: ClassVar[str] = "GGUF"
     type: str | None = None  # a llama.cpp file type (Q4_K_M, IQ2_XS, ...): checked by support()
@@ -196,7 +192,7 @@ class GgufBackend(BackendDefaults):
                      log, "llama.cpp's convert_hf_to_gguf.py", float_file)
             if ftype is not None:
                 self._quantize(float_file, out / MODEL_FILE, ftype, source, recipe, target,
-                               config, log)
+                               config, tree, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         for name in TOKENIZER_FILES:
@@ -223,7 +219,7 @@ class GgufBackend(BackendDefaults):
         return staged
 
     def _quantize(self, float_file: Path, out_file: Path, ftype: str, source: Path,
-                  recipe: Recipe, target: Target, config: dict, log) -> None:
+                  recipe: Recipe, target: Target, config: dict, tree: Path, log) -> None:
         opts = self.options(recipe)
         spec: dict = {"input": str(float_file), "output": str(out_file),
                       "ftype": f"LLAMA_FTYPE_MOSTLY_{ftype}",
@@ -231,7 +227,7 @@ class GgufBackend(BackendDefaults):
         if recipe.quantization.calibration is not None:
             spec["imatrix"] = {"source": str(source),
                                "calibration": str(recipe.quantization.calibration),
-                               "gguf_py": str(llama_cpp_dir() / "gguf-py"),
+                               "gguf_py": str(tree / "gguf-py"),
                                "gguf_arch": ARCHITECTURES[config["architectures"][0]],
                                "chunk_tokens": opts.imatrix_chunk_tokens,
                                "max_chunks": opts.imatrix_max_chunks}

@@ -17,7 +17,6 @@ fails its check with that line, never renders something else silently.
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Any
 
 ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)

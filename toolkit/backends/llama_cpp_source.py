@@ -12,7 +12,6 @@ PIP_INDEX_URL or PIP_FIND_LINKS, apply) after checking the sdist's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from ..checkpoint import cache_root, fill_cache_dir
+from ..checkpoint import cache_root, file_sha256, fill_cache_dir
 from ..errors import PhikitError
 from ..installing import pip_error
 from ..paths import data_file
@@ -71,14 +70,6 @@ def converter_dir() -> Path:
     return candidates()[-1]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pip_download(into: Path) -> subprocess.CompletedProcess:
     """`pip download` of the pinned sdist (pip prepares its metadata, so the build backend comes
     from the same index)."""
@@ -98,7 +89,7 @@ def download(into: Path, log: Callable[[str], None]) -> Path:
         raise PhikitError(f"could not download {p.requirement}'s source package for llama.cpp's "
                           f"converter: {error} (offline: PHIKIT_LLAMA_CPP=<llama.cpp tree>, "
                           "or PIP_FIND_LINKS=<a folder holding the sdist>)")
-    got = sha256_of(sdist)
+    got = file_sha256(sdist)
     if got != p.sha256:
         raise PhikitError(f"{sdist.name} has sha256 {got}, the pin says {p.sha256}: refusing it",
                           file=data_file("llama-cpp.pin"))

@@ -284,13 +284,13 @@ class Generation:
             raise ApiError(400, f"'{constraint.field}' needs constrained decoding, which this "
                            "server's runtime does not have", param=constraint.field,
                            code="unsupported_parameter")
-        if request.get("logprobs") is not None and not hasattr(session, "logits"):
-            raise ApiError(400, "'logprobs': this server's runtime gives no logits",
-                           param="logprobs", code="unsupported_parameter")
         self.tokens: list[int] = []
         self._tokens = self._first_token_checked() if constraint is not None else None
-        self.completion_tokens = 0
         self.finish_reason = "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
 
     def _first_token_checked(self) -> Iterator[int]:
         """The generation, started: a schema the runtime's grammar engine rejects fails its
@@ -311,7 +311,6 @@ class Generation:
         longest = max((len(s) for s in stops), default=0)
         tokens, self._tokens = self._tokens, None
         for token in tokens or self.session.generate(self.prompt_ids, self.sampling):
-            self.completion_tokens += 1
             self.tokens.append(token)
             text += stream.push(token)
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

@@ -84,6 +84,17 @@ def _device(core: ov.Core, wanted: str) -> str:
     return "CPU"
 
 
+def ir_inputs(names: set[str], feed: Sequence[int], past: int) -> dict[str, np.ndarray]:
+    """One infer call's inputs to a stateful decoder IR: `feed` after `past` tokens already in
+    its KV cache (the inputs the export has: position_ids and beam_idx are optional)."""
+    inputs = {"input_ids": np.asarray([feed], dtype=np.int64),
+              "attention_mask": np.ones((1, past + len(feed)), dtype=np.int64)}
+    if "position_ids" in names:
+        inputs["position_ids"] = np.arange(past, past + len(feed), dtype=np.int64)[None]
+    if "beam_idx" in names:
+        inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
+    return inputs
+
 class _Queue(ovg.StreamerBase):
     """Token ids from LLMPipeline's worker into a queue the caller iterates; `cancel` stops it
     (a server client that went away must free the model)."""
@@ -166,17 +177,12 @@ class OpenVinoSession:
 
     def logits(self, ids: Sequence[int], start: int = 0) -> np.ndarray:
         check_length(len(ids), self.context_length)
-        arr = np.asarray([ids], dtype=np.int64)
-        inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
         if self.request is None:
             compiled = self._compiled()
             self.request, self.logits_port = (compiled.create_infer_request(),
                                               compiled.output("logits"))
             self.input_names = {i.get_any_name() for i in compiled.inputs}
-        if "position_ids" in self.input_names:
-            inputs["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-        if "beam_idx" in self.input_names:
-            inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
+        inputs = ir_inputs(self.input_names, ids, 0)
         self.request.reset_state()  # stateful IR: the KV cache lives in the request
         # shared: the output is the request's own tensor, rewritten by its next infer, so only
         # the rows asked for are copied out of it
@@ -193,14 +199,7 @@ class OpenVinoSession:
         rng = np.random.default_rng(sampling.seed)
         stop, generated, feed = stop_ids(self, sampling), [], list(ids)
         for _ in range(max(1, min(sampling.max_new_tokens, self.context_length - len(ids)))):
-            past = len(ids) + len(generated) - len(feed)
-            arr = np.asarray([feed], dtype=np.int64)
-            inputs = {"input_ids": arr,
-                      "attention_mask": np.ones((1, past + len(feed)), dtype=np.int64)}
-            if "position_ids" in names:
-                inputs["position_ids"] = np.arange(past, past + len(feed), dtype=np.int64)[None]
-            if "beam_idx" in names:
-                inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
+            inputs = ir_inputs(names, feed, len(ids) + len(generated) - len(feed))
             logits = np.array(request.infer(inputs)[port][0, -1], dtype=np.float32)
             token = pick(state.masked(logits, generated), sampling, rng)
             if token in stop:
