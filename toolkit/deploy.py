@@ -26,6 +26,7 @@ from typing import Any, Callable
 from .errors import PhikitError
 from .runner.core import (MANIFEST, SIGNATURE, BundleError, Manifest, check_bundle,
                           lock_install_args)
+from .runner.trust import implied_dirs
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 VENV = ".venv"  # inside the bundle dir on the host; bundle verification ignores it
@@ -200,7 +201,7 @@ def remove_stale(bundle: Path, manifest: Manifest, info: dict, remote: Remote) -
     one left behind would fail every later deploy), an old signature, the tuned.json measured
     for the bundle before (--tune measures this one). Directories go whole, topmost first."""
     wanted = set(wanted_files(bundle, manifest))
-    needed = {rel.rsplit("/", n)[0] for rel in wanted for n in range(1, rel.count("/") + 1)}
+    needed = implied_dirs(wanted)
     stale_dirs = sorted(d for d in info.get("dirs", []) if d not in needed)
     topmost = [d for d in stale_dirs if not any(d.startswith(o + "/") for o in stale_dirs)]
     stale = topmost + sorted(rel for rel in set(info["hashes"]) - wanted

@@ -284,6 +284,9 @@ class Generation:
             raise ApiError(400, f"'{constraint.field}' needs constrained decoding, which this "
                            "server's runtime does not have", param=constraint.field,
                            code="unsupported_parameter")
+        if request.get("logprobs") is not None and not hasattr(session, "logits"):
+            raise ApiError(400, "'logprobs': this server's runtime gives no logits",
+                           param="logprobs", code="unsupported_parameter")
         self.tokens: list[int] = []
         self._tokens = self._first_token_checked() if constraint is not None else None
         self.finish_reason = "stop"

@@ -269,6 +269,11 @@ def verify_files(root) -> dict:
     return manifest
 
 
+def implied_dirs(files) -> set[str]:
+    """Every directory the listed files (relative paths) lie in: the only ones a bundle holds."""
+    return {rel.rsplit("/", n)[0] for rel in files for n in range(1, rel.count("/") + 1)}
+
+
 def _check_files(root: Path, expected: dict, present: list, dirs: list, manifest_sha256) -> None:
     """The files present are exactly the ones listed, no directory holds none of them, and each
     has its sha256 (unless run.py's bootstrap hashed them against this very manifest)."""
@@ -278,8 +283,7 @@ def _check_files(root: Path, expected: dict, present: list, dirs: list, manifest
         raise BundleError(f"{root / rel}: not listed in the manifest (unexpected file)")
     # a directory holding no listed file: an empty package or namespace directory can shadow a
     # module as well as a file can
-    implied = {rel.rsplit("/", n)[0] for rel in expected for n in range(1, rel.count("/") + 1)}
-    for rel in sorted(set(dirs) - implied):
+    for rel in sorted(set(dirs) - implied_dirs(expected)):
         raise BundleError(f"{root / rel}: a directory not in the manifest (unexpected "
                           "directory)")
     if (os.path.realpath(root), manifest_sha256) in HASHED_IN_THIS_PROCESS:
