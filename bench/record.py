@@ -65,8 +65,11 @@ def run(name: str) -> None:
     header = {"command": "python bench/" + " ".join(args), "host": host_line(),
               "commit": commit(), "date": time.strftime("%Y-%m-%d"),
               "wall_s": round(time.time() - start), "exit": proc.returncode}
+    output = proc.stdout
+    if proc.returncode != 0:  # the page then says why, not an empty block
+        output += "\n[stderr, last lines]\n" + "\n".join(proc.stderr.splitlines()[-15:]) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.txt").write_text(json.dumps(header) + "\n" + SEPARATOR + proc.stdout,
+    (RESULTS / f"{name}.txt").write_text(json.dumps(header) + "\n" + SEPARATOR + output,
                                          encoding="utf-8")
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
