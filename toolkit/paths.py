@@ -28,6 +28,14 @@ def data_file(name: str) -> Path:
     return Path(str(files("toolkit") / "data" / name))
 
 
+def read_pin(name: str) -> dict[str, str]:
+    """A toolkit/data pin file's `key value` lines (comments and blank lines skipped): what the
+    Makefile's awk reads from the same file."""
+    return {k: v.strip() for k, v in (line.split(None, 1) for line in
+            data_file(name).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#"))}
+
+
 # the versions verified together: `pip install -c CONSTRAINTS ...`, the lock step, the Makefile
 CONSTRAINTS = data_file("constraints.txt")
 

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from ..checkpoint import cache_root, file_sha256, fill_cache_dir
 from ..errors import PhikitError
 from ..installing import pip_error
-from ..paths import data_file
+from ..paths import data_file, read_pin
 
 PACKAGE = "llama-cpp-python"
 # the sdist's members phikit unpacks, relative to its vendored llama.cpp tree
@@ -46,10 +46,8 @@ class Pin(NamedTuple):
 
 
 def pin() -> Pin:
-    fields = dict(line.split(None, 1) for line in
-                  data_file("llama-cpp.pin").read_text(encoding="utf-8").splitlines()
-                  if line.strip() and not line.startswith("#"))
-    return Pin(fields["version"].strip(), fields["sha256"].strip())
+    fields = read_pin("llama-cpp.pin")
+    return Pin(fields["version"], fields["sha256"])
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ from typing import Callable
 from ..checkpoint import cache_root, fill_cache_dir
 from ..errors import PhikitError
 from ..installing import pip_error
-from ..paths import data_file
+from ..paths import read_pin
 
 PACKAGE = "onnxruntime-genai"
 # what Olive's pass imports: a directory without it is not the one Olive needs
@@ -28,10 +28,7 @@ NEEDED = Path("onnxruntime_genai") / "models" / "quantized_model.py"
 
 
 def version() -> str:
-    fields = dict(line.split(None, 1) for line in
-                  data_file("olive-genai.pin").read_text(encoding="utf-8").splitlines()
-                  if line.strip() and not line.startswith("#"))
-    return fields["version"].strip()
+    return read_pin("olive-genai.pin")["version"]
 
 
 def candidates() -> list[Path]:
